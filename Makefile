@@ -1,0 +1,51 @@
+# Two commands take a fresh machine to a result:  make demo  and  make test.
+#
+# Third-party packages (torch alone is several GB) live in one shared environment per
+# dependency set, keyed by a hash of setup.cfg's requirements and the constraints file,
+# under $(ENV_ROOT). Each clone gets a small .venv that sees that environment through a
+# .pth file and holds only this project, installed in editable mode.
+
+PYTHON ?= python3
+PIP_CONSTRAINTS ?= requirements/constraints.txt
+ENV_ROOT ?= $(HOME)/.cache/setdiff/envs
+DEPS_HASH := $(shell $(PYTHON) tools/deps.py hash)
+DEPS_ENV := $(ENV_ROOT)/$(DEPS_HASH)
+VENV := .venv
+VPY := $(VENV)/bin/python
+DEMO_CONFIG ?= configs/demo_cpu.yaml
+PYTEST_ARGS ?=
+
+.PHONY: env demo test clean-venv
+env: $(VENV)/.deps-$(DEPS_HASH)
+
+$(DEPS_ENV)/.complete:
+	mkdir -p $(ENV_ROOT)
+	flock $(ENV_ROOT)/.lock sh -c '\
+	  set -e; \
+	  if [ ! -f $(DEPS_ENV)/.complete ]; then \
+	    rm -rf $(DEPS_ENV); \
+	    $(PYTHON) -m venv $(DEPS_ENV); \
+	    $(DEPS_ENV)/bin/pip install -q --upgrade "pip>=24" "setuptools>=70" wheel; \
+	    $(PYTHON) tools/deps.py requirements > $(DEPS_ENV)/requirements.txt; \
+	    DS_BUILD_OPS=0 $(DEPS_ENV)/bin/pip install -c $(PIP_CONSTRAINTS) -r $(DEPS_ENV)/requirements.txt; \
+	    touch $(DEPS_ENV)/.complete; \
+	  fi'
+
+$(VENV)/.deps-$(DEPS_HASH): $(DEPS_ENV)/.complete setup.cfg
+	rm -rf $(VENV)
+	$(PYTHON) -m venv --without-pip $(VENV)
+	$(DEPS_ENV)/bin/python -c "import site; print(site.getsitepackages()[0])" > $(VENV)/deps-site.txt
+	echo "import site; site.addsitedir('$$(cat $(VENV)/deps-site.txt)')" > \
+	  $$($(VPY) -c "import site; print(site.getsitepackages()[0])")/setdiff-deps.pth
+	$(VPY) -m pip install -q --no-deps --no-build-isolation --config-settings editable_mode=compat -e .
+	touch $@
+
+demo: env
+	$(VPY) -m data_pipeline.embedded_corpus --out data/wiki
+	$(VENV)/bin/setdiff-pretrain --config $(DEMO_CONFIG)
+
+test: env
+	$(VPY) -m pytest $(PYTEST_ARGS)
+
+clean-venv:
+	rm -rf $(VENV)

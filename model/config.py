@@ -1,0 +1,320 @@
+"""Typed run configuration: one dataclass per component, loaded from YAML.
+
+Every field carries a one-line docstring (the string literal under it). Unknown keys are
+errors that name the key and the closest valid one, so a typo never silently becomes a
+default. Dotted overrides (``train.lr=1e-4``) change one field from the command line.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import pathlib
+import re
+import typing
+from dataclasses import dataclass, field
+
+import yaml
+
+
+@dataclass
+class ModelConfig:
+    num_layers: int = 2
+    """Number of transformer blocks."""
+    hidden_size: int = 128
+    """Width of the residual stream."""
+    num_heads: int = 4
+    """Attention heads (split over tensor-parallel ranks)."""
+    ffn_hidden_size: int = 0
+    """SwiGLU inner width; 0 picks the Llama rule (8/3 * hidden, rounded up to 64)."""
+    vocab_size: int = 0
+    """Real vocabulary size; 0 takes it from the tokenizer. [MASK] gets id vocab_size."""
+    make_vocab_size_divisible_by: int = 128
+    """The embedding table is padded to a multiple of this times the tensor-parallel size."""
+    seq_len: int = 128
+    """Training sequence length L (the network sees 2L tokens in set mode)."""
+    rope_theta: float = 10000.0
+    """Rotary embedding base."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+    init_std: float = 0.02
+    """Standard deviation of the normal weight initialization."""
+    attention_backend: str = "sdpa"
+    """'sdpa' (dense boolean mask; CPU training) or 'flex' (BlockMask; GPU)."""
+
+    def resolved_ffn_hidden_size(self) -> int:
+        if self.ffn_hidden_size:
+            return self.ffn_hidden_size
+        return 64 * -(-int(8 * self.hidden_size / 3) // 64)
+
+
+@dataclass
+class DiffusionConfig:
+    mode: str = "set"
+    """'set' (two-copy set diffusion) or 'ar_baseline' (one copy, plain causal LM)."""
+    order: str = "staggered:8"
+    """Order family: ar, mdlm, block:S, staggered:D, random."""
+    objective: str = "ordered_ce"
+    """'ordered_ce' (singleton-set families) or 'set_nelbo' (any family)."""
+    schedule: str = "loglinear"
+    """Noise schedule for set_nelbo: 'loglinear' or 'staggered:D' (SetDLM's per-position windows)."""
+    t_min: float = 1e-3
+    """Lower clip of sampled noise levels t (set_nelbo)."""
+    t_max: float = 1.0
+    """Upper clip of sampled noise levels t (set_nelbo)."""
+    antithetic: bool = True
+    """Stratify the noise levels of a micro-batch over [t_min, t_max] (set_nelbo)."""
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/wiki"
+    """Directory written by `python -m data_pipeline.embedded_corpus` (tokens + tokenizer)."""
+    tokenizer: str = ""
+    """Path of a tokenizer.json; empty uses <path>/tokenizer.json."""
+    pack: bool = True
+    """Join documents with EOS into full sequences (else one document per sequence, padded)."""
+
+
+@dataclass
+class ParallelConfig:
+    tensor: int = 1
+    """Tensor-parallel size."""
+    pipeline: int = 1
+    """Pipeline-parallel size."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage 0-3."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    """Optimizer steps."""
+    micro_batch_size: int = 8
+    """Sequences per micro-batch per data-parallel rank."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    lr: float = 3e-4
+    """Peak learning rate."""
+    min_lr: float = 0.0
+    """Final learning rate of the cosine schedule."""
+    lr_schedule: str = "constant"
+    """'constant' (after warm-up) or 'cosine' (decays to min_lr at the last step)."""
+    warmup_steps: int = 10
+    """Linear warm-up steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.999
+    """AdamW beta2."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 disables)."""
+    ema: float = 0.0
+    """EMA decay of the weights (0 disables), e.g. 0.9999."""
+    precision: str = "auto"
+    """'auto' (bf16 on GPU, fp32 on CPU), 'fp32' or 'bf16'."""
+    seed: int = 1234
+    """Seeds initialization, partitions and noise."""
+    log_interval: int = 10
+    """Steps between progress lines and TensorBoard scalars."""
+    eval_interval: int = 0
+    """Steps between validation passes (0: only at the end)."""
+    eval_batches: int = 4
+    """Validation micro-batches per pass."""
+    save_interval: int = 0
+    """Steps between checkpoints (0: only at the end)."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    """Run name; outputs go to <out_dir>/<name>."""
+    out_dir: str = "runs"
+    """Root directory for checkpoints and TensorBoard logs."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Network shape."""
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    """Orders, noise and objective."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Corpus and tokenizer."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Parallel layout."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimization and logging."""
+
+    @property
+    def run_dir(self) -> pathlib.Path:
+        return pathlib.Path(self.out_dir) / self.name
+
+
+ORDER_PATTERN = re.compile(r"^(ar|mdlm|random|block:[1-9][0-9]*|staggered:[1-9][0-9]*)$")
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Raise ValueError naming the field for anything that cannot run."""
+    m, d, t, p = cfg.model, cfg.diffusion, cfg.train, cfg.parallel
+
+    def positive(name: str, value) -> None:
+        if value <= 0:
+            raise ValueError(f"config: {name} must be > 0, got {value!r}")
+
+    for name in ("num_layers", "hidden_size", "num_heads", "seq_len"):
+        positive(f"model.{name}", getattr(m, name))
+    for name in ("steps", "micro_batch_size", "grad_accum", "lr", "log_interval"):
+        positive(f"train.{name}", getattr(t, name))
+    positive("parallel.tensor", p.tensor)
+    positive("parallel.pipeline", p.pipeline)
+    if m.hidden_size % m.num_heads:
+        raise ValueError(f"config: model.hidden_size={m.hidden_size} is not divisible by "
+                         f"model.num_heads={m.num_heads}")
+    if (m.hidden_size // m.num_heads) % 2:
+        raise ValueError("config: the head size hidden_size/num_heads must be even for rotary embeddings")
+    if m.attention_backend not in ("sdpa", "flex"):
+        raise ValueError(f"config: model.attention_backend must be 'sdpa' or 'flex', got {m.attention_backend!r}")
+    if d.mode not in ("set", "ar_baseline"):
+        raise ValueError(f"config: diffusion.mode must be 'set' or 'ar_baseline', got {d.mode!r}")
+    if not ORDER_PATTERN.match(d.order):
+        raise ValueError(f"config: diffusion.order={d.order!r} is not one of ar, mdlm, block:S, "
+                         "staggered:D, random (S, D positive integers)")
+    if d.objective not in ("ordered_ce", "set_nelbo"):
+        raise ValueError(f"config: diffusion.objective must be 'ordered_ce' or 'set_nelbo', got {d.objective!r}")
+    singleton = d.order in ("ar", "random") or d.order.startswith("staggered:") or d.order == "block:1"
+    if d.mode == "set" and d.objective == "ordered_ce" and not singleton:
+        raise ValueError(f"config: diffusion.objective='ordered_ce' needs singleton sets, but "
+                         f"diffusion.order={d.order!r} has larger sets; use objective='set_nelbo'")
+    if not re.match(r"^(loglinear|staggered:[1-9][0-9]*)$", d.schedule):
+        raise ValueError(f"config: diffusion.schedule must be 'loglinear' or 'staggered:D', got {d.schedule!r}")
+    if not 0.0 < d.t_min <= d.t_max <= 1.0:
+        raise ValueError(f"config: need 0 < diffusion.t_min <= diffusion.t_max <= 1, got "
+                         f"t_min={d.t_min}, t_max={d.t_max}")
+    if t.lr_schedule not in ("constant", "cosine"):
+        raise ValueError(f"config: train.lr_schedule must be 'constant' or 'cosine', got {t.lr_schedule!r}")
+    if t.warmup_steps < 0 or t.warmup_steps > t.steps:
+        raise ValueError(f"config: train.warmup_steps={t.warmup_steps} must lie in [0, train.steps={t.steps}]")
+    if not 0.0 <= t.ema < 1.0:
+        raise ValueError(f"config: train.ema must lie in [0, 1), got {t.ema}")
+    if t.precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"config: train.precision must be 'auto', 'fp32' or 'bf16', got {t.precision!r}")
+    if p.zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"config: parallel.zero_stage must be 0, 1, 2 or 3, got {p.zero_stage}")
+    if m.num_heads % p.tensor:
+        raise ValueError(f"config: model.num_heads={m.num_heads} is not divisible by "
+                         f"parallel.tensor={p.tensor}")
+    if p.pipeline != 1:
+        raise ValueError("config: parallel.pipeline > 1 is not supported yet (only 1)")
+    return cfg
+
+
+# ----------------------------------------------------------------------------- loading
+
+def _field_types(cls) -> dict[str, typing.Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _unknown_key(where: str, key: str, valid) -> ValueError:
+    close = difflib.get_close_matches(key, list(valid), n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(valid))}"
+    return ValueError(f"config: unknown key '{where}{key}'{hint}")
+
+
+def _coerce(value, typ, name: str):
+    if dataclasses.is_dataclass(typ):
+        if not isinstance(value, dict):
+            raise ValueError(f"config: '{name}' must be a mapping, got {value!r}")
+        return _build(typ, value, name + ".")
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ValueError(f"config: '{name}' must be true or false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool):
+            raise ValueError(f"config: '{name}' must be an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ValueError(f"config: '{name}' must be an integer, got {value!r}")
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ValueError(f"config: '{name}' must be a number, got {value!r}")
+    if typ is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ValueError(f"config: '{name}' must be a string, got {value!r}")
+    raise TypeError(f"unsupported config field type {typ} for {name}")
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    types = _field_types(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in types:
+            raise _unknown_key(prefix, key, types)
+        kwargs[key] = _coerce(value, types[key], prefix + key)
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict) -> RunConfig:
+    return _build(RunConfig, data or {})
+
+
+def apply_override(data: dict, override: str) -> None:
+    """Apply one dotted 'a.b=value' override to a raw config dict (value parsed as YAML)."""
+    if "=" not in override:
+        raise ValueError(f"config: override {override!r} must look like section.key=value")
+    dotted, raw = override.split("=", 1)
+    keys = dotted.strip().split(".")
+    cls, node = RunConfig, data
+    for i, key in enumerate(keys):
+        types = _field_types(cls)
+        if key not in types:
+            raise _unknown_key(".".join(keys[:i]) + ("." if i else ""), key, types)
+        if i == len(keys) - 1:
+            if dataclasses.is_dataclass(types[key]):
+                raise ValueError(f"config: override '{dotted}' names a section; give a field of it")
+            node[key] = yaml.safe_load(raw) if raw.strip() else ""
+        else:
+            if not dataclasses.is_dataclass(types[key]):
+                raise ValueError(f"config: '{'.'.join(keys[:i + 1])}' is a field, not a section")
+            node = node.setdefault(key, {})
+            cls = types[key]
+
+
+def load_config(path: str | pathlib.Path | None, overrides: typing.Sequence[str] = ()) -> RunConfig:
+    """Read a YAML recipe, apply dotted overrides, and validate."""
+    data: dict = {}
+    if path is not None:
+        path = pathlib.Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"config: {path} is not valid YAML: {err}") from err
+        if not isinstance(data, dict):
+            raise ValueError(f"config: {path} must hold a mapping at the top level")
+    for override in overrides:
+        apply_override(data, override)
+    try:
+        return validate(config_from_dict(data))
+    except ValueError as err:
+        where = f" (in {path})" if path is not None else ""
+        raise ValueError(f"{err}{where}") from None
+
+
+def config_to_dict(cfg: RunConfig) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,90 @@
+"""The one place that lets megatron-core run on a machine without CUDA.
+
+megatron-core 0.16 calls CUDA directly in two ways that matter to us:
+
+1. ``torch.cuda.current_device()`` names the device of buffers it allocates (the
+   sequence-parallel gathers in ``tensor_parallel.mappings``, the global memory buffer,
+   the GPU init path of the parallel layers). Without CUDA that call can only raise, so
+   here it names the CPU instead.
+2. The model-parallel RNG tracker (``tensor_parallel.random``) snapshots and restores
+   CUDA generator states, used by ``model_parallel_cuda_manual_seed``, by dropout inside
+   tensor-parallel regions and by megatron's activation checkpointing. Here it is
+   replaced by a tracker that keeps one CPU generator state per name and swaps it into
+   the default CPU generator inside ``fork()``.
+
+``apply()`` changes nothing when CUDA is present; it is idempotent, and every module that
+builds megatron layers calls it before doing so.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+_APPLIED = False
+
+
+def _cpu_current_device() -> torch.device:
+    return torch.device("cpu")
+
+
+def _make_cpu_tracker_class():
+    from megatron.core.tensor_parallel import random as mp_random
+
+    class CpuRNGStatesTracker(mp_random.CudaRNGStatesTracker):
+        """megatron's RNG tracker with CPU generator states in place of CUDA ones."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__()
+
+        def add(self, name, seed):
+            if seed in self.seeds_:
+                raise Exception(f"seed {seed} already exists")
+            if name in self.states_:
+                raise Exception(f"rng state {name} already exists")
+            self._is_initialized = True
+            self.seeds_.add(seed)
+            self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+
+        @contextlib.contextmanager
+        def fork(self, name=mp_random._MODEL_PARALLEL_RNG_TRACKER_NAME):
+            if name not in self.states_:
+                raise Exception(f"rng state {name} is not added")
+            outer_state = torch.get_rng_state()
+            torch.set_rng_state(self.states_[name])
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                torch.set_rng_state(outer_state)
+
+    return CpuRNGStatesTracker
+
+
+def apply() -> bool:
+    """Install the CPU replacements when CUDA is absent. Returns True if they are active."""
+    global _APPLIED
+    if torch.cuda.is_available():
+        return False
+    if _APPLIED:
+        return True
+    from megatron.core.tensor_parallel import random as mp_random
+
+    torch.cuda.current_device = _cpu_current_device
+    tracker_class = _make_cpu_tracker_class()
+    original_initialize = mp_random.initialize_rng_tracker
+
+    def initialize_cpu_rng_tracker(*args, force_reset: bool = False, **kwargs):
+        if force_reset or not isinstance(mp_random._CUDA_RNG_STATE_TRACKER, tracker_class):
+            mp_random._CUDA_RNG_STATE_TRACKER = tracker_class()
+            mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+
+    initialize_cpu_rng_tracker.original = original_initialize
+    mp_random.initialize_rng_tracker = initialize_cpu_rng_tracker
+    initialize_cpu_rng_tracker()
+    _APPLIED = True
+    return True
+
+
+def is_applied() -> bool:
+    return _APPLIED

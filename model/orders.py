@@ -1,0 +1,131 @@
+"""Ordered set partitions of a sequence's positions (SET_DIFFUSION.md §1).
+
+A partition is written as ``set_rank[i]`` = the index k of the set S_k holding position i.
+Pure functions: randomness comes only from the ``torch.Generator`` passed in.
+Padding positions (doc id < 0) always form one last set of their own.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class OrderFamily:
+    name: str
+    """ar, mdlm, block, staggered or random."""
+    size: int = 1
+    """Block size s for block:s, desired set size d for staggered:d."""
+
+    @property
+    def singleton(self) -> bool:
+        return self.name in ("ar", "random", "staggered") or (self.name == "block" and self.size == 1)
+
+    def __str__(self) -> str:
+        return f"{self.name}:{self.size}" if self.name in ("block", "staggered") else self.name
+
+
+def parse_order(spec: str) -> OrderFamily:
+    name, _, arg = spec.partition(":")
+    if name in ("ar", "mdlm", "random") and not arg:
+        return OrderFamily(name)
+    if name in ("block", "staggered") and arg.isdigit() and int(arg) > 0:
+        return OrderFamily(name, int(arg))
+    raise ValueError(f"unknown order family {spec!r}: use ar, mdlm, block:S, staggered:D or random")
+
+
+@dataclass(frozen=True)
+class StaggeredParams:
+    a: float
+    """Desired area d / 2L."""
+    b: float
+    """Window width in time of each position."""
+    k: float
+    """Shape of each position's first-hitting-time law."""
+
+
+def staggered_params(L: int, d: int) -> StaggeredParams:
+    if L < 2:
+        raise ValueError(f"staggered order needs L >= 2, got L={L}")
+    a = d / (2 * L)
+    m = 2 * d
+    if d == 1:
+        b, k = 2 * a, 1.0
+    else:
+        b = m / (L + m - 1)
+        k = a / (b - a)
+    return StaggeredParams(a=a, b=b, k=k)
+
+
+def staggered_loc(L: int, b: float, dtype=torch.float64) -> torch.Tensor:
+    """Start of each position's window in time; position 0 has the largest offset."""
+    i = torch.arange(L, dtype=dtype)
+    return (1 - b) * (L - 1 - i) / (L - 1)
+
+
+def staggered_hitting_times(L: int, d: int, generator: torch.Generator) -> torch.Tensor:
+    p = staggered_params(L, d)
+    e = torch.empty(L, dtype=torch.float64).exponential_(1.0, generator=generator)
+    return staggered_loc(L, p.b) + p.b * (-torch.expm1(-e / p.k))
+
+
+def _ranks_from_order(order: torch.Tensor) -> torch.Tensor:
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), dtype=order.dtype)
+    return rank
+
+
+def sample_set_rank(family: OrderFamily, L: int, generator: torch.Generator,
+                    doc_id: torch.Tensor | None = None) -> torch.Tensor:
+    """Draw one partition of L positions; returns set_rank [L] (int64)."""
+    pos = torch.arange(L)
+    if family.name == "ar":
+        rank = pos.clone()
+    elif family.name == "mdlm":
+        rank = torch.zeros(L, dtype=torch.long)
+    elif family.name == "block":
+        rank = pos // family.size
+    elif family.name == "random":
+        rank = _ranks_from_order(torch.randperm(L, generator=generator))
+    elif family.name == "staggered":
+        t = staggered_hitting_times(L, family.size, generator)
+        # descending by T, ties by position (stable)
+        rank = _ranks_from_order(torch.sort(-t, stable=True).indices)
+    else:  # parse_order admits nothing else
+        raise AssertionError(family)
+    if doc_id is not None:
+        rank = _padding_last(rank, doc_id < 0)
+    return rank
+
+
+def _padding_last(rank: torch.Tensor, is_pad: torch.Tensor) -> torch.Tensor:
+    """Renumber the real positions' sets densely and put all padding in one final set."""
+    if not bool(is_pad.any()):
+        return rank
+    real_ranks = torch.unique(rank[~is_pad])  # sorted
+    dense = torch.searchsorted(real_ranks, rank)  # exact for real positions
+    return torch.where(is_pad, torch.full_like(rank, real_ranks.numel()), dense)
+
+
+def set_order(set_rank: torch.Tensor) -> torch.Tensor:
+    """perm: positions sorted by set rank, ascending position inside a set. [..., L]."""
+    L = set_rank.shape[-1]
+    key = set_rank * L + torch.arange(L, device=set_rank.device)
+    return torch.argsort(key, dim=-1)
+
+
+def mean_abs_rank_minus_position(set_rank: torch.Tensor) -> float:
+    pos = torch.arange(set_rank.shape[-1], device=set_rank.device)
+    return float((set_rank - pos).abs().double().mean())
+
+
+def num_sets(set_rank: torch.Tensor) -> int:
+    return int(set_rank.max()) + 1 if set_rank.numel() else 0
+
+
+__all__ = [
+    "OrderFamily", "parse_order", "StaggeredParams", "staggered_params", "staggered_loc",
+    "staggered_hitting_times", "sample_set_rank", "set_order", "mean_abs_rank_minus_position",
+    "num_sets",
+]

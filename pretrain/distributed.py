@@ -1,0 +1,67 @@
+"""Process-group set-up: torch.distributed through DeepSpeed, then megatron's layout.
+
+World size 1 is just the smallest layout: a single process still gets a (gloo) process
+group, so the same code paths run from a laptop to a cluster.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+
+from model import cpu_compat
+from model.transformer import ParallelContext
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> None:
+    """Join (or create, for a lone process) the default process group."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:  # a plain `python ...` run: a world of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    deepspeed.init_distributed(dist_backend=backend)
+
+
+@dataclass
+class Layout:
+    tensor: int
+    pipeline: int
+    data: int
+    dp_rank: int
+    parallel: ParallelContext
+
+
+def init_model_parallel(tensor: int, pipeline: int) -> Layout:
+    """Split the world into tensor x pipeline x data groups (megatron's parallel_state)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    cpu_compat.apply()
+    world = dist.get_world_size()
+    if world % (tensor * pipeline):
+        raise ValueError(f"parallel layout: world size {world} is not divisible by "
+                         f"parallel.tensor={tensor} x parallel.pipeline={pipeline}")
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor,
+                                             pipeline_model_parallel_size=pipeline)
+    return Layout(
+        tensor=tensor, pipeline=pipeline, data=world // (tensor * pipeline),
+        dp_rank=parallel_state.get_data_parallel_rank(),
+        parallel=ParallelContext(tp_group=parallel_state.get_tensor_model_parallel_group()),
+    )

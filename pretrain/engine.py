@@ -1,0 +1,168 @@
+"""The DeepSpeed boundary: the only module that knows about ZeRO stages and engines.
+
+The trainer hands in a model, the run config and the parallel layout; it gets back an
+object with ``forward``/``backward``/``step``, the learning rate, the gradient norm, and
+checkpoint save. Nothing outside this file branches on the ZeRO stage.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from model.config import RunConfig, TrainConfig
+
+
+class MegatronMPU:
+    """The ``mpu`` interface DeepSpeed expects, over megatron-core's parallel_state.
+
+    megatron-core 0.16 has no get_model_parallel_rank/world_size (model parallel = TP x PP)
+    nor get_data_parallel_group_ranks; they are derived here. It must not define
+    ``initialize_sequence_parallel``: with it, ZeRO ignores the model-parallel group and
+    clips with wrong norms.
+    """
+
+    def __init__(self):
+        from megatron.core import parallel_state
+
+        self.ps = parallel_state
+
+    def get_model_parallel_group(self):
+        return self.ps.get_model_parallel_group()
+
+    def get_model_parallel_rank(self):
+        return torch.distributed.get_rank(group=self.get_model_parallel_group())
+
+    def get_model_parallel_world_size(self):
+        return torch.distributed.get_world_size(group=self.get_model_parallel_group())
+
+    def get_data_parallel_group(self):
+        return self.ps.get_data_parallel_group()
+
+    def get_data_parallel_rank(self):
+        return self.ps.get_data_parallel_rank()
+
+    def get_data_parallel_world_size(self):
+        return self.ps.get_data_parallel_world_size()
+
+    def get_data_parallel_group_ranks(self):
+        return torch.distributed.get_process_group_ranks(self.get_data_parallel_group())
+
+    def get_tensor_model_parallel_group(self):
+        return self.ps.get_tensor_model_parallel_group()
+
+    def get_tensor_model_parallel_rank(self):
+        return self.ps.get_tensor_model_parallel_rank()
+
+    def get_tensor_model_parallel_world_size(self):
+        return self.ps.get_tensor_model_parallel_world_size()
+
+    def get_pipeline_model_parallel_group(self):
+        return self.ps.get_pipeline_model_parallel_group()
+
+    def get_pipeline_model_parallel_rank(self):
+        return self.ps.get_pipeline_model_parallel_rank()
+
+    def get_pipeline_model_parallel_world_size(self):
+        return self.ps.get_pipeline_model_parallel_world_size()
+
+
+def lr_lambda(train: TrainConfig):
+    """Multiplier of the peak lr at optimizer step s: linear warm-up, then constant or cosine."""
+    floor = train.min_lr / train.lr
+
+    def factor(step: int) -> float:
+        if train.warmup_steps and step < train.warmup_steps:
+            return (step + 1) / train.warmup_steps
+        if train.lr_schedule == "constant":
+            return 1.0
+        span = max(1, train.steps - train.warmup_steps)
+        progress = min(1.0, (step - train.warmup_steps) / span)
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def use_bf16(train: TrainConfig) -> bool:
+    if train.precision == "auto":
+        return torch.cuda.is_available()
+    return train.precision == "bf16"
+
+
+def clips_outside_deepspeed(cfg: RunConfig) -> bool:
+    """ZeRO-0 in fp32: DeepSpeed clips but throws the norm away, so we clip (same code) ourselves."""
+    return cfg.parallel.zero_stage == 0 and not use_bf16(cfg.train)
+
+
+def deepspeed_config(cfg: RunConfig, dp_size: int) -> dict:
+    t = cfg.train
+    return {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.micro_batch_size * t.grad_accum * dp_size,
+        "gradient_clipping": 0.0 if clips_outside_deepspeed(cfg) else t.grad_clip,
+        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        # torch's AdamW: DeepSpeed's CPU FusedAdam would compile for minutes on first use
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": t.lr, "betas": [t.beta1, t.beta2], "eps": 1e-8,
+            "weight_decay": t.weight_decay, "torch_adam": True}},
+        "bf16": {"enabled": use_bf16(t)},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+class Engine:
+    """A DeepSpeed engine plus the bits of optimizer state the trainer reads."""
+
+    def __init__(self, model: torch.nn.Module, cfg: RunConfig, dp_size: int):
+        import deepspeed
+
+        self.cfg = cfg
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model,
+            model_parameters=[p for p in model.parameters() if p.requires_grad],
+            config=deepspeed_config(cfg, dp_size),
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.train)),
+            mpu=MegatronMPU(),
+        )
+        self._own_clip = clips_outside_deepspeed(cfg)
+        self._own_norm: float | None = None
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.engine.module
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
+
+    def __call__(self, *args, **kwargs):
+        return self.engine(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> None:
+        """Call after every micro-batch; DeepSpeed steps the optimizer at the boundary."""
+        if self._own_clip and self.engine.is_gradient_accumulation_boundary():
+            from deepspeed.runtime.utils import clip_grad_norm_
+
+            max_norm = self.cfg.train.grad_clip or float("inf")
+            self._own_norm = float(clip_grad_norm_(self.engine.module.parameters(), max_norm,
+                                                   mpu=self.engine.mpu))
+        self.engine.step()
+
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def grad_norm(self) -> float | None:
+        norm = self._own_norm if self._own_clip else self.engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    def save(self, directory: str, tag: str, client_state: dict) -> None:
+        self.engine.save_checkpoint(directory, tag=tag, client_state=client_state)
+
+    def load(self, directory: str, tag: str | None = None) -> dict:
+        _, client_state = self.engine.load_checkpoint(directory, tag=tag)
+        return client_state or {}

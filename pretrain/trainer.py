@@ -1,0 +1,176 @@
+"""The pretraining loop. Builds in a straight line, then ``train()`` runs the steps:
+
+init distributed -> parallel layout -> seed -> data -> model -> DeepSpeed engine -> EMA ->
+monitoring -> train.
+"""
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import shutil
+import time
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from data_pipeline.collator import CollatorConfig, SetDiffusionCollator
+from data_pipeline.token_stream import StepSampler, TokenSequences
+from model.config import RunConfig, config_to_dict
+from model.objectives import forward_step
+from model.transformer import SetDiffusionTransformer
+from pretrain.distributed import init_distributed, init_model_parallel
+from pretrain.ema import EMA
+from pretrain.engine import Engine
+from pretrain.metrics import Monitor
+
+EVAL_STEP_OFFSET = 1 << 40  # validation draws use their own (seed, step) keys
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        init_distributed()
+        self.layout = init_model_parallel(cfg.parallel.tensor, cfg.parallel.pipeline)
+        self.is_main = dist.get_rank() == 0
+        torch.manual_seed(cfg.train.seed)  # identical on all ranks: megatron builds CPU master weights
+
+        data_dir = pathlib.Path(cfg.data.path)
+        self.train_data = TokenSequences(data_dir, "train", cfg.model.seq_len, cfg.data.pack)
+        self.val_data = TokenSequences(data_dir, "val", cfg.model.seq_len, cfg.data.pack)
+        self.tokenizer_path = pathlib.Path(cfg.data.tokenizer or data_dir / "tokenizer.json")
+        if not self.tokenizer_path.is_file():
+            raise FileNotFoundError(f"data.tokenizer: {self.tokenizer_path} not found")
+        vocab = int(self.train_data.meta["vocab_size"])
+        if cfg.model.vocab_size and cfg.model.vocab_size != vocab:
+            raise ValueError(f"model.vocab_size={cfg.model.vocab_size} does not match the corpus "
+                             f"vocabulary {vocab} in {data_dir / 'meta.json'}")
+        cfg.model.vocab_size = vocab
+        t = cfg.train
+        self.sampler = StepSampler(len(self.train_data), t.micro_batch_size, t.grad_accum,
+                                   self.layout.data, t.seed)
+        self.val_sampler = StepSampler(len(self.val_data), t.micro_batch_size, 1, self.layout.data,
+                                       t.seed, shuffle=False)
+        d = cfg.diffusion
+        self.set_mode = d.mode == "set"
+        self.collator = SetDiffusionCollator(CollatorConfig(
+            order=d.order, objective=d.objective, mask_id=vocab, schedule=d.schedule,
+            t_min=d.t_min, t_max=d.t_max, antithetic=d.antithetic, mode=d.mode, seed=t.seed))
+
+        model = SetDiffusionTransformer(cfg.model, self.layout.parallel, set_mode=self.set_mode)
+        self.num_params_local = sum(p.numel() for p in model.parameters())
+        self.engine = Engine(model, cfg, self.layout.data)
+        self.ema = EMA(self.engine.module, t.ema) if t.ema > 0 else None
+
+        self.run_dir = cfg.run_dir
+        self.monitor = Monitor(self.run_dir / "tensorboard", self.is_main, t.steps)
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+            shutil.copyfile(self.tokenizer_path, self.run_dir / "tokenizer.json")
+        self.monitor.info(self.summary())
+        self.step = 0
+
+    def summary(self) -> str:
+        lay, m = self.layout, self.cfg.model
+        mem = f"{self.num_params_local * 4 / 2**20:.1f} MiB fp32 weights"
+        return (f"setdiff: world {dist.get_world_size()} = TP {lay.tensor} x PP {lay.pipeline} x "
+                f"DP {lay.data}, ZeRO-{self.cfg.parallel.zero_stage} | {m.num_layers} layers, "
+                f"hidden {m.hidden_size}, L {m.seq_len}, vocab {m.vocab_size} | "
+                f"{self.num_params_local / 1e6:.2f}M parameters per rank ({mem}) | "
+                f"{self.cfg.diffusion.mode} {self.cfg.diffusion.order} {self.cfg.diffusion.objective} | "
+                f"device {self.engine.device}")
+
+    # -------------------------------------------------------------------------- steps
+
+    def _batch(self, data, sampler, step: int, micro: int) -> dict[str, torch.Tensor]:
+        tokens, doc_id = data.batch(sampler.indices(step, micro, self.layout.dp_rank))
+        batch = self.collator(tokens, doc_id, step=step, dp_rank=self.layout.dp_rank, micro_batch=micro)
+        return {k: v.to(self.engine.device) for k, v in batch.items()}
+
+    def _dp_mean(self, value: float) -> float:
+        from megatron.core import parallel_state
+
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.engine.device)
+        dist.all_reduce(tensor, group=parallel_state.get_data_parallel_group())
+        return float(tensor) / self.layout.data
+
+    def train_step(self, step: int) -> float:
+        losses = []
+        for micro in range(self.cfg.train.grad_accum):
+            batch = self._batch(self.train_data, self.sampler, step, micro)
+            logits, loss_fn = forward_step(batch, self.engine, self.set_mode)
+            loss, _ = loss_fn(logits)
+            self.engine.backward(loss)
+            self.engine.step()
+            losses.append(float(loss.detach()))
+        if self.ema is not None:
+            self.ema.update()
+        return self._dp_mean(sum(losses) / len(losses))
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.engine.module.eval()
+        total = []
+        batches = min(self.cfg.train.eval_batches, len(self.val_data) // self.val_sampler.global_batch)
+        for i in range(max(1, batches)):
+            batch = self._batch(self.val_data, self.val_sampler, i, 0)
+            batch_step = {**batch}
+            logits, loss_fn = forward_step(batch_step, self.engine, self.set_mode)
+            loss, _ = loss_fn(logits)
+            total.append(float(loss))
+        self.engine.module.train()
+        return self._dp_mean(sum(total) / len(total))
+
+    def save(self) -> pathlib.Path:
+        directory = self.run_dir / "checkpoints"
+        tag = f"step_{self.step:07d}"
+        state = {"step": self.step, "config": config_to_dict(self.cfg),
+                 "universal_checkpoint_info": {"universal_checkpoint_version": 0.2}}
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        self.engine.save(str(directory), tag, state)
+        return directory / tag
+
+    def train(self) -> dict:
+        t = self.cfg.train
+        tokens_per_step = self.sampler.global_batch * self.cfg.model.seq_len
+        history, window_start, window_steps = [], time.time(), 0
+        while self.step < t.steps:
+            loss = self.train_step(self.step)
+            self.step += 1
+            window_steps += 1
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss {loss} at step {self.step}")
+            history.append(loss)
+            if self.step % t.log_interval == 0 or self.step == t.steps:
+                elapsed = time.time() - window_start
+                tok_s = tokens_per_step * window_steps / max(elapsed, 1e-9)
+                lr, grad_norm = self.engine.lr(), self.engine.grad_norm()
+                self.monitor.scalars(self.step, {"train/loss": loss, "train/lr": lr,
+                                                 "train/grad_norm": grad_norm, "train/tokens_per_s": tok_s})
+                self.monitor.progress(self.step, loss, lr, grad_norm, tok_s)
+                window_start, window_steps = time.time(), 0
+            if t.eval_interval and self.step % t.eval_interval == 0 and self.step < t.steps:
+                self._log_eval()
+            if t.save_interval and self.step % t.save_interval == 0 and self.step < t.steps:
+                self.save()
+        val_loss = self._log_eval()
+        checkpoint = self.save()
+        result = {"steps": self.step, "first_loss": history[0], "final_loss": history[-1],
+                  "val_loss": val_loss, "checkpoint": str(checkpoint),
+                  "tensorboard": str(self.run_dir / "tensorboard"), "losses": history}
+        if self.is_main:
+            (self.run_dir / "result.json").write_text(json.dumps(result, indent=2))
+        self.monitor.info(f"done: checkpoint {checkpoint}\n      tensorboard logs {self.run_dir / 'tensorboard'}"
+                          f" (tensorboard --logdir {self.run_dir / 'tensorboard'})")
+        self.monitor.close()
+        return result
+
+    def _log_eval(self) -> float:
+        val_loss = self.evaluate()
+        self.monitor.scalars(self.step, {"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 50.0))})
+        self.monitor.info(f"step {self.step:>6} | validation loss {val_loss:.4f} | "
+                          f"ppl {math.exp(min(val_loss, 50.0)):.2f}")
+        return val_loss
