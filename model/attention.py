@@ -5,6 +5,7 @@ forward (``prepare``), then every layer calls ``attend`` with it.
 
 - ``sdpa``: dense boolean mask [B, 1, T, T] and ``scaled_dot_product_attention``. Exact,
   forward and backward on every device; the CPU training path.
+- ``auto``: flex where CUDA is present, sdpa otherwise.
 - ``flex``: FlexAttention with a BlockMask built from the per-token set rank and doc id,
   skipping the fully masked blocks (about half of the (2L)^2 scores). The GPU path; on CPU
   it runs forward only (PyTorch has no CPU backward for it).
@@ -64,6 +65,8 @@ class FlexBackend(AttentionBackend):
 
 
 def make_backend(name: str) -> AttentionBackend:
+    if name == "auto":
+        name = "flex" if torch.cuda.is_available() else "sdpa"
     if name == "sdpa":
         return SdpaBackend()
     if name == "flex":

@@ -38,8 +38,8 @@ class ModelConfig:
     """RMSNorm epsilon."""
     init_std: float = 0.02
     """Standard deviation of the normal weight initialization."""
-    attention_backend: str = "sdpa"
-    """'sdpa' (dense boolean mask; CPU training) or 'flex' (BlockMask; GPU)."""
+    attention_backend: str = "auto"
+    """'sdpa' (dense boolean mask; CPU training), 'flex' (BlockMask; GPU), or 'auto' (flex on CUDA, else sdpa)."""
 
     def resolved_ffn_hidden_size(self) -> int:
         if self.ffn_hidden_size:
@@ -169,8 +169,9 @@ def validate(cfg: RunConfig) -> RunConfig:
                          f"model.num_heads={m.num_heads}")
     if (m.hidden_size // m.num_heads) % 2:
         raise ValueError("config: the head size hidden_size/num_heads must be even for rotary embeddings")
-    if m.attention_backend not in ("sdpa", "flex"):
-        raise ValueError(f"config: model.attention_backend must be 'sdpa' or 'flex', got {m.attention_backend!r}")
+    if m.attention_backend not in ("auto", "sdpa", "flex"):
+        raise ValueError(f"config: model.attention_backend must be 'auto', 'sdpa' or 'flex', "
+                         f"got {m.attention_backend!r}")
     if d.mode not in ("set", "ar_baseline"):
         raise ValueError(f"config: diffusion.mode must be 'set' or 'ar_baseline', got {d.mode!r}")
     if not ORDER_PATTERN.match(d.order):

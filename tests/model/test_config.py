@@ -1,0 +1,85 @@
+"""Typed config: YAML in, unknown keys named, overrides, validation messages."""
+from __future__ import annotations
+
+import pathlib
+import re
+
+import pytest
+
+from model.config import RunConfig, config_to_dict, load_config
+
+CONFIGS = sorted((pathlib.Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+
+
+def write(tmp_path, text: str) -> pathlib.Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_every_recipe_loads():
+    assert {p.name for p in CONFIGS} >= {"demo_cpu.yaml", "small.yaml", "350m.yaml"}
+    for path in CONFIGS:
+        assert isinstance(load_config(path), RunConfig), path
+
+
+def test_small_recipe_is_the_reference_setup():
+    cfg = load_config(pathlib.Path(CONFIGS[0]).parent / "small.yaml")
+    m = cfg.model
+    assert (m.num_layers, m.hidden_size, m.num_heads, m.seq_len) == (12, 768, 12, 1024)
+    assert cfg.diffusion.order == "staggered:8"
+
+
+def test_unknown_key_names_the_closest_valid_one(tmp_path):
+    path = write(tmp_path, "model:\n  hiden_size: 64\n")
+    with pytest.raises(ValueError, match=r"unknown key 'model.hiden_size'; did you mean 'hidden_size'"):
+        load_config(path)
+    with pytest.raises(ValueError, match=r"unknown key 'trian'; did you mean 'train'"):
+        load_config(write(tmp_path, "trian:\n  lr: 1\n"))
+
+
+def test_overrides_change_one_field_with_its_type(tmp_path):
+    cfg = load_config(write(tmp_path, "train:\n  lr: 1.0e-3\n"), ["train.lr=2e-4", "model.num_layers=3",
+                                                                  "train.ema=0.5", "diffusion.antithetic=false"])
+    assert cfg.train.lr == pytest.approx(2e-4)
+    assert cfg.model.num_layers == 3 and isinstance(cfg.model.num_layers, int)
+    assert cfg.diffusion.antithetic is False
+    with pytest.raises(ValueError, match="did you mean 'lr'"):
+        load_config(None, ["train.lrr=1"])
+    with pytest.raises(ValueError, match="must look like"):
+        load_config(None, ["train.lr"])
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.num_layers=two", "must be an integer"),
+    ("model.hidden_size=130", "not divisible by model.num_heads"),
+    ("model.hidden_size=36", "must be even for rotary"),
+    ("model.num_layers=0", "must be > 0"),
+    ("diffusion.order=blocks:4", "diffusion.order='blocks:4'"),
+    ("diffusion.order=mdlm", "ordered_ce' needs singleton sets"),
+    ("diffusion.schedule=cosine", "diffusion.schedule"),
+    ("train.warmup_steps=1000000", "train.warmup_steps"),
+    ("parallel.tensor=3", "not divisible by parallel.tensor=3"),
+    ("parallel.zero_stage=4", "zero_stage"),
+    ("model.attention_backend=flash", "attention_backend"),
+    ("train.ema=1.5", "train.ema"),
+])
+def test_impossible_values_stop_with_a_message(override, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_config(None, [override])
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        load_config(write(tmp_path, "model: [\n"))
+    with pytest.raises(ValueError, match="mapping"):
+        load_config(write(tmp_path, "- 1\n- 2\n"))
+
+
+def test_round_trip_through_a_dict():
+    cfg = load_config(None, ["model.num_layers=5"])
+    from model.config import config_from_dict
+
+    assert config_from_dict(config_to_dict(cfg)) == cfg
