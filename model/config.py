@@ -214,7 +214,7 @@ def _field_types(cls) -> dict[str, typing.Any]:
 
 
 def _unknown_key(where: str, key: str, valid) -> ValueError:
-    close = difflib.get_close_matches(key, list(valid), n=1)
+    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
     hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(valid))}"
     return ValueError(f"config: unknown key '{where}{key}'{hint}")
 
