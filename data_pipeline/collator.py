@@ -1,8 +1,10 @@
 """The set-partition collator: token sequences -> two-copy training batches.
 
-For each sequence it draws the order family's partition and the noise, from one
-``torch.Generator`` seeded by (seed, step, data-parallel rank, micro-batch): the same
-draws on every tensor/pipeline peer, and again after a resume.
+Each sequence draws its partition and noise from its own ``torch.Generator`` seeded by
+(seed, step, slot), where slot is the sequence's place in the step's global batch, a
+function of (data-parallel rank, micro-batch, index): the same draws on every
+tensor/pipeline peer, again after a resume, and for the same sample under any layout
+(DP=2 x 1 micro-batch draws exactly what DP=1 x 2 micro-batches draws).
 
 Output (set mode, B sequences of length L; "set order" = positions sorted by set rank):
     input_ids     [B, 2L]  [x0[perm] ; xt[perm]]
@@ -26,9 +28,9 @@ from model.noise import NoiseSchedule, parse_schedule
 from model.orders import OrderFamily, parse_order, sample_set_rank
 
 
-def draw_generator(seed: int, step: int, dp_rank: int, micro_batch: int) -> torch.Generator:
-    """A generator keyed by (seed, step, data-parallel rank, micro-batch) and nothing else."""
-    mixed = np.random.SeedSequence([seed, step, dp_rank, micro_batch]).generate_state(2, np.uint32)
+def draw_generator(seed: int, step: int, slot: int) -> torch.Generator:
+    """A generator keyed by (seed, step, global batch slot) and nothing else."""
+    mixed = np.random.SeedSequence([seed, step, slot]).generate_state(2, np.uint32)
     return torch.Generator().manual_seed(int(mixed[0]) << 32 | int(mixed[1]))
 
 
@@ -47,7 +49,7 @@ class CollatorConfig:
     t_max: float = 1.0
     """Upper clip of noise levels."""
     antithetic: bool = True
-    """Stratify the noise levels of one micro-batch."""
+    """Stratify noise levels: over the global batch, and evenly spaced over a sequence's sets."""
     mode: str = "set"
     """'set' or 'ar_baseline'."""
     seed: int = 0
@@ -62,49 +64,56 @@ class SetDiffusionCollator:
         if cfg.objective == "ordered_ce" and not self.family.singleton and cfg.mode == "set":
             raise ValueError(f"objective 'ordered_ce' needs singleton sets; order {cfg.order!r} has larger sets")
 
-    def __call__(self, tokens: torch.Tensor, doc_id: torch.Tensor, *, step: int, dp_rank: int,
-                 micro_batch: int) -> dict[str, torch.Tensor]:
+    def __call__(self, tokens: torch.Tensor, doc_id: torch.Tensor, *, step: int, first_slot: int = 0,
+                 global_batch: int | None = None) -> dict[str, torch.Tensor]:
+        """tokens, doc_id [B, L]: the sequences at slots first_slot .. first_slot+B-1 of the
+        step's global batch of ``global_batch`` sequences (default: this batch alone)."""
         if tokens.shape != doc_id.shape or tokens.dim() != 2:
             raise ValueError(f"collator: tokens {tuple(tokens.shape)} and doc_id {tuple(doc_id.shape)} "
                              "must both be [B, L]")
         if self.cfg.mode == "ar_baseline":
             return self._ar_batch(tokens, doc_id)
-        g = draw_generator(self.cfg.seed, step, dp_rank, micro_batch)
         B, L = tokens.shape
-        set_rank = torch.stack([sample_set_rank(self.family, L, g, doc_id[b]) for b in range(B)])
+        global_batch = global_batch or B
+        set_rank = torch.empty_like(tokens)
+        masked = torch.zeros(B, L, dtype=torch.bool)
+        weight = torch.zeros(B, L, dtype=torch.float64)
         real = doc_id >= 0
-        if self.cfg.objective == "ordered_ce":
-            masked = real
-            weight = real.double()
-            normalizer = real.sum()
-        else:
-            masked, weight = self._noise(set_rank, real, g)
-            normalizer = real.sum()
-        noisy = torch.where(masked, torch.full_like(tokens, self.cfg.mask_id), tokens)
-        noisy = torch.where(real, noisy, torch.full_like(tokens, self.cfg.mask_id))
+        for b in range(B):
+            slot = first_slot + b
+            g = draw_generator(self.cfg.seed, step, slot)
+            set_rank[b] = sample_set_rank(self.family, L, g, doc_id[b])
+            if self.cfg.objective == "ordered_ce":
+                masked[b], weight[b] = real[b], real[b].double()
+            else:
+                masked[b], weight[b] = self._noise(set_rank[b], real[b], g, slot, global_batch)
+        noisy = torch.where(masked | ~real, torch.full_like(tokens, self.cfg.mask_id), tokens)
         batch = two_copy_layout(tokens, noisy, set_rank, doc_id)
         perm = batch.pop("perm")
         batch["targets"] = torch.gather(tokens, 1, perm)
         batch["loss_weight"] = torch.gather(weight, 1, perm).float()
-        batch["loss_normalizer"] = normalizer.clamp(min=1).float()
+        batch["loss_normalizer"] = real.sum().clamp(min=1).float()
         return batch
 
-    def _noise(self, set_rank: torch.Tensor, real: torch.Tensor, g: torch.Generator):
-        """One noise level per set; mask each token with prob 1 - alpha(t of its set)."""
-        B, L = set_rank.shape
-        sets_per_seq = set_rank.max(dim=1).values + 1
-        total = int(sets_per_seq.sum())
-        if self.cfg.antithetic:  # stratified over the micro-batch, in a random assignment
-            u = (torch.arange(total, dtype=torch.float64) + torch.rand(total, generator=g, dtype=torch.float64)) / total
-            u = u[torch.randperm(total, generator=g)]
+    def _noise(self, set_rank: torch.Tensor, real: torch.Tensor, g: torch.Generator, slot: int,
+               global_batch: int):
+        """One noise level per set; mask each token with prob 1 - alpha(t of its set).
+
+        Antithetic: t_k = frac((slot + u) / G + sigma(k) / K) for the K sets of a sequence
+        (sigma a random permutation): one set per sequence gives a stratified draw over the
+        global batch; several sets are evenly spaced with a random offset.
+        """
+        L = set_rank.numel()
+        K = int(set_rank.max()) + 1
+        if self.cfg.antithetic:
+            u = torch.rand((), generator=g, dtype=torch.float64)
+            sigma = torch.randperm(K, generator=g).double()
+            unit = torch.frac((slot + u) / global_batch + sigma / K)
         else:
-            u = torch.rand(total, generator=g, dtype=torch.float64)
-        t_sets = self.cfg.t_min + (self.cfg.t_max - self.cfg.t_min) * u
-        offsets = torch.cumsum(sets_per_seq, 0) - sets_per_seq
-        t_tok = t_sets[offsets[:, None] + set_rank]  # [B, L]
-        position = torch.arange(L).expand(B, L)
-        prob, weight = self.schedule.mask_prob_and_weight(t_tok, position, L)
-        masked = (torch.rand(B, L, generator=g, dtype=torch.float64) < prob) & real
+            unit = torch.rand(K, generator=g, dtype=torch.float64)
+        t = self.cfg.t_min + (self.cfg.t_max - self.cfg.t_min) * unit
+        prob, weight = self.schedule.mask_prob_and_weight(t[set_rank], torch.arange(L), L)
+        masked = (torch.rand(L, generator=g, dtype=torch.float64) < prob) & real
         return masked, torch.where(masked, weight, torch.zeros_like(weight))
 
     def _ar_batch(self, tokens: torch.Tensor, doc_id: torch.Tensor) -> dict[str, torch.Tensor]:

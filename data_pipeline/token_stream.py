@@ -96,11 +96,14 @@ class StepSampler:
             self._perm_epoch = epoch
         return self._perm
 
+    def first_slot(self, micro_batch: int, dp_rank: int) -> int:
+        """Place of this micro-batch's first sequence in the step's global batch."""
+        return (micro_batch * self.dp_size + dp_rank) * self.micro_batch
+
     def indices(self, step: int, micro_batch: int, dp_rank: int) -> np.ndarray:
         steps_per_epoch = self.n // self.global_batch  # drop the ragged tail of each epoch
         epoch, in_epoch = divmod(step, steps_per_epoch)
-        first = (in_epoch * self.grad_accum + micro_batch) * self.dp_size * self.micro_batch \
-            + dp_rank * self.micro_batch
+        first = in_epoch * self.global_batch + self.first_slot(micro_batch, dp_rank)
         return self._permutation(epoch)[first:first + self.micro_batch]
 
     def epoch_of(self, step: int) -> float:

@@ -86,7 +86,8 @@ class Trainer:
 
     def _batch(self, data, sampler, step: int, micro: int) -> dict[str, torch.Tensor]:
         tokens, doc_id = data.batch(sampler.indices(step, micro, self.layout.dp_rank))
-        batch = self.collator(tokens, doc_id, step=step, dp_rank=self.layout.dp_rank, micro_batch=micro)
+        batch = self.collator(tokens, doc_id, step=step, global_batch=sampler.global_batch,
+                              first_slot=sampler.first_slot(micro, self.layout.dp_rank))
         return {k: v.to(self.engine.device) for k, v in batch.items()}
 
     def _dp_mean(self, value: float) -> float:

@@ -12,7 +12,7 @@ MASK = 50
 
 def collate(order, objective, tokens, doc, **kw):
     c = SetDiffusionCollator(CollatorConfig(order=order, objective=objective, mask_id=MASK, **kw))
-    return c(tokens, doc, step=0, dp_rank=0, micro_batch=0)
+    return c(tokens, doc, step=0)
 
 
 def data(B=4, L=16, seed=0):
@@ -87,5 +87,4 @@ def test_ordered_ce_refuses_larger_sets():
 def test_shape_errors_are_clear():
     c = SetDiffusionCollator(CollatorConfig(order="ar", objective="ordered_ce", mask_id=MASK))
     with pytest.raises(ValueError, match=r"must both be \[B, L\]"):
-        c(torch.zeros(2, 4, dtype=torch.long), torch.zeros(2, 5, dtype=torch.long), step=0, dp_rank=0,
-          micro_batch=0)
+        c(torch.zeros(2, 4, dtype=torch.long), torch.zeros(2, 5, dtype=torch.long), step=0)

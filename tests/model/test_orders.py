@@ -72,14 +72,13 @@ def test_set_order_sorts_by_rank_then_position():
     assert set_order(rank).tolist() == [[1, 0, 2, 3, 4, 5]]
 
 
-def test_draws_are_keyed_by_seed_step_rank_and_microbatch():
+def test_draws_are_keyed_by_seed_step_and_slot():
     def draw(*key):
         return torch.rand(4, generator=draw_generator(*key))
 
-    assert torch.equal(draw(7, 3, 1, 0), draw(7, 3, 1, 0))
-    others = [(8, 3, 1, 0), (7, 4, 1, 0), (7, 3, 0, 0), (7, 3, 1, 1)]
-    for key in others:
-        assert not torch.equal(draw(7, 3, 1, 0), draw(*key)), key
+    assert torch.equal(draw(7, 3, 1), draw(7, 3, 1))
+    for key in [(8, 3, 1), (7, 4, 1), (7, 3, 0)]:
+        assert not torch.equal(draw(7, 3, 1), draw(*key)), key
 
 
 @pytest.mark.parametrize("objective,order", [("ordered_ce", "staggered:4"), ("set_nelbo", "block:4")])
@@ -87,9 +86,23 @@ def test_same_key_gives_the_same_batch(objective, order):
     collate = SetDiffusionCollator(CollatorConfig(order=order, objective=objective, mask_id=99, seed=5))
     tokens = torch.randint(0, 99, (4, 32), generator=torch.Generator().manual_seed(0))
     doc = torch.zeros(4, 32, dtype=torch.long)
-    a = collate(tokens, doc, step=10, dp_rank=1, micro_batch=2)
-    b = collate(tokens, doc, step=10, dp_rank=1, micro_batch=2)
-    c = collate(tokens, doc, step=11, dp_rank=1, micro_batch=2)
+    a = collate(tokens, doc, step=10)
+    b = collate(tokens, doc, step=10)
+    c = collate(tokens, doc, step=11)
     for key in a:
         assert torch.equal(a[key], b[key]), key
     assert any(not torch.equal(a[k], c[k]) for k in ("input_ids", "set_rank", "loss_weight"))
+
+
+@pytest.mark.parametrize("objective,order", [("ordered_ce", "random"), ("set_nelbo", "block:4"),
+                                             ("set_nelbo", "mdlm")])
+def test_draws_do_not_depend_on_how_the_batch_is_split(objective, order):
+    """Two ranks (or micro-batches) of 3 draw exactly what one batch of 6 draws."""
+    collate = SetDiffusionCollator(CollatorConfig(order=order, objective=objective, mask_id=99, seed=5))
+    tokens = torch.randint(0, 99, (6, 16), generator=torch.Generator().manual_seed(0))
+    doc = torch.zeros(6, 16, dtype=torch.long)
+    whole = collate(tokens, doc, step=4, first_slot=0, global_batch=6)
+    first = collate(tokens[:3], doc[:3], step=4, first_slot=0, global_batch=6)
+    second = collate(tokens[3:], doc[3:], step=4, first_slot=3, global_batch=6)
+    for key in ("input_ids", "position_ids", "set_rank", "targets", "loss_weight"):
+        assert torch.equal(whole[key], torch.cat([first[key], second[key]])), key

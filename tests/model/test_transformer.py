@@ -26,7 +26,7 @@ def set_batch(order, objective="ordered_ce", B=2, L=12, seed=0, doc=None):
     collate = SetDiffusionCollator(CollatorConfig(order=order, objective=objective, mask_id=V, seed=seed))
     tokens = torch.randint(0, V, (B, L), generator=torch.Generator().manual_seed(seed))
     doc = torch.zeros(B, L, dtype=torch.long) if doc is None else doc
-    return collate(tokens, doc, step=0, dp_rank=0, micro_batch=0)
+    return collate(tokens, doc, step=0)
 
 
 def logits_of(model, batch):
@@ -132,7 +132,7 @@ def test_ar_baseline_is_causal(single_process_layout):
     collate = SetDiffusionCollator(CollatorConfig(order="ar", objective="ordered_ce", mask_id=V,
                                                   mode="ar_baseline"))
     tokens = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(0))
-    batch = collate(tokens, torch.zeros(2, 12, dtype=torch.long), step=0, dp_rank=0, micro_batch=0)
+    batch = collate(tokens, torch.zeros(2, 12, dtype=torch.long), step=0)
     assert torch.equal(batch["targets"][:, :-1], tokens[:, 1:])
     assert batch["loss_weight"][:, -1].sum() == 0
     with torch.no_grad():
