@@ -63,6 +63,22 @@ def _megatron_config(tp_size: int, params_dtype: torch.dtype):
     )
 
 
+def vocab_rows_init(real_rows: int, std: float):
+    """Normal init of the first ``real_rows`` rows, zeros for the padding rows.
+
+    The padding depends on the tensor-parallel size; drawing only the real rows keeps the
+    random stream, and so every weight, identical for every TP size.
+    """
+
+    def init(weight: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            weight.zero_()
+            weight[:real_rows].normal_(0.0, std)
+        return weight
+
+    return init
+
+
 class RMSNorm(nn.Module):
     def __init__(self, hidden: int, eps: float):
         super().__init__()
@@ -182,20 +198,24 @@ class SetDiffusionTransformer(nn.Module):
         self.padded_vocab = padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by,
                                               parallel.tp_size)
         mp_config = _megatron_config(parallel.tp_size, params_dtype)
+        vocab_init = vocab_rows_init(cfg.vocab_size + 1, cfg.init_std)  # real ids and [MASK]
         self.embedding = tp.VocabParallelEmbedding(
-            self.padded_vocab, cfg.hidden_size, config=mp_config,
-            init_method=lambda w: nn.init.normal_(w, 0.0, cfg.init_std), tp_group=parallel.tp_group)
+            self.padded_vocab, cfg.hidden_size, config=mp_config, init_method=vocab_init,
+            tp_group=parallel.tp_group)
         self.layers = nn.ModuleList(Block(cfg, mp_config, parallel.tp_group) for _ in range(cfg.num_layers))
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.output = tp.ColumnParallelLinear(
-            cfg.hidden_size, self.padded_vocab, config=mp_config,
-            init_method=lambda w: nn.init.normal_(w, 0.0, cfg.init_std), bias=False,
+            cfg.hidden_size, self.padded_vocab, config=mp_config, init_method=vocab_init, bias=False,
             gather_output=False, tp_group=parallel.tp_group)
         self.backend = make_backend(cfg.attention_backend)
         # SUBS parameterization: [MASK] and the padded vocabulary rows never get probability.
         per_rank = self.padded_vocab // parallel.tp_size
         global_ids = torch.arange(per_rank) + parallel.tp_rank * per_rank
         self.register_buffer("invalid_logit", global_ids >= cfg.vocab_size, persistent=False)
+
+    def vocab_parameter_rows(self) -> dict[str, int]:
+        """Rows of the vocabulary-sized parameters that hold real ids and [MASK]."""
+        return {"embedding.weight": self.cfg.vocab_size + 1, "output.weight": self.cfg.vocab_size + 1}
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, meta: AttentionMeta):
         B, T = input_ids.shape

@@ -137,7 +137,7 @@ class Trainer:
     def train(self) -> dict:
         t = self.cfg.train
         tokens_per_step = self.sampler.global_batch * self.cfg.model.seq_len
-        history, window_start, window_steps = [], time.time(), 0
+        history, grad_norms, window_start, window_steps = [], [], time.time(), 0
         while self.step < t.steps:
             loss = self.train_step(self.step)
             self.step += 1
@@ -145,6 +145,7 @@ class Trainer:
             if not math.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss {loss} at step {self.step}")
             history.append(loss)
+            grad_norms.append(self.engine.grad_norm())
             if self.step % t.log_interval == 0 or self.step == t.steps:
                 elapsed = time.time() - window_start
                 tok_s = tokens_per_step * window_steps / max(elapsed, 1e-9)
@@ -161,7 +162,8 @@ class Trainer:
         checkpoint = self.save()
         result = {"steps": self.step, "first_loss": history[0], "final_loss": history[-1],
                   "val_loss": val_loss, "checkpoint": str(checkpoint),
-                  "tensorboard": str(self.run_dir / "tensorboard"), "losses": history}
+                  "tensorboard": str(self.run_dir / "tensorboard"), "losses": history,
+                  "grad_norms": grad_norms}
         if self.is_main:
             (self.run_dir / "result.json").write_text(json.dumps(result, indent=2))
         self.monitor.info(f"done: checkpoint {checkpoint}\n      tensorboard logs {self.run_dir / 'tensorboard'}"

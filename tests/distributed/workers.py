@@ -1,0 +1,27 @@
+"""Functions the distributed tests run on every rank (see harness.py)."""
+from __future__ import annotations
+
+import pathlib
+
+
+def train_layout(data_path: str, out_dir: str, overrides: list[str]) -> dict:
+    """Train a tiny model under the layout the overrides give; return losses, norms, weights."""
+    import torch.distributed as dist
+
+    from model.config import load_config
+    from pretrain.state import full_state_dict
+    from pretrain.trainer import Trainer
+
+    base = ["model.num_layers=2", "model.hidden_size=64", "model.num_heads=4", "model.seq_len=32",
+            "model.attention_backend=sdpa", "train.micro_batch_size=4", "train.steps=3",
+            "train.warmup_steps=1", "train.lr=1e-3", "train.log_interval=1", "train.eval_batches=1",
+            "train.grad_clip=0.05", "train.precision=fp32", f"data.path={data_path}",
+            f"out_dir={out_dir}", "name=run"]
+    cfg = load_config(None, base + overrides)
+    trainer = Trainer(cfg)
+    result = trainer.train()
+    module = trainer.engine.module
+    state = full_state_dict(module, trainer.layout.parallel.tp_group, module.vocab_parameter_rows())
+    return {"losses": result["losses"], "grad_norms": result["grad_norms"],
+            "state": state if dist.get_rank() == 0 else None, "summary": trainer.summary(),
+            "world": dist.get_world_size(), "run_dir": str(pathlib.Path(out_dir) / "run")}
