@@ -123,6 +123,8 @@ class TrainConfig:
     """Validation micro-batches per pass."""
     save_interval: int = 0
     """Steps between checkpoints (0: only at the end)."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass (saves memory, costs ~1/3 more compute)."""
 
 
 @dataclass
@@ -201,8 +203,16 @@ def validate(cfg: RunConfig) -> RunConfig:
     if m.num_heads % p.tensor:
         raise ValueError(f"config: model.num_heads={m.num_heads} is not divisible by "
                          f"parallel.tensor={p.tensor}")
-    if p.pipeline != 1:
-        raise ValueError("config: parallel.pipeline > 1 is not supported yet (only 1)")
+    if m.num_layers % p.pipeline:
+        raise ValueError(f"config: model.num_layers={m.num_layers} is not divisible by "
+                         f"parallel.pipeline={p.pipeline}")
+    if p.pipeline > 1 and p.zero_stage > 1:
+        raise ValueError(f"config: parallel.zero_stage={p.zero_stage} with parallel.pipeline={p.pipeline}: "
+                         "DeepSpeed's pipeline engine supports ZeRO stages 0 and 1 only")
+    if p.pipeline > 1 and p.zero_stage == 0 and t.grad_clip > 0:
+        raise ValueError("config: parallel.pipeline > 1 with parallel.zero_stage=0 and train.grad_clip > 0: "
+                         "DeepSpeed's pipeline engine then clips with the first stage's norm only; "
+                         "use parallel.zero_stage=1 (or train.grad_clip=0)")
     return cfg
 
 

@@ -15,11 +15,14 @@ for any TP size, because megatron initializes a CPU master weight and scatters i
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from model import cpu_compat
@@ -176,6 +179,99 @@ class Block(nn.Module):
         return x_SBH + self.mlp(self.mlp_norm(x_SBH))
 
 
+class Embedding(nn.Module):
+    """Vocab-parallel token embedding; [B, T] ids -> [T, B, H]."""
+
+    def __init__(self, cfg: ModelConfig, mp_config, tp_group, padded_vocab: int):
+        super().__init__()
+        from megatron.core import tensor_parallel as tp
+
+        self.word = tp.VocabParallelEmbedding(
+            padded_vocab, cfg.hidden_size, config=mp_config,
+            init_method=vocab_rows_init(cfg.vocab_size + 1, cfg.init_std), tp_group=tp_group)
+
+    def forward(self, input_ids):
+        return self.word(input_ids).transpose(0, 1).contiguous()
+
+
+class Head(nn.Module):
+    """Final norm and vocab-parallel output; [T, B, H] -> logits [B, L, V/tp].
+
+    Reads the noisy half only in set mode. SUBS parameterization: [MASK] and the padded
+    vocabulary rows get logit -inf, so they never receive probability.
+    """
+
+    def __init__(self, cfg: ModelConfig, mp_config, tp_group, padded_vocab: int, set_mode: bool):
+        super().__init__()
+        from megatron.core import tensor_parallel as tp
+
+        self.set_mode = set_mode
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.output = tp.ColumnParallelLinear(
+            cfg.hidden_size, padded_vocab, config=mp_config,
+            init_method=vocab_rows_init(cfg.vocab_size + 1, cfg.init_std), bias=False,
+            gather_output=False, tp_group=tp_group)
+        per_rank = padded_vocab // tp_group.size()
+        global_ids = torch.arange(per_rank) + tp_group.rank() * per_rank
+        self.register_buffer("invalid_logit", global_ids >= cfg.vocab_size, persistent=False)
+
+    def forward(self, x_SBH):
+        if self.set_mode:
+            x_SBH = x_SBH[x_SBH.shape[0] // 2:]
+        logits, _ = self.output(self.norm(x_SBH))
+        logits = logits.masked_fill(self.invalid_logit, float("-inf"))
+        return logits.transpose(0, 1).contiguous()
+
+
+def component_seed(base_seed: int, index: int) -> int:
+    """Seed of component ``index`` (0 embedding, 1..N blocks, N+1 head): weights are a pure
+    function of (seed, index), the same whichever pipeline stage builds them."""
+    return int(np.random.SeedSequence([base_seed, index]).generate_state(1)[0])
+
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Build under ``seed`` without disturbing the caller's random stream."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def build_seeded(seed: int, factory):
+    with seeded(seed):
+        return factory()
+
+
+class ModelParts:
+    """What every layout needs to build the network's components identically."""
+
+    def __init__(self, cfg: ModelConfig, parallel: ParallelContext, *, set_mode: bool, init_seed: int,
+                 params_dtype: torch.dtype = torch.float32):
+        cpu_compat.apply()
+        if cfg.vocab_size <= 0:
+            raise ValueError("model.vocab_size must be set (> 0) before building the model")
+        self.cfg, self.parallel, self.set_mode, self.init_seed = cfg, parallel, set_mode, init_seed
+        self.padded_vocab = padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by,
+                                              parallel.tp_size)
+        self.mp_config = _megatron_config(parallel.tp_size, params_dtype)
+
+    def embedding(self) -> Embedding:
+        return build_seeded(component_seed(self.init_seed, 0), lambda: Embedding(
+            self.cfg, self.mp_config, self.parallel.tp_group, self.padded_vocab))
+
+    def block(self, i: int) -> Block:
+        return build_seeded(component_seed(self.init_seed, 1 + i), lambda: Block(
+            self.cfg, self.mp_config, self.parallel.tp_group))
+
+    def head(self) -> Head:
+        return build_seeded(component_seed(self.init_seed, 1 + self.cfg.num_layers), lambda: Head(
+            self.cfg, self.mp_config, self.parallel.tp_group, self.padded_vocab, self.set_mode))
+
+    def vocab_parameter_rows(self, embedding_name: str, head_name: str) -> dict[str, int]:
+        rows = self.cfg.vocab_size + 1  # real ids and [MASK]
+        return {f"{embedding_name}.word.weight": rows, f"{head_name}.output.weight": rows}
+
+
 class SetDiffusionTransformer(nn.Module):
     """forward(input_ids [B,T], position_ids [B,T], meta) -> vocab-parallel logits.
 
@@ -184,52 +280,37 @@ class SetDiffusionTransformer(nn.Module):
     """
 
     def __init__(self, cfg: ModelConfig, parallel: ParallelContext, *, set_mode: bool = True,
-                 params_dtype: torch.dtype = torch.float32):
+                 init_seed: int = 0, params_dtype: torch.dtype = torch.float32,
+                 activation_checkpointing: bool = False):
         super().__init__()
-        cpu_compat.apply()
-        from megatron.core import tensor_parallel as tp
-
-        if cfg.vocab_size <= 0:
-            raise ValueError("model.vocab_size must be set (> 0) before building the model")
+        parts = ModelParts(cfg, parallel, set_mode=set_mode, init_seed=init_seed, params_dtype=params_dtype)
         self.cfg = cfg
         self.set_mode = set_mode
-        self.tp_size = parallel.tp_size
         self.mask_id = cfg.vocab_size
-        self.padded_vocab = padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by,
-                                              parallel.tp_size)
-        mp_config = _megatron_config(parallel.tp_size, params_dtype)
-        vocab_init = vocab_rows_init(cfg.vocab_size + 1, cfg.init_std)  # real ids and [MASK]
-        self.embedding = tp.VocabParallelEmbedding(
-            self.padded_vocab, cfg.hidden_size, config=mp_config, init_method=vocab_init,
-            tp_group=parallel.tp_group)
-        self.layers = nn.ModuleList(Block(cfg, mp_config, parallel.tp_group) for _ in range(cfg.num_layers))
-        self.final_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.output = tp.ColumnParallelLinear(
-            cfg.hidden_size, self.padded_vocab, config=mp_config, init_method=vocab_init, bias=False,
-            gather_output=False, tp_group=parallel.tp_group)
+        self.padded_vocab = parts.padded_vocab
+        self.activation_checkpointing = activation_checkpointing
+        self.embedding = parts.embedding()
+        self.layers = nn.ModuleList(parts.block(i) for i in range(cfg.num_layers))
+        self.head = parts.head()
         self.backend = make_backend(cfg.attention_backend)
-        # SUBS parameterization: [MASK] and the padded vocabulary rows never get probability.
-        per_rank = self.padded_vocab // parallel.tp_size
-        global_ids = torch.arange(per_rank) + parallel.tp_rank * per_rank
-        self.register_buffer("invalid_logit", global_ids >= cfg.vocab_size, persistent=False)
+        self._vocab_rows = parts.vocab_parameter_rows("embedding", "head")
 
     def vocab_parameter_rows(self) -> dict[str, int]:
         """Rows of the vocabulary-sized parameters that hold real ids and [MASK]."""
-        return {"embedding.weight": self.cfg.vocab_size + 1, "output.weight": self.cfg.vocab_size + 1}
+        return dict(self._vocab_rows)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, meta: AttentionMeta):
-        B, T = input_ids.shape
-        x_SBH = self.embedding(input_ids).transpose(0, 1)
+        x_SBH = self.embedding(input_ids)
         head_dim = self.cfg.hidden_size // self.cfg.num_heads
         cos, sin = rotary_cos_sin(position_ids, head_dim, self.cfg.rope_theta, x_SBH.dtype)
         mask = self.backend.prepare(meta)  # built once per batch, shared by every layer
         for layer in self.layers:
-            x_SBH = layer(x_SBH, cos, sin, self.backend, mask)
-        if self.set_mode:
-            x_SBH = x_SBH[T // 2:]  # logits from the noisy half only
-        logits, _ = self.output(self.final_norm(x_SBH))
-        logits = logits.masked_fill(self.invalid_logit, float("-inf"))
-        return logits.transpose(0, 1).contiguous()  # [B, L, V/tp]
+            if self.activation_checkpointing and self.training:
+                x_SBH = torch.utils.checkpoint.checkpoint(layer, x_SBH, cos, sin, self.backend, mask,
+                                                          use_reentrant=False)
+            else:
+                x_SBH = layer(x_SBH, cos, sin, self.backend, mask)
+        return self.head(x_SBH)
 
 
 def vocab_parallel_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

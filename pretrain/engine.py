@@ -113,18 +113,26 @@ def deepspeed_config(cfg: RunConfig, dp_size: int) -> dict:
 
 
 class Engine:
-    """A DeepSpeed engine plus the bits of optimizer state the trainer reads."""
+    """A DeepSpeed engine plus the bits of optimizer state the trainer reads.
+
+    ``train_batch(micro_batches, forward_step)`` runs one optimizer step. Without pipeline
+    parallelism it calls Megatron-style ``forward_step(batch, model) -> (output, loss_fn)``
+    per micro-batch; with a PipelineModule, DeepSpeed's 1F1B schedule runs the stages and
+    the module's own loss function.
+    """
 
     def __init__(self, model: torch.nn.Module, cfg: RunConfig, dp_size: int):
         import deepspeed
+        from deepspeed.pipe import PipelineModule
 
         self.cfg = cfg
+        self.pipelined = isinstance(model, PipelineModule)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,
             model_parameters=[p for p in model.parameters() if p.requires_grad],
             config=deepspeed_config(cfg, dp_size),
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.train)),
-            mpu=MegatronMPU(),
+            mpu=None if self.pipelined else MegatronMPU(),  # a PipelineModule brings its own grid
         )
         self._own_clip = clips_outside_deepspeed(cfg)
         self._own_norm: float | None = None
@@ -139,6 +147,37 @@ class Engine:
 
     def __call__(self, *args, **kwargs):
         return self.engine(*args, **kwargs)
+
+    @staticmethod
+    def _pipe_tuple(batch: dict) -> tuple:
+        return ((batch["input_ids"], batch["position_ids"], batch["set_rank"], batch["doc_id"]),
+                (batch["targets"], batch["loss_weight"], batch["loss_normalizer"]))
+
+    def train_batch(self, micro_batches: list[dict], forward_step) -> float:
+        """One optimizer step over the micro-batches; returns their mean loss."""
+        if self.pipelined:
+            return float(self.engine.train_batch(iter([self._pipe_tuple(b) for b in micro_batches])))
+        losses = []
+        for batch in micro_batches:
+            output, loss_fn = forward_step(batch, self.engine)
+            loss, _ = loss_fn(output)
+            self.backward(loss)
+            self.step()
+            losses.append(float(loss.detach()))
+        return sum(losses) / len(losses)
+
+    @torch.no_grad()
+    def eval_batch(self, micro_batches: list[dict], forward_step) -> float:
+        if self.pipelined:
+            data = iter([self._pipe_tuple(b) for b in micro_batches])
+            return float(self.engine.eval_batch(data, num_micro_batches=len(micro_batches)))
+        self.engine.module.eval()
+        losses = []
+        for batch in micro_batches:
+            output, loss_fn = forward_step(batch, self.engine)
+            losses.append(float(loss_fn(output)[0]))
+        self.engine.module.train()
+        return sum(losses) / len(losses)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)

@@ -19,11 +19,13 @@ from data_pipeline.collator import CollatorConfig, SetDiffusionCollator
 from data_pipeline.token_stream import StepSampler, TokenSequences
 from model.config import RunConfig, config_to_dict
 from model.objectives import forward_step
-from model.transformer import SetDiffusionTransformer
+from model.pipeline import build_pipeline_module, pipeline_name_to_flat
+from model.transformer import ModelParts, SetDiffusionTransformer
 from pretrain.distributed import init_distributed, init_model_parallel
 from pretrain.ema import EMA
 from pretrain.engine import Engine
 from pretrain.metrics import Monitor
+from pretrain.state import full_state_dict
 
 EVAL_STEP_OFFSET = 1 << 40  # validation draws use their own (seed, step) keys
 
@@ -34,7 +36,7 @@ class Trainer:
         init_distributed()
         self.layout = init_model_parallel(cfg.parallel.tensor, cfg.parallel.pipeline)
         self.is_main = dist.get_rank() == 0
-        torch.manual_seed(cfg.train.seed)  # identical on all ranks: megatron builds CPU master weights
+        torch.manual_seed(cfg.train.seed)
 
         data_dir = pathlib.Path(cfg.data.path)
         self.train_data = TokenSequences(data_dir, "train", cfg.model.seq_len, cfg.data.pack)
@@ -50,7 +52,8 @@ class Trainer:
         t = cfg.train
         self.sampler = StepSampler(len(self.train_data), t.micro_batch_size, t.grad_accum,
                                    self.layout.data, t.seed)
-        self.val_sampler = StepSampler(len(self.val_data), t.micro_batch_size, 1, self.layout.data,
+        # validation uses the training micro-batch layout (a pipeline runs grad_accum micro-batches)
+        self.val_sampler = StepSampler(len(self.val_data), t.micro_batch_size, t.grad_accum, self.layout.data,
                                        t.seed, shuffle=False)
         d = cfg.diffusion
         self.set_mode = d.mode == "set"
@@ -58,7 +61,12 @@ class Trainer:
             order=d.order, objective=d.objective, mask_id=vocab, schedule=d.schedule,
             t_min=d.t_min, t_max=d.t_max, antithetic=d.antithetic, mode=d.mode, seed=t.seed))
 
-        model = SetDiffusionTransformer(cfg.model, self.layout.parallel, set_mode=self.set_mode)
+        if cfg.parallel.pipeline > 1:
+            parts = ModelParts(cfg.model, self.layout.parallel, set_mode=self.set_mode, init_seed=t.seed)
+            model = build_pipeline_module(parts, cfg.parallel.pipeline, t.activation_checkpointing)
+        else:
+            model = SetDiffusionTransformer(cfg.model, self.layout.parallel, set_mode=self.set_mode,
+                                            init_seed=t.seed, activation_checkpointing=t.activation_checkpointing)
         self.num_params_local = sum(p.numel() for p in model.parameters())
         self.engine = Engine(model, cfg, self.layout.data)
         self.ema = EMA(self.engine.module, t.ema) if t.ema > 0 else None
@@ -97,32 +105,37 @@ class Trainer:
         dist.all_reduce(tensor, group=parallel_state.get_data_parallel_group())
         return float(tensor) / self.layout.data
 
+    def _forward_step(self, batch, model):
+        return forward_step(batch, model, self.set_mode)
+
     def train_step(self, step: int) -> float:
-        losses = []
-        for micro in range(self.cfg.train.grad_accum):
-            batch = self._batch(self.train_data, self.sampler, step, micro)
-            logits, loss_fn = forward_step(batch, self.engine, self.set_mode)
-            loss, _ = loss_fn(logits)
-            self.engine.backward(loss)
-            self.engine.step()
-            losses.append(float(loss.detach()))
+        micro_batches = [self._batch(self.train_data, self.sampler, step, micro)
+                         for micro in range(self.cfg.train.grad_accum)]
+        loss = self.engine.train_batch(micro_batches, self._forward_step)
         if self.ema is not None:
             self.ema.update()
+        return self._dp_mean(loss)
+
+    def evaluate(self) -> float:
+        batches = max(1, min(self.cfg.train.eval_batches, len(self.val_data) // self.val_sampler.global_batch))
+        losses = [self.engine.eval_batch([self._batch(self.val_data, self.val_sampler, i, micro)
+                                          for micro in range(self.val_sampler.grad_accum)], self._forward_step)
+                  for i in range(batches)]
         return self._dp_mean(sum(losses) / len(losses))
 
-    @torch.no_grad()
-    def evaluate(self) -> float:
-        self.engine.module.eval()
-        total = []
-        batches = min(self.cfg.train.eval_batches, len(self.val_data) // self.val_sampler.global_batch)
-        for i in range(max(1, batches)):
-            batch = self._batch(self.val_data, self.val_sampler, i, 0)
-            batch_step = {**batch}
-            logits, loss_fn = forward_step(batch_step, self.engine, self.set_mode)
-            loss, _ = loss_fn(logits)
-            total.append(float(loss))
-        self.engine.module.train()
-        return self._dp_mean(sum(total) / len(total))
+    def full_state(self) -> dict[str, torch.Tensor]:
+        """The whole model's weights under the flat model's names, on every rank."""
+        from megatron.core import parallel_state
+
+        module, tp_group = self.engine.module, self.layout.parallel.tp_group
+        if not self.engine.pipelined:
+            return full_state_dict(module, tp_group, module.vocab_parameter_rows())
+        n = self.cfg.model.num_layers
+        rows = {name: self.cfg.model.vocab_size + 1 for name in ("0.word.weight", f"{n + 1}.output.weight")}
+        local = {pipeline_name_to_flat(k, n): v for k, v in full_state_dict(module, tp_group, rows).items()}
+        stages = [None] * self.layout.pipeline
+        dist.all_gather_object(stages, local, group=parallel_state.get_pipeline_model_parallel_group())
+        return {k: v for stage in stages for k, v in stage.items()}
 
     def save(self) -> pathlib.Path:
         directory = self.run_dir / "checkpoints"

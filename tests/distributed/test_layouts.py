@@ -78,3 +78,15 @@ def test_tp2_dp2_equals_one_process(reference, tiny_corpus, tmp_path):
     got = train(tiny_corpus, tmp_path, 4, ["parallel.tensor=2", "parallel.zero_stage=1"])
     assert "TP 2 x PP 1 x DP 2" in got["summary"]
     assert_same_run(got, reference)
+
+
+def test_pp2_equals_one_process(reference, tiny_corpus, tmp_path):
+    got = train(tiny_corpus, tmp_path, 2, ["parallel.pipeline=2", "parallel.zero_stage=1", "train.grad_accum=2"])
+    assert "TP 1 x PP 2 x DP 1" in got["summary"]
+    assert_same_run(got, reference)
+
+
+def test_pp2_dp2_equals_one_process(reference, tiny_corpus, tmp_path):
+    got = train(tiny_corpus, tmp_path, 4, ["parallel.pipeline=2", "parallel.zero_stage=1"])
+    assert "TP 1 x PP 2 x DP 2" in got["summary"]
+    assert_same_run(got, reference)

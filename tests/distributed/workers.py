@@ -9,7 +9,6 @@ def train_layout(data_path: str, out_dir: str, overrides: list[str]) -> dict:
     import torch.distributed as dist
 
     from model.config import load_config
-    from pretrain.state import full_state_dict
     from pretrain.trainer import Trainer
 
     base = ["model.num_layers=2", "model.hidden_size=64", "model.num_heads=4", "model.seq_len=32",
@@ -20,8 +19,7 @@ def train_layout(data_path: str, out_dir: str, overrides: list[str]) -> dict:
     cfg = load_config(None, base + overrides)
     trainer = Trainer(cfg)
     result = trainer.train()
-    module = trainer.engine.module
-    state = full_state_dict(module, trainer.layout.parallel.tp_group, module.vocab_parameter_rows())
+    state = trainer.full_state()
     return {"losses": result["losses"], "grad_norms": result["grad_norms"],
             "state": state if dist.get_rank() == 0 else None, "summary": trainer.summary(),
             "world": dist.get_world_size(), "run_dir": str(pathlib.Path(out_dir) / "run")}

@@ -16,10 +16,9 @@ V = 11  # real vocabulary; [MASK] = 11
 
 
 def build(layout, vocab=V, seq_len=12, backend="sdpa", seed=0, set_mode=True, layers=2):
-    torch.manual_seed(seed)
     cfg = ModelConfig(num_layers=layers, hidden_size=32, num_heads=4, vocab_size=vocab, seq_len=seq_len,
                       attention_backend=backend, init_std=0.2)
-    return SetDiffusionTransformer(cfg, layout.parallel, set_mode=set_mode).eval()
+    return SetDiffusionTransformer(cfg, layout.parallel, set_mode=set_mode, init_seed=seed).eval()
 
 
 def set_batch(order, objective="ordered_ce", B=2, L=12, seed=0, doc=None):

@@ -1,0 +1,99 @@
+"""Pipeline parallelism: the same network as a DeepSpeed PipelineModule.
+
+Why DeepSpeed's pipeline engine rather than megatron-core's schedules: its engine owns the
+1F1B schedule, the gradient reduction and the optimizer step together, so ZeRO-1 and
+clipping across stages work as one unit. megatron's schedules driven next to a DeepSpeed
+engine were only correct with ZeRO-1 through a fragile call pattern, hang under ZeRO-3,
+and allocate on ``device="cuda"`` literally (see ../shared/STACK_NOTES.md). DeepSpeed
+refuses ZeRO-2/3 with pipeline parallelism; config validation says so up front.
+
+Between stages travels one tuple: (hidden [T, B, H], position_ids [B, T], set_rank [B, L],
+doc_id [B, L]). Every block rebuilds the rotary tables and the mask from it: the mask
+costs about 1/(heads x head_dim) of the attention it serves.
+"""
+from __future__ import annotations
+
+import torch
+
+from model.attention import make_backend
+from model.masks import causal_meta, two_copy_meta
+from model.transformer import (Block, Embedding, Head, ModelParts, component_seed, rotary_cos_sin, seeded,
+                               vocab_parallel_token_loss)
+
+
+class EmbeddingPipe(Embedding):
+    def __init__(self, parts: ModelParts):
+        with seeded(component_seed(parts.init_seed, 0)):
+            super().__init__(parts.cfg, parts.mp_config, parts.parallel.tp_group, parts.padded_vocab)
+
+    def forward(self, inputs):
+        input_ids, position_ids, set_rank, doc_id = inputs
+        return super().forward(input_ids), position_ids, set_rank, doc_id
+
+
+class BlockPipe(Block):
+    def __init__(self, parts: ModelParts, layer: int):
+        with seeded(component_seed(parts.init_seed, 1 + layer)):
+            super().__init__(parts.cfg, parts.mp_config, parts.parallel.tp_group)
+        cfg = parts.cfg
+        self.set_mode = parts.set_mode
+        self.head_dim = cfg.hidden_size // cfg.num_heads
+        self.rope_theta = cfg.rope_theta
+        self.backend = make_backend(cfg.attention_backend)
+
+    def forward(self, inputs):
+        x_SBH, position_ids, set_rank, doc_id = inputs
+        meta = two_copy_meta(set_rank, doc_id) if self.set_mode else causal_meta(doc_id)
+        cos, sin = rotary_cos_sin(position_ids, self.head_dim, self.rope_theta, x_SBH.dtype)
+        x_SBH = super().forward(x_SBH, cos, sin, self.backend, self.backend.prepare(meta))
+        return x_SBH, position_ids, set_rank, doc_id
+
+
+class HeadPipe(Head):
+    def __init__(self, parts: ModelParts):
+        with seeded(component_seed(parts.init_seed, 1 + parts.cfg.num_layers)):
+            super().__init__(parts.cfg, parts.mp_config, parts.parallel.tp_group, parts.padded_vocab,
+                             parts.set_mode)
+
+    def forward(self, inputs):
+        return super().forward(inputs[0])
+
+
+def pipeline_loss(logits: torch.Tensor, labels) -> torch.Tensor:
+    targets, loss_weight, loss_normalizer = labels
+    token_ce = vocab_parallel_token_loss(logits, targets)
+    return (token_ce * loss_weight).sum() / loss_normalizer
+
+
+def build_pipeline_module(parts: ModelParts, num_stages: int, activation_checkpointing: bool):
+    """A PipelineModule whose layer i holds exactly the weights of component i of the flat
+    model (0 embedding, 1..N blocks, N+1 head), whichever stage builds it; stages get equal
+    numbers of blocks."""
+    from deepspeed.pipe import LayerSpec, PipelineModule
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+    specs = [LayerSpec(EmbeddingPipe, parts)]
+    specs += [LayerSpec(BlockPipe, parts, i) for i in range(parts.cfg.num_layers)]
+    specs.append(LayerSpec(HeadPipe, parts))
+    tp = parts.parallel.tp_size
+    world = torch.distributed.get_world_size()
+    # axes (pipe, data, model), model fastest: megatron's default rank order (tp, dp, pp)
+    topology = PipeModelDataParallelTopology(num_pp=num_stages, num_mp=tp, num_dp=world // (num_stages * tp))
+    extra = {}
+    if activation_checkpointing:
+        extra = {"activation_checkpoint_interval": 1,
+                 "activation_checkpoint_func": lambda fn, *args: torch.utils.checkpoint.checkpoint(
+                     fn, *args, use_reentrant=False)}
+    return PipelineModule(layers=specs, topology=topology, loss_fn=pipeline_loss,
+                          partition_method="type:BlockPipe", **extra)
+
+
+def pipeline_name_to_flat(name: str, num_layers: int) -> str:
+    """'3.attn.qkv.weight' -> 'layers.2.attn.qkv.weight' (the flat model's names)."""
+    index, _, rest = name.partition(".")
+    index = int(index)
+    if index == 0:
+        return f"embedding.{rest}"
+    if index == num_layers + 1:
+        return f"head.{rest}"
+    return f"layers.{index - 1}.{rest}"
