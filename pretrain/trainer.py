@@ -27,7 +27,12 @@ from pretrain.engine import Engine
 from pretrain.metrics import Monitor
 from pretrain.state import full_state_dict
 
-EVAL_STEP_OFFSET = 1 << 40  # validation draws use their own (seed, step) keys
+
+
+def peak_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 class Trainer:
@@ -67,7 +72,7 @@ class Trainer:
         else:
             model = SetDiffusionTransformer(cfg.model, self.layout.parallel, set_mode=self.set_mode,
                                             init_seed=t.seed, activation_checkpointing=t.activation_checkpointing)
-        self.num_params_local = sum(p.numel() for p in model.parameters())
+        self.num_params_local = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
         self.engine = Engine(model, cfg, self.layout.data)
         self.ema = EMA(self.engine.module, t.ema) if t.ema > 0 else None
 
@@ -82,7 +87,9 @@ class Trainer:
 
     def summary(self) -> str:
         lay, m = self.layout, self.cfg.model
-        mem = f"{self.num_params_local * 4 / 2**20:.1f} MiB fp32 weights"
+        mem = f"{self.num_params_local * 4 / 2**20:.1f} MiB fp32 weights, peak RSS {peak_rss_mib():.0f} MiB"
+        if torch.cuda.is_available():
+            mem += f", GPU {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB"
         return (f"setdiff: world {dist.get_world_size()} = TP {lay.tensor} x PP {lay.pipeline} x "
                 f"DP {lay.data}, ZeRO-{self.cfg.parallel.zero_stage} | {m.num_layers} layers, "
                 f"hidden {m.hidden_size}, L {m.seq_len}, vocab {m.vocab_size} | "

@@ -81,12 +81,21 @@ def test_tp2_dp2_equals_one_process(reference, tiny_corpus, tmp_path):
 
 
 def test_pp2_equals_one_process(reference, tiny_corpus, tmp_path):
-    got = train(tiny_corpus, tmp_path, 2, ["parallel.pipeline=2", "parallel.zero_stage=1", "train.grad_accum=2"])
+    """4 micro-batches of 2 through the pipeline = the reference's 2 of 4 (packed sequences
+    have no padding, so every micro-batch mean weighs its tokens alike)."""
+    got = train(tiny_corpus, tmp_path, 2, ["parallel.pipeline=2", "parallel.zero_stage=1",
+                                           "train.micro_batch_size=2", "train.grad_accum=4"])
     assert "TP 1 x PP 2 x DP 1" in got["summary"]
     assert_same_run(got, reference)
 
 
 def test_pp2_dp2_equals_one_process(reference, tiny_corpus, tmp_path):
-    got = train(tiny_corpus, tmp_path, 4, ["parallel.pipeline=2", "parallel.zero_stage=1"])
+    got = train(tiny_corpus, tmp_path, 4, ["parallel.pipeline=2", "parallel.zero_stage=1",
+                                           "train.activation_checkpointing=true"])
     assert "TP 1 x PP 2 x DP 2" in got["summary"]
     assert_same_run(got, reference)
+
+
+def test_layout_that_does_not_divide_the_world_stops_with_a_message(tiny_corpus, tmp_path):
+    with pytest.raises(RuntimeError, match="world size 2 is not divisible by parallel.tensor=4"):
+        train(tiny_corpus, tmp_path, 2, ["parallel.tensor=4"])

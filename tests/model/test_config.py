@@ -61,6 +61,7 @@ def test_overrides_change_one_field_with_its_type(tmp_path):
     ("train.warmup_steps=1000000", "train.warmup_steps"),
     ("parallel.tensor=3", "not divisible by parallel.tensor=3"),
     ("parallel.zero_stage=4", "zero_stage"),
+    ("parallel.pipeline=3", "model.num_layers=2 is not divisible by parallel.pipeline=3"),
     ("model.attention_backend=flash", "attention_backend"),
     ("train.ema=1.5", "train.ema"),
 ])
@@ -83,3 +84,11 @@ def test_round_trip_through_a_dict():
     from model.config import config_from_dict
 
     assert config_from_dict(config_to_dict(cfg)) == cfg
+
+
+def test_pipeline_limits_of_deepspeed_are_named():
+    with pytest.raises(ValueError, match="supports ZeRO stages 0 and 1 only"):
+        load_config(None, ["parallel.pipeline=2", "parallel.zero_stage=2"])
+    with pytest.raises(ValueError, match="first stage's norm only"):
+        load_config(None, ["parallel.pipeline=2", "parallel.zero_stage=0", "train.grad_clip=1"])
+    assert load_config(None, ["parallel.pipeline=2", "parallel.zero_stage=1"]).parallel.pipeline == 2

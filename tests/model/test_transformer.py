@@ -152,3 +152,24 @@ def test_loss_backward_reaches_every_parameter(single_process_layout):
     assert torch.isfinite(loss)
     for name, p in model.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_weights_are_a_function_of_seed_and_component(single_process_layout):
+    a, b, c = build(single_process_layout, seed=3), build(single_process_layout, seed=3), build(single_process_layout, seed=4)
+    for (name, pa), pb, pc in zip(a.named_parameters(), b.parameters(), c.parameters()):
+        assert torch.equal(pa, pb), name
+        if "norm" not in name:
+            assert not torch.equal(pa, pc), name
+
+
+def test_activation_checkpointing_gives_the_same_gradients(single_process_layout):
+    batch = set_batch("staggered:3")
+    grads = []
+    for checkpointing in (False, True):
+        model = build(single_process_layout).train()
+        model.activation_checkpointing = checkpointing
+        logits, loss_fn = forward_step(batch, model, set_mode=True)
+        loss_fn(logits)[0].backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-6, atol=1e-8, msg=name)
