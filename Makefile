@@ -41,7 +41,7 @@ $(VENV)/.deps-$(DEPS_HASH): $(DEPS_ENV)/.complete setup.cfg
 	touch $@
 
 demo: env
-	$(VPY) -m data_pipeline.embedded_corpus --out data/wiki
+	$(VENV)/bin/setdiff-prepare --embedded --out data/wiki
 	$(VENV)/bin/setdiff-pretrain --config $(DEMO_CONFIG)
 
 test: env

@@ -24,8 +24,9 @@ import numpy as np
 import torch
 
 from model.layout import two_copy_layout
+from model.masks import dense_mask, pack_bits, two_copy_meta
 from model.noise import NoiseSchedule, parse_schedule
-from model.orders import OrderFamily, parse_order, sample_set_rank
+from model.orders import parse_order_mixture, sample_set_rank
 
 
 def draw_generator(seed: int, step: int, slot: int) -> torch.Generator:
@@ -37,9 +38,9 @@ def draw_generator(seed: int, step: int, slot: int) -> torch.Generator:
 @dataclass
 class CollatorConfig:
     order: str
-    """Order family spec (ar, mdlm, block:S, staggered:D, random)."""
+    """Order family spec (ar, mdlm, block:S, staggered:D, random) or a mixture 'a@0.9,b@0.1'."""
     objective: str
-    """'ordered_ce' or 'set_nelbo'."""
+    """'ordered_ce', 'set_nelbo', or 'auto' (ordered_ce for singleton families, else set_nelbo)."""
     mask_id: int
     """Id of [MASK]."""
     schedule: str = "loglinear"
@@ -54,14 +55,17 @@ class CollatorConfig:
     """'set' or 'ar_baseline'."""
     seed: int = 0
     """Base seed of all draws."""
+    mask_bits: bool = False
+    """Also emit the dense set-causal mask bit-packed, 8 keys per byte (for the sdpa backend)."""
 
 
 class SetDiffusionCollator:
     def __init__(self, cfg: CollatorConfig):
         self.cfg = cfg
-        self.family: OrderFamily = parse_order(cfg.order)
+        self.mixture = parse_order_mixture(cfg.order)
+        self.cumulative = np.cumsum([w for _, w in self.mixture])
         self.schedule: NoiseSchedule = parse_schedule(cfg.schedule)
-        if cfg.objective == "ordered_ce" and not self.family.singleton and cfg.mode == "set":
+        if cfg.objective == "ordered_ce" and cfg.mode == "set" and not all(f.singleton for f, _ in self.mixture):
             raise ValueError(f"objective 'ordered_ce' needs singleton sets; order {cfg.order!r} has larger sets")
 
     def __call__(self, tokens: torch.Tensor, doc_id: torch.Tensor, *, step: int, first_slot: int = 0,
@@ -82,8 +86,16 @@ class SetDiffusionCollator:
         for b in range(B):
             slot = first_slot + b
             g = draw_generator(self.cfg.seed, step, slot)
-            set_rank[b] = sample_set_rank(self.family, L, g, doc_id[b])
-            if self.cfg.objective == "ordered_ce":
+            family = self.mixture[0][0]
+            if len(self.mixture) > 1:
+                u = float(torch.rand((), generator=g, dtype=torch.float64))
+                family = self.mixture[min(int(np.searchsorted(self.cumulative, u, side="right")),
+                                          len(self.mixture) - 1)][0]
+            set_rank[b] = sample_set_rank(family, L, g, doc_id[b])
+            objective = self.cfg.objective
+            if objective == "auto":
+                objective = "ordered_ce" if family.singleton else "set_nelbo"
+            if objective == "ordered_ce":
                 masked[b], weight[b] = real[b], real[b].double()
             else:
                 masked[b], weight[b] = self._noise(set_rank[b], real[b], g, slot, global_batch)
@@ -93,6 +105,8 @@ class SetDiffusionCollator:
         batch["targets"] = torch.gather(tokens, 1, perm)
         batch["loss_weight"] = torch.gather(weight, 1, perm).float()
         batch["loss_normalizer"] = real.sum().clamp(min=1).float()
+        if self.cfg.mask_bits:
+            batch["mask_bits"] = pack_bits(dense_mask(two_copy_meta(batch["set_rank"], batch["doc_id"])))
         return batch
 
     def _noise(self, set_rank: torch.Tensor, real: torch.Tensor, g: torch.Generator, slot: int,

@@ -52,9 +52,9 @@ class DiffusionConfig:
     mode: str = "set"
     """'set' (two-copy set diffusion) or 'ar_baseline' (one copy, plain causal LM)."""
     order: str = "staggered:8"
-    """Order family: ar, mdlm, block:S, staggered:D, random."""
+    """Order family: ar, mdlm, block:S, staggered:D, random; or a mixture 'staggered:8@0.9,mdlm@0.1'."""
     objective: str = "ordered_ce"
-    """'ordered_ce' (singleton-set families) or 'set_nelbo' (any family)."""
+    """'ordered_ce' (singleton-set families), 'set_nelbo' (any family), or 'auto' (each family its own)."""
     schedule: str = "loglinear"
     """Noise schedule for set_nelbo: 'loglinear' or 'staggered:D' (SetDLM's per-position windows)."""
     t_min: float = 1e-3
@@ -68,11 +68,19 @@ class DiffusionConfig:
 @dataclass
 class DataConfig:
     path: str = "data/wiki"
-    """Directory written by `python -m data_pipeline.embedded_corpus` (tokens + tokenizer)."""
+    """Directory written by setdiff-prepare (manifest.json, tokenizer, shards)."""
+    format: str = "mds"
+    """Shard format to read: 'mds' (mosaicml-streaming) or 'webdataset'."""
+    remote: str = ""
+    """Optional URI of the prepared directory (s3://, gs://, …) to download MDS shards from."""
+    cache_dir: str = ""
+    """Where downloaded/decompressed MDS shards go; empty: ~/.cache/setdiff/shards/<hash>."""
     tokenizer: str = ""
-    """Path of a tokenizer.json; empty uses <path>/tokenizer.json."""
+    """Path of a tokenizer.json; empty uses <path>/tokenizer.json. Must match the manifest."""
     pack: bool = True
     """Join documents with EOS into full sequences (else one document per sequence, padded)."""
+    num_workers: int = 2
+    """DataLoader worker processes that read, pack and collate micro-batches."""
 
 
 @dataclass
@@ -149,9 +157,6 @@ class RunConfig:
         return pathlib.Path(self.out_dir) / self.name
 
 
-ORDER_PATTERN = re.compile(r"^(ar|mdlm|random|block:[1-9][0-9]*|staggered:[1-9][0-9]*)$")
-
-
 def validate(cfg: RunConfig) -> RunConfig:
     """Raise ValueError naming the field for anything that cannot run."""
     m, d, t, p = cfg.model, cfg.diffusion, cfg.train, cfg.parallel
@@ -176,15 +181,22 @@ def validate(cfg: RunConfig) -> RunConfig:
                          f"got {m.attention_backend!r}")
     if d.mode not in ("set", "ar_baseline"):
         raise ValueError(f"config: diffusion.mode must be 'set' or 'ar_baseline', got {d.mode!r}")
-    if not ORDER_PATTERN.match(d.order):
-        raise ValueError(f"config: diffusion.order={d.order!r} is not one of ar, mdlm, block:S, "
-                         "staggered:D, random (S, D positive integers)")
-    if d.objective not in ("ordered_ce", "set_nelbo"):
-        raise ValueError(f"config: diffusion.objective must be 'ordered_ce' or 'set_nelbo', got {d.objective!r}")
-    singleton = d.order in ("ar", "random") or d.order.startswith("staggered:") or d.order == "block:1"
-    if d.mode == "set" and d.objective == "ordered_ce" and not singleton:
+    from model.orders import parse_order_mixture
+
+    try:
+        mixture = parse_order_mixture(d.order)
+    except ValueError as err:
+        raise ValueError(f"config: diffusion.order={d.order!r}: {err}") from None
+    if d.objective not in ("ordered_ce", "set_nelbo", "auto"):
+        raise ValueError(f"config: diffusion.objective must be 'ordered_ce', 'set_nelbo' or 'auto', "
+                         f"got {d.objective!r}")
+    if d.mode == "set" and d.objective == "ordered_ce" and not all(f.singleton for f, _ in mixture):
         raise ValueError(f"config: diffusion.objective='ordered_ce' needs singleton sets, but "
-                         f"diffusion.order={d.order!r} has larger sets; use objective='set_nelbo'")
+                         f"diffusion.order={d.order!r} has larger sets; use objective='set_nelbo' or 'auto'")
+    if cfg.data.format not in ("mds", "webdataset"):
+        raise ValueError(f"config: data.format must be 'mds' or 'webdataset', got {cfg.data.format!r}")
+    if cfg.data.num_workers < 0:
+        raise ValueError(f"config: data.num_workers must be >= 0, got {cfg.data.num_workers}")
     if not re.match(r"^(loglinear|staggered:[1-9][0-9]*)$", d.schedule):
         raise ValueError(f"config: diffusion.schedule must be 'loglinear' or 'staggered:D', got {d.schedule!r}")
     if not 0.0 < d.t_min <= d.t_max <= 1.0:

@@ -41,16 +41,20 @@ class AttentionMeta:
     """[B, T] document id; < 0 marks padding."""
     is_noisy: torch.Tensor
     """[B, T] bool, True for the noisy copy."""
+    mask_bits: torch.Tensor | None = None
+    """Optional [B, T, ceil(T/8)] uint8: the dense mask bit-packed by the collator."""
 
     @property
     def seq_len(self) -> int:
         return self.set_rank.shape[-1]
 
     def to(self, device) -> "AttentionMeta":
-        return AttentionMeta(self.set_rank.to(device), self.doc_id.to(device), self.is_noisy.to(device))
+        bits = None if self.mask_bits is None else self.mask_bits.to(device)
+        return AttentionMeta(self.set_rank.to(device), self.doc_id.to(device), self.is_noisy.to(device), bits)
 
 
-def two_copy_meta(set_rank_perm: torch.Tensor, doc_perm: torch.Tensor) -> AttentionMeta:
+def two_copy_meta(set_rank_perm: torch.Tensor, doc_perm: torch.Tensor,
+                  mask_bits: torch.Tensor | None = None) -> AttentionMeta:
     """Metadata of [clean ; noisy] from the set-ordered ranks and doc ids, each [B, L]."""
     B, L = set_rank_perm.shape
     is_noisy = torch.zeros(B, 2 * L, dtype=torch.bool, device=set_rank_perm.device)
@@ -59,6 +63,7 @@ def two_copy_meta(set_rank_perm: torch.Tensor, doc_perm: torch.Tensor) -> Attent
         set_rank=torch.cat([set_rank_perm, set_rank_perm], dim=1),
         doc_id=torch.cat([doc_perm, doc_perm], dim=1),
         is_noisy=is_noisy,
+        mask_bits=mask_bits,
     )
 
 
@@ -70,8 +75,10 @@ def causal_meta(doc_id: torch.Tensor) -> AttentionMeta:
 
 
 def dense_mask(meta: AttentionMeta) -> torch.Tensor:
-    """Boolean mask [B, T, T] (query rows, key columns)."""
+    """Boolean mask [B, T, T] (query rows, key columns); unpacked if the collator packed it."""
     T = meta.seq_len
+    if meta.mask_bits is not None:
+        return unpack_bits(meta.mask_bits, T)
     idx = torch.arange(T, device=meta.set_rank.device)
     return set_causal_rule(
         meta.set_rank[:, :, None], meta.doc_id[:, :, None], meta.is_noisy[:, :, None],

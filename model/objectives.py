@@ -21,7 +21,7 @@ from model.transformer import vocab_parallel_token_loss
 
 def attention_meta(batch: dict[str, torch.Tensor], set_mode: bool) -> AttentionMeta:
     if set_mode:
-        return two_copy_meta(batch["set_rank"], batch["doc_id"])
+        return two_copy_meta(batch["set_rank"], batch["doc_id"], batch.get("mask_bits"))
     return causal_meta(batch["doc_id"])
 
 

@@ -35,6 +35,28 @@ def parse_order(spec: str) -> OrderFamily:
     raise ValueError(f"unknown order family {spec!r}: use ar, mdlm, block:S, staggered:D or random")
 
 
+def parse_order_mixture(spec: str) -> list[tuple[OrderFamily, float]]:
+    """'staggered:8' or a mixture 'staggered:8@0.9,mdlm@0.1' -> [(family, probability)]."""
+    parts = [p.strip() for p in spec.split(",") if p.strip()]
+    if not parts:
+        raise ValueError(f"empty order family spec {spec!r}")
+    mixture = []
+    for part in parts:
+        name, _, weight = part.partition("@")
+        if weight:
+            try:
+                w = float(weight)
+            except ValueError:
+                raise ValueError(f"order mixture {spec!r}: weight {weight!r} is not a number") from None
+        else:
+            w = 1.0 if len(parts) == 1 else float("nan")
+        if not w > 0:
+            raise ValueError(f"order mixture {spec!r}: every family needs a weight > 0 ('family@weight')")
+        mixture.append((parse_order(name), w))
+    total = sum(w for _, w in mixture)
+    return [(family, w / total) for family, w in mixture]
+
+
 @dataclass(frozen=True)
 class StaggeredParams:
     a: float
@@ -125,7 +147,7 @@ def num_sets(set_rank: torch.Tensor) -> int:
 
 
 __all__ = [
-    "OrderFamily", "parse_order", "StaggeredParams", "staggered_params", "staggered_loc",
+    "OrderFamily", "parse_order", "parse_order_mixture", "StaggeredParams", "staggered_params", "staggered_loc",
     "staggered_hitting_times", "sample_set_rank", "set_order", "mean_abs_rank_minus_position",
     "num_sets",
 ]

@@ -16,7 +16,9 @@ import torch.distributed as dist
 import yaml
 
 from data_pipeline.collator import CollatorConfig, SetDiffusionCollator
-from data_pipeline.token_stream import StepSampler, TokenSequences
+from data_pipeline.loader import MicroBatches, ResumableLoader, check_tokenizer, open_sequences, read_manifest
+from data_pipeline.sampler import StepSampler
+from model.attention import make_backend
 from model.config import RunConfig, config_to_dict
 from model.objectives import forward_step
 from model.pipeline import build_pipeline_module, pipeline_name_to_flat
@@ -43,28 +45,34 @@ class Trainer:
         self.is_main = dist.get_rank() == 0
         torch.manual_seed(cfg.train.seed)
 
-        data_dir = pathlib.Path(cfg.data.path)
-        self.train_data = TokenSequences(data_dir, "train", cfg.model.seq_len, cfg.data.pack)
-        self.val_data = TokenSequences(data_dir, "val", cfg.model.seq_len, cfg.data.pack)
-        self.tokenizer_path = pathlib.Path(cfg.data.tokenizer or data_dir / "tokenizer.json")
+        data, t, d = cfg.data, cfg.train, cfg.diffusion
+        manifest = read_manifest(data.path)
+        self.tokenizer_path = pathlib.Path(data.tokenizer or pathlib.Path(data.path) / "tokenizer.json")
         if not self.tokenizer_path.is_file():
             raise FileNotFoundError(f"data.tokenizer: {self.tokenizer_path} not found")
-        vocab = int(self.train_data.meta["vocab_size"])
+        check_tokenizer(manifest, data.path, self.tokenizer_path)
+        vocab = int(manifest["vocab_size"])
         if cfg.model.vocab_size and cfg.model.vocab_size != vocab:
             raise ValueError(f"model.vocab_size={cfg.model.vocab_size} does not match the corpus "
-                             f"vocabulary {vocab} in {data_dir / 'meta.json'}")
+                             f"vocabulary {vocab} in {pathlib.Path(data.path) / 'manifest.json'}")
         cfg.model.vocab_size = vocab
-        t = cfg.train
-        self.sampler = StepSampler(len(self.train_data), t.micro_batch_size, t.grad_accum,
-                                   self.layout.data, t.seed)
-        # validation uses the training micro-batch layout (a pipeline runs grad_accum micro-batches)
-        self.val_sampler = StepSampler(len(self.val_data), t.micro_batch_size, t.grad_accum, self.layout.data,
-                                       t.seed, shuffle=False)
-        d = cfg.diffusion
         self.set_mode = d.mode == "set"
         self.collator = SetDiffusionCollator(CollatorConfig(
             order=d.order, objective=d.objective, mask_id=vocab, schedule=d.schedule,
-            t_min=d.t_min, t_max=d.t_max, antithetic=d.antithetic, mode=d.mode, seed=t.seed))
+            t_min=d.t_min, t_max=d.t_max, antithetic=d.antithetic, mode=d.mode, seed=t.seed,
+            mask_bits=self.set_mode and make_backend(cfg.model.attention_backend).name == "sdpa"
+            and cfg.parallel.pipeline == 1))
+        opened = {split: open_sequences(data.path, split, data.format, cfg.model.seq_len, data.pack,
+                                        data.remote, data.cache_dir) for split in ("train", "val")}
+        train_seq = opened["train"]
+        self.sampler = StepSampler(len(train_seq), t.micro_batch_size, t.grad_accum, self.layout.data, t.seed,
+                                   blocks=train_seq.shard_blocks(train_seq.documents.shard_ranges()))
+        self.train_loader = ResumableLoader(MicroBatches(train_seq, self.sampler, self.collator,
+                                                         self.layout.dp_rank), data.num_workers)
+        # validation: fixed order, the training micro-batch layout (a pipeline runs grad_accum of them)
+        self.val_batches = MicroBatches(opened["val"], StepSampler(
+            len(opened["val"]), t.micro_batch_size, t.grad_accum, self.layout.data, t.seed, shuffle=False),
+            self.collator, self.layout.dp_rank)
 
         if cfg.parallel.pipeline > 1:
             parts = ModelParts(cfg.model, self.layout.parallel, set_mode=self.set_mode, init_seed=t.seed)
@@ -99,11 +107,8 @@ class Trainer:
 
     # -------------------------------------------------------------------------- steps
 
-    def _batch(self, data, sampler, step: int, micro: int) -> dict[str, torch.Tensor]:
-        tokens, doc_id = data.batch(sampler.indices(step, micro, self.layout.dp_rank))
-        batch = self.collator(tokens, doc_id, step=step, global_batch=sampler.global_batch,
-                              first_slot=sampler.first_slot(micro, self.layout.dp_rank))
-        return {k: v.to(self.engine.device) for k, v in batch.items()}
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.engine.device, non_blocking=True) for k, v in batch.items()}
 
     def _dp_mean(self, value: float) -> float:
         from megatron.core import parallel_state
@@ -116,17 +121,18 @@ class Trainer:
         return forward_step(batch, model, self.set_mode)
 
     def train_step(self, step: int) -> float:
-        micro_batches = [self._batch(self.train_data, self.sampler, step, micro)
-                         for micro in range(self.cfg.train.grad_accum)]
+        assert self.train_loader.next_index == step * self.cfg.train.grad_accum, "data stream out of step"
+        micro_batches = [self._to_device(next(self.train_loader)) for _ in range(self.cfg.train.grad_accum)]
         loss = self.engine.train_batch(micro_batches, self._forward_step)
         if self.ema is not None:
             self.ema.update()
         return self._dp_mean(loss)
 
     def evaluate(self) -> float:
-        batches = max(1, min(self.cfg.train.eval_batches, len(self.val_data) // self.val_sampler.global_batch))
-        losses = [self.engine.eval_batch([self._batch(self.val_data, self.val_sampler, i, micro)
-                                          for micro in range(self.val_sampler.grad_accum)], self._forward_step)
+        sampler, gas = self.val_batches.sampler, self.cfg.train.grad_accum
+        batches = max(1, min(self.cfg.train.eval_batches, sampler.n // sampler.global_batch))
+        losses = [self.engine.eval_batch([self._to_device(self.val_batches[i * gas + micro]) for micro in range(gas)],
+                                         self._forward_step)
                   for i in range(batches)]
         return self._dp_mean(sum(losses) / len(losses))
 
@@ -147,7 +153,7 @@ class Trainer:
     def save(self) -> pathlib.Path:
         directory = self.run_dir / "checkpoints"
         tag = f"step_{self.step:07d}"
-        state = {"step": self.step, "config": config_to_dict(self.cfg),
+        state = {"step": self.step, "config": config_to_dict(self.cfg), "data": self.train_loader.state_dict(),
                  "universal_checkpoint_info": {"universal_checkpoint_version": 0.2}}
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
@@ -189,6 +195,7 @@ class Trainer:
         self.monitor.info(f"done: checkpoint {checkpoint}\n      tensorboard logs {self.run_dir / 'tensorboard'}"
                           f" (tensorboard --logdir {self.run_dir / 'tensorboard'})")
         self.monitor.close()
+        self.train_loader.close()
         return result
 
     def _log_eval(self) -> float:

@@ -30,8 +30,8 @@ def single_process_layout():
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory) -> pathlib.Path:
     """The embedded corpus, prepared once per session with a small vocabulary."""
-    from data_pipeline.embedded_corpus import prepare
+    from data_pipeline.prepare import prepare
 
     out = tmp_path_factory.mktemp("corpus") / "wiki"
-    prepare(out, vocab_size=512)
+    prepare(out, [], embedded=True, vocab_size=512, docs_per_shard=1024)
     return out

@@ -17,7 +17,9 @@ TINY = ["model.num_layers=2", "model.hidden_size=64", "model.num_heads=4", "mode
 
 def pretrain(args, timeout=600):
     cmd = [sys.executable, "-m", "pretrain.cli", "--config", str(ROOT / "configs/demo_cpu.yaml"), *args]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    launcher_vars = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+    env = {k: v for k, v in os.environ.items() if k not in launcher_vars}  # a fresh world of one
+    env["PYTHONWARNINGS"] = "ignore"
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -64,4 +66,4 @@ def test_bad_config_key_stops_before_any_work(tmp_path):
 def test_missing_corpus_is_named(tmp_path):
     proc = pretrain([f"data.path={tmp_path / 'nowhere'}", f"out_dir={tmp_path}"])
     assert proc.returncode == 2
-    assert "nowhere/meta.json not found" in proc.stderr and "embedded_corpus" in proc.stderr
+    assert "nowhere/manifest.json not found" in proc.stderr and "setdiff-prepare" in proc.stderr

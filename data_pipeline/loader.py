@@ -1,0 +1,128 @@
+"""From a prepared corpus to collated micro-batches, in DataLoader workers, resumable.
+
+Micro-batch k of a data-parallel rank (k = step * grad_accum + micro) is a pure function of
+k: the sampler picks its sequences, the packer cuts them from the shards, the collator
+draws partitions and noise keyed by their global batch slots. A DataLoader over k = start,
+start+1, … hands the k's to its workers round-robin and returns them in order, so any
+number of workers yields the same stream, and resuming means starting at the next k.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import pathlib
+
+import numpy as np
+import torch
+
+from data_pipeline.collator import SetDiffusionCollator
+from data_pipeline.packing import PackedSequences
+from data_pipeline.sampler import StepSampler
+from data_pipeline.shards import MDSDocuments, WebDatasetDocuments
+
+
+def read_manifest(path: str | pathlib.Path) -> dict:
+    manifest_path = pathlib.Path(path) / "manifest.json"
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"data: {manifest_path} not found; prepare the corpus first "
+                                f"(setdiff-prepare --embedded --out {path})")
+    return json.loads(manifest_path.read_text())
+
+
+def check_tokenizer(manifest: dict, data_path: str | pathlib.Path, tokenizer: str | pathlib.Path) -> None:
+    digest = hashlib.sha256(pathlib.Path(tokenizer).read_bytes()).hexdigest()
+    if digest != manifest["tokenizer_sha256"]:
+        raise ValueError(f"data.tokenizer: {tokenizer} is not the tokenizer the shards in {data_path} "
+                         f"were made with (sha256 {digest[:12]} vs manifest {manifest['tokenizer_sha256'][:12]})")
+
+
+def open_documents(data_path: str, split: str, fmt: str, manifest: dict, remote: str = "", cache_dir: str = ""):
+    if fmt == "mds":
+        if remote:
+            return MDSDocuments(f"{remote.rstrip('/')}/mds/{split}", cache_dir or None, download=True)
+        return MDSDocuments(str(pathlib.Path(data_path) / "mds" / split), cache_dir or None)
+    if fmt == "webdataset":
+        return WebDatasetDocuments(data_path, manifest["splits"][split]["wds_shards"])
+    raise ValueError(f"data.format must be 'mds' or 'webdataset', got {fmt!r}")
+
+
+def open_sequences(data_path: str, split: str, fmt: str, seq_len: int, pack: bool, remote: str = "",
+                   cache_dir: str = "") -> PackedSequences:
+    manifest = read_manifest(data_path)
+    if split not in manifest["splits"]:
+        raise ValueError(f"data: {data_path}/manifest.json has no split {split!r}")
+    docs = open_documents(data_path, split, fmt, manifest, remote, cache_dir)
+    lengths = np.load(pathlib.Path(data_path) / manifest["splits"][split]["lengths"])
+    if len(docs) != lengths.size:
+        raise ValueError(f"data: {fmt} shards of {data_path} hold {len(docs)} {split} documents, "
+                         f"the manifest {lengths.size}")
+    return PackedSequences(docs, lengths, seq_len, int(manifest["eos_id"]), pack)
+
+
+class MicroBatches(torch.utils.data.Dataset):
+    """Map-style: index k -> the collated micro-batch k of one data-parallel rank."""
+
+    def __init__(self, sequences: PackedSequences, sampler: StepSampler, collator: SetDiffusionCollator,
+                 dp_rank: int):
+        self.sequences, self.sampler, self.collator, self.dp_rank = sequences, sampler, collator, dp_rank
+
+    def __len__(self) -> int:  # unbounded; the sampler wraps epochs
+        return 1 << 62
+
+    def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
+        step, micro = divmod(int(k), self.sampler.grad_accum)
+        indices = self.sampler.indices(step, micro, self.dp_rank)
+        pairs = [self.sequences.sequence(int(i)) for i in indices]
+        tokens = torch.from_numpy(np.stack([p[0] for p in pairs]))
+        doc_id = torch.from_numpy(np.stack([p[1] for p in pairs]))
+        batch = self.collator(tokens, doc_id, step=step, global_batch=self.sampler.global_batch,
+                              first_slot=self.sampler.first_slot(micro, self.dp_rank))
+        batch["sequence_index"] = torch.from_numpy(np.asarray(indices, dtype=np.int64))
+        return batch
+
+
+class _CountFrom(torch.utils.data.Sampler):
+    def __init__(self, start: int):
+        self.start = start
+
+    def __iter__(self):
+        return itertools.count(self.start)
+
+
+class ResumableLoader:
+    """Iterates micro-batches k = start, start+1, … with ``num_workers`` worker processes."""
+
+    def __init__(self, dataset: MicroBatches, num_workers: int = 0, start: int = 0, prefetch: int = 2):
+        self.dataset, self.num_workers, self.prefetch = dataset, num_workers, prefetch
+        self.next_index = start
+        self._iterator = None
+
+    def _open(self):
+        kwargs = {"prefetch_factor": self.prefetch, "persistent_workers": False} if self.num_workers else {}
+        loader = torch.utils.data.DataLoader(self.dataset, batch_size=None, sampler=_CountFrom(self.next_index),
+                                             num_workers=self.num_workers, **kwargs)
+        return iter(loader)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self._iterator is None:
+            self._iterator = self._open()
+        batch = next(self._iterator)
+        self.next_index += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        sampler = self.dataset.sampler
+        step = self.next_index // sampler.grad_accum
+        return {"next_micro_batch": self.next_index, "epoch": sampler.epoch_of(step),
+                "samples_consumed": self.next_index * sampler.micro_batch * sampler.dp_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.close()
+        self.next_index = int(state["next_micro_batch"])
+
+    def close(self) -> None:
+        self._iterator = None  # the DataLoader iterator shuts its workers down when collected
