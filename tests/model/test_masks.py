@@ -6,7 +6,7 @@ import itertools
 import pytest
 import torch
 
-from model.masks import (block_mask_to_dense, causal_meta, dense_mask,
+from model.masks import (_pack_bits_torch, block_mask_to_dense, causal_meta, dense_mask,
                          flex_block_mask, pack_bits, two_copy_meta, unpack_bits)
 from model.orders import parse_order, sample_set_rank, set_order
 
@@ -130,4 +130,5 @@ def test_bit_packing_round_trip(keys):
     packed = pack_bits(mask)
     assert packed.dtype == torch.uint8 and packed.shape[-1] == (keys + 7) // 8
     assert torch.equal(unpack_bits(packed, keys), mask)
+    assert torch.equal(_pack_bits_torch(mask), packed), "the device path packs the same bits"
 

@@ -1,0 +1,129 @@
+"""setdiff-bench: benchmarks that print numbers (ratios measured side by side in one run).
+
+    setdiff-bench collator [--seq-len 1024] [--workers 2] [--config configs/small.yaml]
+
+collator: sequences/s of the data path (pack, draw partitions and noise, write the two-copy
+layout and the bit-packed mask) for each order family, with DataLoader workers, and the
+ratio to how fast one training step of the recipe consumes sequences on this machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import numpy as np
+import torch
+
+FAMILIES = [("ar", "ordered_ce"), ("mdlm", "set_nelbo"), ("block:8", "set_nelbo"),
+            ("staggered:8", "ordered_ce"), ("random", "ordered_ce")]
+
+
+class SyntheticDocuments:
+    """Random documents with Wikipedia-like lengths, so the benchmark needs no corpus."""
+
+    def __init__(self, count: int, vocab: int, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        self.lengths = rng.integers(50, 600, count)
+        self.vocab = vocab
+
+    def __len__(self) -> int:
+        return int(self.lengths.size)
+
+    def document(self, i: int) -> np.ndarray:
+        return np.random.default_rng(i).integers(1, self.vocab, self.lengths[i]).astype(np.int32)
+
+
+def collator_rate(order: str, objective: str, seq_len: int, micro_batch: int, workers: int,
+                  batches: int, vocab: int, mask_bits: bool) -> float:
+    from data_pipeline.collator import CollatorConfig, SetDiffusionCollator
+    from data_pipeline.loader import MicroBatches, ResumableLoader
+    from data_pipeline.packing import PackedSequences
+    from data_pipeline.sampler import StepSampler
+
+    docs = SyntheticDocuments(20_000, vocab)
+    seqs = PackedSequences(docs, docs.lengths, seq_len, eos_id=0)
+    sampler = StepSampler(len(seqs), micro_batch, 1, 1, seed=0)
+    collator = SetDiffusionCollator(CollatorConfig(order=order, objective=objective, mask_id=vocab, seed=0,
+                                                   mask_bits=mask_bits))
+    loader = ResumableLoader(MicroBatches(seqs, sampler, collator, 0), num_workers=workers, prefetch=4)
+    for _ in range(max(2, workers)):  # start the workers and fill their first batches
+        next(loader)
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(loader)
+    elapsed = time.perf_counter() - start
+    loader.close()
+    return batches * micro_batch / elapsed
+
+
+def training_rate(config_path: str, seq_len: int, vocab: int) -> tuple[float, str]:
+    """Sequences/s that one fp32 forward+backward of the recipe's model consumes here."""
+    from model.config import load_config
+    from model.objectives import forward_step
+    from data_pipeline.collator import CollatorConfig, SetDiffusionCollator
+    from model.transformer import SetDiffusionTransformer
+    from pretrain.distributed import init_distributed, init_model_parallel
+
+    cfg = load_config(config_path, [f"model.seq_len={seq_len}", "model.attention_backend=sdpa"])
+    cfg.model.vocab_size = vocab
+    init_distributed()
+    layout = init_model_parallel(1, 1)
+    model = SetDiffusionTransformer(cfg.model, layout.parallel, init_seed=0)
+    collator = SetDiffusionCollator(CollatorConfig(order=cfg.diffusion.order, objective=cfg.diffusion.objective,
+                                                   mask_id=vocab, seed=0, mask_bits=True))
+    tokens = torch.randint(1, vocab, (1, seq_len))
+    batch = collator(tokens, torch.zeros_like(tokens), step=0)
+    timings = []
+    for _ in range(2):  # the first call warms up allocators and kernels
+        start = time.perf_counter()
+        logits, loss_fn = forward_step(batch, model, set_mode=True)
+        loss_fn(logits)[0].backward()
+        timings.append(time.perf_counter() - start)
+    shape = f"{cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, L {seq_len}"
+    return 1.0 / timings[-1], shape
+
+
+def bench_collator(args) -> dict:
+    vocab = args.vocab
+    rows = []
+    train_rate, shape = training_rate(args.config, args.seq_len, vocab)
+    for order, objective in FAMILIES:
+        rate = collator_rate(order, objective, args.seq_len, args.micro_batch, args.workers, args.batches,
+                             vocab, mask_bits=True)
+        rows.append({"family": order, "objective": objective, "sequences_per_s": rate,
+                     "ratio_to_training": rate / train_rate})
+    print(f"training step of {args.config} ({shape}, fp32, CPU, 1 sequence): "
+          f"{train_rate:.3f} sequences/s")
+    print(f"collator: L={args.seq_len}, {args.workers} workers, micro-batch {args.micro_batch}, "
+          "bit-packed mask included")
+    print(f"{'family':<14}{'objective':<12}{'sequences/s':>14}{'x training':>14}")
+    for row in rows:
+        print(f"{row['family']:<14}{row['objective']:<12}{row['sequences_per_s']:>14.1f}"
+              f"{row['ratio_to_training']:>14.1f}")
+    return {"training_sequences_per_s": train_rate, "model": shape, "rows": rows}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="setdiff-bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    col = sub.add_parser("collator", help="data path throughput vs. training consumption")
+    col.add_argument("--config", default="configs/small.yaml")
+    col.add_argument("--seq-len", type=int, default=1024)
+    col.add_argument("--workers", type=int, default=2)
+    col.add_argument("--micro-batch", type=int, default=8)
+    col.add_argument("--batches", type=int, default=16)
+    col.add_argument("--vocab", type=int, default=50257, help="vocabulary size (GPT-2 by default)")
+    col.add_argument("--json", help="also write the results here")
+    args = parser.parse_args(argv)
+    result = bench_collator(args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
