@@ -131,6 +131,14 @@ class TrainConfig:
     """Validation micro-batches per pass."""
     save_interval: int = 0
     """Steps between checkpoints (0: only at the end)."""
+    keep_last: int = 3
+    """Complete checkpoints to keep (older ones are deleted after a successful save; 0 keeps all)."""
+    resume: str = "none"
+    """'none', 'auto' (the newest complete checkpoint of this run, if any) or a checkpoint directory."""
+    resume_override: bool = False
+    """Resume even if the model config, tokenizer or data fingerprint differ from the checkpoint's."""
+    stop_at_step: int = 0
+    """Save and stop after this step as if preempted, keeping the schedule of train.steps (0: off)."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward pass (saves memory, costs ~1/3 more compute)."""
 
@@ -206,6 +214,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ValueError(f"config: train.lr_schedule must be 'constant' or 'cosine', got {t.lr_schedule!r}")
     if t.warmup_steps < 0 or t.warmup_steps > t.steps:
         raise ValueError(f"config: train.warmup_steps={t.warmup_steps} must lie in [0, train.steps={t.steps}]")
+    if t.keep_last < 0 or t.stop_at_step < 0:
+        raise ValueError("config: train.keep_last and train.stop_at_step must be >= 0")
     if not 0.0 <= t.ema < 1.0:
         raise ValueError(f"config: train.ema must lie in [0, 1), got {t.ema}")
     if t.precision not in ("auto", "fp32", "bf16"):

@@ -8,23 +8,31 @@ import sys
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="setdiff-pretrain", description="Pretrain a set diffusion LM.")
     parser.add_argument("--config", required=True, help="YAML recipe, e.g. configs/demo_cpu.yaml")
+    parser.add_argument("--resume", help="'auto' (newest complete checkpoint of the run), 'none', or a "
+                                         "checkpoint directory; same as train.resume=...")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4")
     args = parser.parse_args(argv)
     from model.config import load_config
 
+    overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, overrides)
     except (ValueError, FileNotFoundError) as err:
         print(f"setdiff-pretrain: error: {err}", file=sys.stderr)
         return 2
-    from pretrain.trainer import Trainer
+    from pretrain.trainer import REQUEUE_EXIT_CODE, Preempted, Trainer
 
     try:
         trainer = Trainer(cfg)
     except (ValueError, FileNotFoundError) as err:
         print(f"setdiff-pretrain: error: {err}", file=sys.stderr)
         return 2
-    trainer.train()
+    try:
+        trainer.train()
+    except Preempted as saved:
+        print(f"setdiff-pretrain: preempted; saved {saved}; exit {REQUEUE_EXIT_CODE} asks for a requeue",
+              file=sys.stderr)
+        return REQUEUE_EXIT_CODE
     return 0
 
 

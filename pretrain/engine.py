@@ -200,8 +200,21 @@ class Engine:
         return None if norm is None else float(norm)
 
     def save(self, directory: str, tag: str, client_state: dict) -> None:
-        self.engine.save_checkpoint(directory, tag=tag, client_state=client_state)
+        self.engine.save_checkpoint(directory, tag=tag, client_state=client_state, save_latest=False)
 
-    def load(self, directory: str, tag: str | None = None) -> dict:
-        _, client_state = self.engine.load_checkpoint(directory, tag=tag)
+    def load(self, directory: str, tag: str) -> dict:
+        """Model, optimizer, ZeRO partitions and LR scheduler, loaded with weights_only=True."""
+        from pretrain.checkpoint import SafeCheckpointEngine, allow_deepspeed_checkpoint_types
+
+        allow_deepspeed_checkpoint_types()
+        if not isinstance(self.engine.checkpoint_engine, SafeCheckpointEngine):
+            self.engine.checkpoint_engine = SafeCheckpointEngine(self.engine.checkpoint_engine)
+        path, client_state = self.engine.load_checkpoint(directory, tag=tag)
+        if path is None:
+            raise ValueError(f"checkpoint: DeepSpeed found nothing to load in {directory}/{tag}")
         return client_state or {}
+
+    def set_step(self, step: int) -> None:
+        """Point the LR schedule at ``step`` (when only the weights were carried over)."""
+        self.scheduler.last_epoch = step - 1
+        self.scheduler.step()

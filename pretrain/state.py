@@ -51,3 +51,31 @@ def full_state_dict(module: torch.nn.Module, tp_group,
                 tensor = tensor[: trim_rows[name]]
             out[name] = tensor.float().cpu().clone()
     return out
+
+
+@torch.no_grad()
+def load_full_state(module: torch.nn.Module, full: dict[str, torch.Tensor], tp_group,
+                    rename=lambda name: name) -> None:
+    """Inverse of full_state_dict: copy each full tensor's shard for this TP rank into the
+    module (before DeepSpeed wraps it). Vocabulary rows missing from ``full`` (padding,
+    which depends on the TP size) are zero."""
+    world = tp_group.size() if tp_group is not None else 1
+    rank = tp_group.rank() if tp_group is not None else 0
+    for name, p in module.named_parameters():
+        key = rename(name)
+        if key not in full:
+            raise KeyError(f"checkpoint weights lack {key}")
+        tensor = full[key].to(p.dtype)
+        if getattr(p, "tensor_model_parallel", False):
+            dim, stride = p.partition_dim, p.partition_stride
+            global_size = p.shape[dim] * world
+            if tensor.shape[dim] < global_size:  # vocabulary padding
+                pad_shape = list(tensor.shape)
+                pad_shape[dim] = global_size - tensor.shape[dim]
+                tensor = torch.cat([tensor, tensor.new_zeros(pad_shape)], dim=dim)
+            chunks = tensor.chunk(world * stride, dim=dim)
+            tensor = torch.cat([chunks[j * world + rank] for j in range(stride)], dim=dim)
+        if tensor.shape != p.shape:
+            raise ValueError(f"checkpoint weight {key} has shape {tuple(tensor.shape)}, the model "
+                             f"{tuple(p.shape)}")
+        p.copy_(tensor)

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
 import shutil
+import signal
 import time
 
 import torch
@@ -27,8 +29,17 @@ from pretrain.distributed import init_distributed, init_model_parallel
 from pretrain.ema import EMA
 from pretrain.engine import Engine
 from pretrain.metrics import Monitor
-from pretrain.state import full_state_dict
+from pretrain.checkpoint import (find_resume_checkpoint, load_rank_state, publish, read_trainer_state,
+                                 save_rank_state, tag_of)
+from pretrain.state import full_state_dict, load_full_state
 
+
+
+REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "saved after a signal, start me again" (the Slurm script requeues)
+
+
+class Preempted(Exception):
+    """Raised after a signal-triggered save; the CLI exits with REQUEUE_EXIT_CODE."""
 
 
 def peak_rss_mib() -> float:
@@ -81,17 +92,27 @@ class Trainer:
             model = SetDiffusionTransformer(cfg.model, self.layout.parallel, set_mode=self.set_mode,
                                             init_seed=t.seed, activation_checkpointing=t.activation_checkpointing)
         self.num_params_local = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
+        self.step = 0
+        self.run_dir = cfg.run_dir
+        self.fingerprints = {"data": manifest["fingerprint"], "tokenizer": manifest["tokenizer_sha256"]}
+        resume_from = self._find_resume(t.resume)
+        same_layout = resume_from is not None and read_trainer_state(resume_from)["layout"] == self._layout_record()
+        if resume_from is not None and not same_layout:  # weights only, before DeepSpeed copies them
+            self._load_weights(model, resume_from)
         self.engine = Engine(model, cfg, self.layout.data)
         self.ema = EMA(self.engine.module, t.ema) if t.ema > 0 else None
+        if resume_from is not None:
+            self._resume(resume_from, same_layout)
 
-        self.run_dir = cfg.run_dir
         self.monitor = Monitor(self.run_dir / "tensorboard", self.is_main, t.steps)
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
             shutil.copyfile(self.tokenizer_path, self.run_dir / "tokenizer.json")
         self.monitor.info(self.summary())
-        self.step = 0
+        if resume_from is not None:
+            self.monitor.info(f"resumed from {resume_from} at step {self.step}"
+                              + ("" if same_layout else " (new layout: weights carried over, optimizer restarted)"))
 
     def summary(self) -> str:
         lay, m = self.layout, self.cfg.model
@@ -150,20 +171,115 @@ class Trainer:
         dist.all_gather_object(stages, local, group=parallel_state.get_pipeline_model_parallel_group())
         return {k: v for stage in stages for k, v in stage.items()}
 
+    # -------------------------------------------------------------------------- checkpoints
+
+    def _layout_record(self) -> dict:
+        p = self.cfg.parallel
+        return {"tensor": p.tensor, "pipeline": p.pipeline, "data": self.layout.data, "zero_stage": p.zero_stage}
+
     def save(self) -> pathlib.Path:
-        directory = self.run_dir / "checkpoints"
-        tag = f"step_{self.step:07d}"
-        state = {"step": self.step, "config": config_to_dict(self.cfg), "data": self.train_loader.state_dict(),
-                 "universal_checkpoint_info": {"universal_checkpoint_version": 0.2}}
+        """All ranks: write into checkpoints/.partial/<tag>, then rank 0 publishes it atomically."""
+        root = self.run_dir / "checkpoints"
+        tag = tag_of(self.step)
+        partial = root / ".partial" / tag
+        if self.is_main:
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+        dist.barrier()
+        self.engine.save(str(partial.parent), tag, {"step": self.step,
+                                                    "universal_checkpoint_info": {"universal_checkpoint_version": 0.2}})
+        rank_state = {"rng_cpu": torch.get_rng_state()}
         if self.ema is not None:
-            state["ema"] = self.ema.state_dict()
-        self.engine.save(str(directory), tag, state)
-        return directory / tag
+            rank_state.update({f"ema.{name}": tensor for name, tensor in self.ema.state_dict()["shadow"].items()})
+        save_rank_state(partial, dist.get_rank(), rank_state)
+        data_states = [None] * dist.get_world_size()
+        dist.all_gather_object(data_states, {"dp_rank": self.layout.dp_rank, **self.train_loader.state_dict()})
+        weights = self.full_state()
+        if self.is_main:
+            from safetensors.torch import save_file
+
+            save_file(weights, str(partial / "model.safetensors"))
+            shutil.copyfile(self.tokenizer_path, partial / "tokenizer.json")
+            tokens_seen = self.step * self.sampler.global_batch * self.cfg.model.seq_len
+            trainer_state = {"step": self.step, "tokens_seen": tokens_seen, "config": config_to_dict(self.cfg),
+                             "layout": self._layout_record(), "world_size": dist.get_world_size(),
+                             "fingerprints": self.fingerprints, "data_state": data_states}
+            (partial / "trainer.json").write_text(json.dumps(trainer_state, indent=2))
+            if os.environ.get("SETDIFF_SAVE_PAUSE_S"):  # crash-safety tests kill the run here
+                time.sleep(float(os.environ["SETDIFF_SAVE_PAUSE_S"]))
+        dist.barrier()
+        final = root / tag
+        if self.is_main:
+            final = publish(partial, root, self.cfg.train.keep_last)
+        dist.barrier()
+        return final
+
+    def _find_resume(self, resume: str) -> pathlib.Path | None:
+        if resume == "none":
+            return None
+        if resume == "auto":
+            return find_resume_checkpoint(self.run_dir / "checkpoints")
+        path = pathlib.Path(resume)
+        if not (path / "trainer.json").is_file():
+            raise FileNotFoundError(f"train.resume: {path} is not a complete checkpoint (no trainer.json)")
+        return path
+
+    def _check_compatible(self, saved: dict, directory: pathlib.Path) -> None:
+        if self.cfg.train.resume_override:
+            return
+        problems = []
+        if saved["config"]["model"] != config_to_dict(self.cfg)["model"]:
+            diff = {k: (v, config_to_dict(self.cfg)["model"].get(k)) for k, v in saved["config"]["model"].items()
+                    if config_to_dict(self.cfg)["model"].get(k) != v}
+            problems.append(f"model config differs (checkpoint vs now: {diff})")
+        if saved["fingerprints"]["tokenizer"] != self.fingerprints["tokenizer"]:
+            problems.append("the tokenizer differs")
+        if saved["fingerprints"]["data"] != self.fingerprints["data"]:
+            problems.append("the data fingerprint differs (another corpus or preparation)")
+        if problems:
+            raise ValueError(f"checkpoint {directory}: {'; '.join(problems)}. "
+                             "Set train.resume_override=true to resume anyway.")
+
+    def _load_weights(self, model: torch.nn.Module, directory: pathlib.Path) -> None:
+        from safetensors.torch import load_file
+
+        self._check_compatible(read_trainer_state(directory), directory)
+        full = load_file(str(directory / "model.safetensors"))
+        n = self.cfg.model.num_layers
+        rename = (lambda name: pipeline_name_to_flat(name, n)) if self.cfg.parallel.pipeline > 1 else (lambda name: name)
+        load_full_state(model, full, self.layout.parallel.tp_group, rename)
+
+    def _resume(self, directory: pathlib.Path, same_layout: bool) -> None:
+        saved = read_trainer_state(directory)
+        self._check_compatible(saved, directory)
+        self.step = int(saved["step"])
+        if same_layout:
+            self.engine.load(str(directory.parent), directory.name)
+            rank_state = load_rank_state(directory, dist.get_rank())
+            if rank_state is not None:
+                torch.set_rng_state(rank_state["rng_cpu"])
+                if self.ema is not None and any(k.startswith("ema.") for k in rank_state):
+                    self.ema.load_state_dict({"shadow": {k[4:]: v for k, v in rank_state.items()
+                                                         if k.startswith("ema.")}})
+        else:
+            self.engine.set_step(self.step)
+        self.train_loader.load_state_dict({"next_micro_batch": self.step * self.cfg.train.grad_accum})
+
+    def _stop_requested(self) -> bool:
+        """True on every rank once any rank got SIGTERM/SIGUSR1 (one small all-reduce per step)."""
+        flag = torch.tensor([1.0 if self._signal else 0.0], device=self.engine.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     def train(self) -> dict:
         t = self.cfg.train
+        self._signal = None
+        for signum in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(signum, lambda number, frame: setattr(self, "_signal", number))
         tokens_per_step = self.sampler.global_batch * self.cfg.model.seq_len
+        first_step = self.step
         history, grad_norms, window_start, window_steps = [], [], time.time(), 0
+        stopped = None
         while self.step < t.steps:
             loss = self.train_step(self.step)
             self.step += 1
@@ -180,22 +296,31 @@ class Trainer:
                                                  "train/grad_norm": grad_norm, "train/tokens_per_s": tok_s})
                 self.monitor.progress(self.step, loss, lr, grad_norm, tok_s)
                 window_start, window_steps = time.time(), 0
+            if self._stop_requested():
+                stopped = "preempted"
+            elif t.stop_at_step and self.step == t.stop_at_step and self.step < t.steps:
+                stopped = "stop_at_step"
+            if stopped:
+                break
             if t.eval_interval and self.step % t.eval_interval == 0 and self.step < t.steps:
                 self._log_eval()
             if t.save_interval and self.step % t.save_interval == 0 and self.step < t.steps:
                 self.save()
-        val_loss = self._log_eval()
+        val_loss = None if stopped else self._log_eval()
         checkpoint = self.save()
-        result = {"steps": self.step, "first_loss": history[0], "final_loss": history[-1],
-                  "val_loss": val_loss, "checkpoint": str(checkpoint),
-                  "tensorboard": str(self.run_dir / "tensorboard"), "losses": history,
-                  "grad_norms": grad_norms}
+        result = {"first_step": first_step, "steps": self.step, "stopped": stopped, "val_loss": val_loss,
+                  "checkpoint": str(checkpoint), "tensorboard": str(self.run_dir / "tensorboard"),
+                  "losses": history, "grad_norms": grad_norms}
         if self.is_main:
             (self.run_dir / "result.json").write_text(json.dumps(result, indent=2))
-        self.monitor.info(f"done: checkpoint {checkpoint}\n      tensorboard logs {self.run_dir / 'tensorboard'}"
+        what = {"preempted": "preempted: saved", "stop_at_step": "stopped at train.stop_at_step: saved"}
+        self.monitor.info(f"{what.get(stopped, 'done')}: checkpoint {checkpoint}\n"
+                          f"      tensorboard logs {self.run_dir / 'tensorboard'}"
                           f" (tensorboard --logdir {self.run_dir / 'tensorboard'})")
         self.monitor.close()
         self.train_loader.close()
+        if stopped == "preempted":
+            raise Preempted(checkpoint)
         return result
 
     def _log_eval(self) -> float:

@@ -14,7 +14,7 @@ def train_layout(data_path: str, out_dir: str, overrides: list[str]) -> dict:
     base = ["model.num_layers=2", "model.hidden_size=64", "model.num_heads=4", "model.seq_len=32",
             "model.attention_backend=sdpa", "train.micro_batch_size=4", "train.steps=3",
             "train.warmup_steps=1", "train.lr=1e-3", "train.log_interval=1", "train.eval_batches=1",
-            "train.grad_clip=0.05", "train.precision=fp32", f"data.path={data_path}",
+            "train.grad_clip=0.05", "train.precision=fp32", "data.num_workers=0", f"data.path={data_path}",
             f"out_dir={out_dir}", "name=run"]
     cfg = load_config(None, base + overrides)
     trainer = Trainer(cfg)
