@@ -25,7 +25,7 @@ import os
 import pathlib
 import re
 import shutil
-import warnings
+import sys
 
 import torch
 
@@ -71,12 +71,16 @@ def complete_checkpoints(root: pathlib.Path) -> list[pathlib.Path]:
     return sorted(found, key=lambda p: int(TAG.match(p.name).group(1)))
 
 
-def find_resume_checkpoint(root: pathlib.Path) -> pathlib.Path | None:
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def find_resume_checkpoint(root: pathlib.Path, warn=_stderr) -> pathlib.Path | None:
     """The newest complete checkpoint; partial saves are reported and skipped."""
     partial = root / ".partial"
     if partial.is_dir() and any(partial.iterdir()):
-        warnings.warn(f"checkpoint: ignoring incomplete save(s) in {partial}: "
-                      f"{', '.join(sorted(p.name for p in partial.iterdir()))}", stacklevel=2)
+        warn(f"setdiff: warning: ignoring incomplete save(s) in {partial}: "
+             f"{', '.join(sorted(p.name for p in partial.iterdir()))}")
     complete = complete_checkpoints(root)
     latest_file = root / "latest"
     if latest_file.is_file():
@@ -84,8 +88,8 @@ def find_resume_checkpoint(root: pathlib.Path) -> pathlib.Path | None:
         if named in complete:
             newer = [p for p in complete if int(TAG.match(p.name).group(1)) > int(TAG.match(named.name).group(1))]
             return newer[-1] if newer else named
-        warnings.warn(f"checkpoint: {latest_file} names {named.name}, which is not a complete checkpoint; "
-                      "using the newest complete one", stacklevel=2)
+        warn(f"setdiff: warning: {latest_file} names {named.name}, which is not a complete checkpoint; "
+             "using the newest complete one")
     return complete[-1] if complete else None
 
 

@@ -11,6 +11,7 @@ import os
 import pathlib
 import shutil
 import signal
+import sys
 import time
 
 import torch
@@ -205,8 +206,9 @@ class Trainer:
                              "layout": self._layout_record(), "world_size": dist.get_world_size(),
                              "fingerprints": self.fingerprints, "data_state": data_states}
             (partial / "trainer.json").write_text(json.dumps(trainer_state, indent=2))
-            if os.environ.get("SETDIFF_SAVE_PAUSE_S"):  # crash-safety tests kill the run here
-                time.sleep(float(os.environ["SETDIFF_SAVE_PAUSE_S"]))
+            pause = os.environ.get("SETDIFF_SAVE_PAUSE", "")  # "STEP:SECONDS", for crash-safety tests
+            if pause and int(pause.split(":")[0]) == self.step:
+                time.sleep(float(pause.split(":")[1]))
         dist.barrier()
         final = root / tag
         if self.is_main:
@@ -218,7 +220,8 @@ class Trainer:
         if resume == "none":
             return None
         if resume == "auto":
-            return find_resume_checkpoint(self.run_dir / "checkpoints")
+            return find_resume_checkpoint(self.run_dir / "checkpoints",
+                                          warn=lambda message: print(message, file=sys.stderr) if self.is_main else None)
         path = pathlib.Path(resume)
         if not (path / "trainer.json").is_file():
             raise FileNotFoundError(f"train.resume: {path} is not a complete checkpoint (no trainer.json)")
