@@ -108,15 +108,11 @@ class SafeCheckpointEngine:
 
 def allow_deepspeed_checkpoint_types() -> None:
     """Plain data types DeepSpeed pickles into its checkpoints, allowed for weights_only loads."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    allowed = [ZeroStageEnum, fragment_address]
-    try:
-        from deepspeed.checkpoint.constants import PARAM_SHAPES  # noqa: F401
-    except ImportError:
-        pass
-    torch.serialization.add_safe_globals(allowed)
+    torch.serialization.add_safe_globals([ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler])
 
 
 def rank_file(directory: pathlib.Path, rank: int) -> pathlib.Path:
