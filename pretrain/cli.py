@@ -10,6 +10,7 @@ def main(argv=None) -> int:
     parser.add_argument("--config", required=True, help="YAML recipe, e.g. configs/demo_cpu.yaml")
     parser.add_argument("--resume", help="'auto' (newest complete checkpoint of the run), 'none', or a "
                                          "checkpoint directory; same as train.resume=...")
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher adds it
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4")
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after --resume
     from model.config import load_config
