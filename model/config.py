@@ -137,6 +137,8 @@ class TrainConfig:
     """'none', 'auto' (the newest complete checkpoint of this run, if any) or a checkpoint directory."""
     resume_override: bool = False
     """Resume even if the model config, tokenizer or data fingerprint differ from the checkpoint's."""
+    max_nonfinite_steps: int = 5
+    """Stop after this many optimizer steps in a row with a non-finite loss or gradient (each is skipped)."""
     stop_at_step: int = 0
     """Save and stop after this step as if preempted, keeping the schedule of train.steps (0: off)."""
     activation_checkpointing: bool = False

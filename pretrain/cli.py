@@ -21,7 +21,7 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"setdiff-pretrain: error: {err}", file=sys.stderr)
         return 2
-    from pretrain.trainer import REQUEUE_EXIT_CODE, Preempted, Trainer
+    from pretrain.trainer import REQUEUE_EXIT_CODE, NonFiniteError, Preempted, Trainer
 
     try:
         trainer = Trainer(cfg)
@@ -30,6 +30,9 @@ def main(argv=None) -> int:
         return 2
     try:
         trainer.train()
+    except NonFiniteError as err:
+        print(f"setdiff-pretrain: error: {err}", file=sys.stderr)
+        return 3
     except Preempted as saved:
         print(f"setdiff-pretrain: preempted; saved {saved}; exit {REQUEUE_EXIT_CODE} asks for a requeue",
               file=sys.stderr)

@@ -190,6 +190,8 @@ class Engine:
             max_norm = self.cfg.train.grad_clip or float("inf")
             self._own_norm = float(clip_grad_norm_(self.engine.module.parameters(), max_norm,
                                                    mpu=self.engine.mpu))
+            if not math.isfinite(self._own_norm):  # skip the update, as ZeRO-1/2 do by themselves
+                self.engine.module.zero_grad(set_to_none=True)  # AdamW leaves grad-less params alone
         self.engine.step()
 
     def lr(self) -> float:

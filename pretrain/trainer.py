@@ -43,6 +43,31 @@ class Preempted(Exception):
     """Raised after a signal-triggered save; the CLI exits with REQUEUE_EXIT_CODE."""
 
 
+class NonFiniteError(FloatingPointError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient."""
+
+
+class NonFiniteGuard:
+    """Counts skipped (non-finite) steps; raises after ``limit`` of them in a row."""
+
+    def __init__(self, limit: int):
+        self.limit, self.in_a_row, self.total = limit, 0, 0
+
+    def observe(self, step: int, loss: float, grad_norm: float | None) -> bool:
+        """True if this step was non-finite (its update skipped)."""
+        bad = not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(grad_norm))
+        if not bad:
+            self.in_a_row = 0
+            return False
+        self.in_a_row += 1
+        self.total += 1
+        if self.in_a_row >= self.limit:
+            raise NonFiniteError(f"{self.in_a_row} steps in a row (through step {step}) had a non-finite loss or "
+                                 f"gradient; stopping. The last complete checkpoint is intact "
+                                 f"(train.max_nonfinite_steps={self.limit}).")
+        return True
+
+
 def peak_rss_mib() -> float:
     import resource
 
@@ -281,16 +306,19 @@ class Trainer:
             signal.signal(signum, lambda number, frame: setattr(self, "_signal", number))
         tokens_per_step = self.sampler.global_batch * self.cfg.model.seq_len
         first_step = self.step
+        guard = NonFiniteGuard(t.max_nonfinite_steps)
         history, grad_norms, window_start, window_steps = [], [], time.time(), 0
         stopped = None
         while self.step < t.steps:
             loss = self.train_step(self.step)
             self.step += 1
             window_steps += 1
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss {loss} at step {self.step}")
             history.append(loss)
             grad_norms.append(self.engine.grad_norm())
+            if guard.observe(self.step, loss, grad_norms[-1]):
+                self.monitor.info(f"step {self.step:>6} | non-finite loss {loss} or grad norm {grad_norms[-1]}: "
+                                  f"update skipped ({guard.in_a_row} in a row, {guard.total} in all)")
+                self.monitor.scalars(self.step, {"train/skipped_steps": guard.total})
             if self.step % t.log_interval == 0 or self.step == t.steps:
                 elapsed = time.time() - window_start
                 tok_s = tokens_per_step * window_steps / max(elapsed, 1e-9)
