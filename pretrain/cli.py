@@ -30,6 +30,7 @@ def main(argv=None) -> int:
         return 2
     try:
         trainer.train()
+        shutdown()
     except NonFiniteError as err:
         print(f"setdiff-pretrain: error: {err}", file=sys.stderr)
         return 3
@@ -38,6 +39,15 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return REQUEUE_EXIT_CODE
     return 0
+
+
+def shutdown() -> None:
+    """Leave the process group in order before exit (a torn-down world can abort at exit)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -23,6 +23,12 @@ module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
 result = getattr(module, name)(**kwargs)
 torch.save(result, os.path.join(out, f"rank{os.environ['RANK']}.pt"))
+import torch.distributed as dist
+if dist.is_initialized():
+    dist.barrier()
+    dist.destroy_process_group()
+sys.stdout.flush(); sys.stderr.flush()
+os._exit(0)  # skip interpreter teardown, where C++ helper threads have aborted runs
 """
 
 
