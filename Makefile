@@ -15,7 +15,7 @@ VPY := $(VENV)/bin/python
 DEMO_CONFIG ?= configs/demo_cpu.yaml
 PYTEST_ARGS ?=
 
-.PHONY: env demo test clean-venv
+.PHONY: env demo test system-deps clean-venv
 env: $(VENV)/.deps-$(DEPS_HASH)
 
 $(DEPS_ENV)/.complete:
@@ -46,6 +46,15 @@ demo: env
 
 test: env
 	$(VPY) -m pytest $(PYTEST_ARGS)
+
+# Debian packages some tests need beyond Python: a real one-node Slurm (munge, slurmctld,
+# slurmd) for tests/e2e/test_slurm.py. Needs root; without them that test is skipped.
+system-deps:
+	@if command -v sbatch >/dev/null && command -v slurmctld >/dev/null && command -v munged >/dev/null; then \
+	  echo "system-deps: slurm and munge present"; \
+	else \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurmctld slurmd slurm-client munge; \
+	fi
 
 clean-venv:
 	rm -rf $(VENV)
