@@ -137,3 +137,13 @@ def test_checkpoint_loading_never_runs_code(tiny_corpus, tmp_path):
     proc = run(tiny_corpus, tmp_path, "--resume", "auto", expect=1)
     assert not marker.exists(), "loading the checkpoint ran code from it"
     assert "Weights only load failed" in proc.stderr or "weights_only" in proc.stderr
+
+
+def test_other_tokenizer_or_corpus_is_refused(tiny_corpus, tmp_path):
+    from data_pipeline.prepare import prepare
+
+    other = tmp_path / "other_corpus"
+    prepare(other, [], embedded=True, vocab_size=384, docs_per_shard=1024)
+    run(tiny_corpus, tmp_path, "train.stop_at_step=2")
+    proc = run(other, tmp_path, "--resume", "auto", expect=2)
+    assert "the tokenizer differs" in proc.stderr and "the data fingerprint differs" in proc.stderr
