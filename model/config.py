@@ -218,6 +218,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ValueError(f"config: train.warmup_steps={t.warmup_steps} must lie in [0, train.steps={t.steps}]")
     if t.keep_last < 0 or t.stop_at_step < 0:
         raise ValueError("config: train.keep_last and train.stop_at_step must be >= 0")
+    if t.max_nonfinite_steps < 1:
+        raise ValueError(f"config: train.max_nonfinite_steps must be >= 1, got {t.max_nonfinite_steps}")
     if not 0.0 <= t.ema < 1.0:
         raise ValueError(f"config: train.ema must lie in [0, 1), got {t.ema}")
     if t.precision not in ("auto", "fp32", "bf16"):

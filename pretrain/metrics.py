@@ -30,14 +30,16 @@ class Monitor:
             if value is not None:
                 self.writer.add_scalar(tag, value, step)
 
-    def progress(self, step: int, loss: float, lr: float, grad_norm: float | None, tokens_per_s: float) -> None:
+    def progress(self, step: int, loss: float, lr: float, grad_norm: float | None, tokens_per_s: float,
+                 mfu: float | None = None) -> None:
         if not self.enabled:
             return
         elapsed = time.time() - self.start
         eta = elapsed / max(step, 1) * (self.total_steps - step)
         grad = f"{grad_norm:.3f}" if grad_norm is not None else "n/a"
         print(f"step {step:>6}/{self.total_steps} | loss {loss:.4f} | lr {lr:.2e} | grad {grad} | "
-              f"{tokens_per_s / 1000:.1f}k tok/s | elapsed {format_duration(elapsed)} | "
+              f"{tokens_per_s / 1000:.1f}k tok/s | " + (f"MFU {100 * mfu:.1f}% | " if mfu is not None else "") +
+              f"elapsed {format_duration(elapsed)} | "
               f"eta {format_duration(eta)}", flush=True)
 
     def info(self, message: str) -> None:

@@ -1,7 +1,7 @@
 """The pretraining loop. Builds in a straight line, then ``train()`` runs the steps:
 
-init distributed -> parallel layout -> seed -> data -> model -> DeepSpeed engine -> EMA ->
-monitoring -> train.
+init distributed -> parallel layout -> seed -> data -> model -> (weights of a checkpoint from
+another layout) -> DeepSpeed engine -> EMA -> checkpoint restore -> monitoring -> train.
 """
 from __future__ import annotations
 
@@ -23,18 +23,18 @@ from data_pipeline.loader import MicroBatches, ResumableLoader, check_tokenizer,
 from data_pipeline.sampler import StepSampler
 from model.attention import make_backend
 from model.config import RunConfig, config_to_dict
-from model.objectives import forward_step
+from model.masks import dense_mask
+from model.objectives import attention_meta, forward_step
 from model.pipeline import build_pipeline_module, pipeline_name_to_flat
-from model.transformer import ModelParts, SetDiffusionTransformer
+from model.transformer import ModelParts, SetDiffusionTransformer, padded_vocab_size
+from pretrain.checkpoint import (find_resume_checkpoint, load_rank_state, publish, read_trainer_state,
+                                 save_rank_state, tag_of)
 from pretrain.distributed import init_distributed, init_model_parallel
 from pretrain.ema import EMA
 from pretrain.engine import Engine
+from pretrain.flops import device_peak, step_flops
 from pretrain.metrics import Monitor
-from pretrain.checkpoint import (find_resume_checkpoint, load_rank_state, publish, read_trainer_state,
-                                 save_rank_state, tag_of)
 from pretrain.state import full_state_dict, load_full_state
-
-
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "saved after a signal, start me again" (the Slurm script requeues)
 
@@ -118,6 +118,8 @@ class Trainer:
             model = SetDiffusionTransformer(cfg.model, self.layout.parallel, set_mode=self.set_mode,
                                             init_seed=t.seed, activation_checkpointing=t.activation_checkpointing)
         self.num_params_local = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
+        self.padded_vocab = padded_vocab_size(cfg.model.vocab_size, cfg.model.make_vocab_size_divisible_by,
+                                              cfg.parallel.tensor)
         self.step = 0
         self.run_dir = cfg.run_dir
         self.fingerprints = {"data": manifest["fingerprint"], "tokenizer": manifest["tokenizer_sha256"]}
@@ -135,7 +137,9 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
             shutil.copyfile(self.tokenizer_path, self.run_dir / "tokenizer.json")
-        self.monitor.info(self.summary())
+        self.peak_flops, peak_source = device_peak(self.engine.device)
+        self.step_flops, self.data_wait_s = 0.0, 0.0
+        self.monitor.info(self.summary() + f" | MFU peak {self.peak_flops / 1e9:.0f} GFLOP/s ({peak_source})")
         if resume_from is not None:
             self.monitor.info(f"resumed from {resume_from} at step {self.step}"
                               + ("" if same_layout else " (new layout: weights carried over, optimizer restarted)"))
@@ -169,11 +173,35 @@ class Trainer:
 
     def train_step(self, step: int) -> float:
         assert self.train_loader.next_index == step * self.cfg.train.grad_accum, "data stream out of step"
+        wait_start = time.perf_counter()
         micro_batches = [self._to_device(next(self.train_loader)) for _ in range(self.cfg.train.grad_accum)]
+        self.data_wait_s += time.perf_counter() - wait_start
+        self.step_flops += self._flops(micro_batches)
         loss = self.engine.train_batch(micro_batches, self._forward_step)
         if self.ema is not None:
             self.ema.update()
         return self._dp_mean(loss)
+
+    def _flops(self, micro_batches: list[dict]) -> float:
+        """Model FLOPs of this rank's micro-batches, attention counted over allowed pairs only."""
+        total = 0.0
+        for batch in micro_batches:
+            B, T = batch["input_ids"].shape
+            allowed = float(dense_mask(attention_meta(batch, self.set_mode)).sum()) / B
+            total += step_flops(self.cfg.model, T, allowed, batch["targets"].shape[1], B, self.padded_vocab)
+        return total
+
+    def _window_metrics(self, elapsed: float) -> dict[str, float]:
+        """MFU, data-wait and memory over the last logging window, aggregated over ranks."""
+        memory = (torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else peak_rss_mib())
+        values = torch.tensor([self.step_flops / max(elapsed, 1e-9) / self.peak_flops, self.data_wait_s, memory],
+                              dtype=torch.float64, device=self.engine.device)
+        summed, maxed = values.clone(), values.clone()
+        dist.all_reduce(summed)
+        dist.all_reduce(maxed, op=dist.ReduceOp.MAX)
+        self.step_flops, self.data_wait_s = 0.0, 0.0
+        return {"train/mfu": float(summed[0]) / dist.get_world_size(), "train/data_wait_s": float(maxed[1]),
+                "system/memory_mib_max_rank": float(maxed[2])}
 
     def evaluate(self) -> float:
         sampler, gas = self.val_batches.sampler, self.cfg.train.grad_accum
@@ -323,9 +351,10 @@ class Trainer:
                 elapsed = time.time() - window_start
                 tok_s = tokens_per_step * window_steps / max(elapsed, 1e-9)
                 lr, grad_norm = self.engine.lr(), self.engine.grad_norm()
-                self.monitor.scalars(self.step, {"train/loss": loss, "train/lr": lr,
-                                                 "train/grad_norm": grad_norm, "train/tokens_per_s": tok_s})
-                self.monitor.progress(self.step, loss, lr, grad_norm, tok_s)
+                window = self._window_metrics(elapsed)
+                self.monitor.scalars(self.step, {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
+                                                 "train/tokens_per_s": tok_s, **window})
+                self.monitor.progress(self.step, loss, lr, grad_norm, tok_s, window["train/mfu"])
                 window_start, window_steps = time.time(), 0
             if self._stop_requested():
                 stopped = "preempted"

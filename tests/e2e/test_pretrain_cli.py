@@ -50,7 +50,8 @@ def test_training_runs_and_loss_falls(tiny_corpus, tmp_path, variant):
     assert result["val_loss"] < losses[0]
     assert "validation loss" in proc.stdout and "step     40/40" in proc.stdout
     tags = event_tags(run / "tensorboard")
-    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "val/loss"} <= tags
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/mfu", "train/data_wait_s",
+            "system/memory_mib_max_rank", "val/loss", "val/ppl"} <= tags
     checkpoint = pathlib.Path(result["checkpoint"])
     assert checkpoint.is_dir() and any(checkpoint.iterdir())
     assert (run / "config.yaml").is_file() and (run / "tokenizer.json").is_file()
