@@ -1,0 +1,108 @@
+"""setdiff-convert CHECKPOINT OUT_DIR: a training checkpoint -> a directory stock
+`transformers` loads as a Llama model.
+
+Any layout converts the same way: every checkpoint carries its unsharded weights
+(``model.safetensors``, gathered over tensor and pipeline ranks and ZeRO partitions). The
+network is Llama-shaped already (pre-norm RMSNorm, SwiGLU, rotate-half rotary embeddings from
+position ids, no biases, untied output), so conversion renames tensors and splits the fused
+[q; k; v] and [gate; up] weights. The vocabulary is the tokenizer's plus [MASK] (id =
+vocab_size - 1 of the converted model); ``config.json`` keeps the set-diffusion fields under
+``setdiff``. A set-diffusion forward needs the two-copy layout, its position ids and the
+set-causal 4D mask (SET_DIFFUSION.md §3); `transformers` runs that forward unchanged.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import shutil
+import sys
+
+import torch
+
+from model.config import ModelConfig, config_from_dict
+from pretrain.checkpoint import read_trainer_state
+
+
+def hf_state_dict(full: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    h, f = cfg.hidden_size, cfg.resolved_ffn_hidden_size()
+    out = {"model.embed_tokens.weight": full["embedding.word.weight"],
+           "model.norm.weight": full["head.norm.weight"],
+           "lm_head.weight": full["head.output.weight"]}
+    for i in range(cfg.num_layers):
+        src, dst = f"layers.{i}.", f"model.layers.{i}."
+        q, k, v = full[src + "attn.qkv.weight"].split(h, dim=0)
+        gate, up = full[src + "mlp.gate_up.weight"].split(f, dim=0)
+        out.update({
+            dst + "input_layernorm.weight": full[src + "attn_norm.weight"],
+            dst + "self_attn.q_proj.weight": q, dst + "self_attn.k_proj.weight": k,
+            dst + "self_attn.v_proj.weight": v, dst + "self_attn.o_proj.weight": full[src + "attn.out.weight"],
+            dst + "post_attention_layernorm.weight": full[src + "mlp_norm.weight"],
+            dst + "mlp.gate_proj.weight": gate, dst + "mlp.up_proj.weight": up,
+            dst + "mlp.down_proj.weight": full[src + "mlp.down.weight"],
+        })
+    return {name: tensor.contiguous() for name, tensor in out.items()}
+
+
+def hf_config(run: dict, eos_id: int) -> dict:
+    cfg = config_from_dict(run).model
+    d = run["diffusion"]
+    order = d["order"]
+    size = int(order.split(":")[1]) if order.startswith(("staggered:", "block:")) else 1
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": cfg.vocab_size + 1, "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.resolved_ffn_hidden_size(), "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_heads,
+        "head_dim": cfg.hidden_size // cfg.num_heads, "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta, "max_position_embeddings": cfg.seq_len, "tie_word_embeddings": False,
+        "attention_bias": False, "mlp_bias": False, "initializer_range": cfg.init_std, "torch_dtype": "float32",
+        "eos_token_id": eos_id, "bos_token_id": None, "pad_token_id": eos_id,
+        "setdiff": {"mask_token_id": cfg.vocab_size, "mode": d["mode"], "order": order, "set_size": size,
+                    "window": size, "objective": d["objective"],
+                    "layout": "two copies in set order: [x0[perm]; xt[perm]], position_ids [perm; perm], "
+                              "set-causal 4D mask; logits from the noisy half; [MASK] logit is -inf"},
+    }
+
+
+def convert(checkpoint: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
+    from safetensors.torch import load_file, save_file
+    from tokenizers import Tokenizer
+
+    if not (checkpoint / "trainer.json").is_file() or not (checkpoint / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{checkpoint} is not a complete setdiff checkpoint "
+                                "(needs trainer.json and model.safetensors)")
+    run = read_trainer_state(checkpoint)["config"]
+    cfg = config_from_dict(run).model
+    full = load_file(str(checkpoint / "model.safetensors"))
+    tokenizer = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
+    eos_id = tokenizer.token_to_id("<|endoftext|>")
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(hf_state_dict(full, cfg), str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(hf_config(run, eos_id), indent=2))
+    (out / "generation_config.json").write_text(json.dumps(
+        {"eos_token_id": eos_id, "pad_token_id": eos_id, "max_length": cfg.seq_len}, indent=2))
+    shutil.copyfile(checkpoint / "tokenizer.json", out / "tokenizer.json")
+    (out / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
+         "pad_token": "<|endoftext|>", "model_max_length": cfg.seq_len}, indent=2))
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="setdiff-convert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", type=pathlib.Path, help="runs/<name>/checkpoints/step_NNNNNNN")
+    parser.add_argument("out_dir", type=pathlib.Path)
+    args = parser.parse_args(argv)
+    try:
+        out = convert(args.checkpoint, args.out_dir)
+    except (FileNotFoundError, KeyError, ValueError) as err:
+        print(f"setdiff-convert: error: {err}", file=sys.stderr)
+        return 2
+    print(f"setdiff-convert: wrote {out} (transformers.AutoModelForCausalLM.from_pretrained('{out}'))")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""setdiff-convert: stock transformers loads the result and reproduces our logits."""
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from data_pipeline.collator import CollatorConfig, SetDiffusionCollator
+from model.config import config_from_dict
+from model.masks import dense_mask, two_copy_meta
+from model.transformer import SetDiffusionTransformer
+from pretrain.checkpoint import read_trainer_state
+from pretrain.convert import main as convert_main
+from pretrain.state import load_full_state
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+LAUNCHER_VARS = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+TINY = ["model.num_layers=2", "model.hidden_size=64", "model.num_heads=4", "model.seq_len=32",
+        "train.micro_batch_size=4", "train.warmup_steps=1", "train.steps=3", "train.eval_batches=1",
+        "data.num_workers=0", "model.attention_backend=sdpa"]
+
+
+def train_checkpoint(corpus, out_dir, nproc: int, extra=()) -> pathlib.Path:
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    env.update(PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd = launcher + ["-m", "pretrain.cli", "--config", "configs/demo_cpu.yaml", f"data.path={corpus}",
+                      f"out_dir={out_dir}", "name=run", *TINY, *extra]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return pathlib.Path(out_dir) / "run" / "checkpoints" / "step_0000003"
+
+
+@pytest.mark.parametrize("nproc,layout", [(1, []), (2, ["parallel.tensor=2"])])
+def test_transformers_loads_it_and_matches_our_logits(single_process_layout, tiny_corpus, tmp_path, nproc, layout):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    checkpoint = train_checkpoint(tiny_corpus, tmp_path, nproc, layout)
+    out = tmp_path / "hf"
+    assert convert_main([str(checkpoint), str(out)]) == 0
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    hf = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager", torch_dtype=torch.float32).eval()
+    assert AutoTokenizer.from_pretrained(out).decode([5, 6]) != ""
+
+    cfg = config_from_dict(read_trainer_state(checkpoint)["config"]).model
+    ours = SetDiffusionTransformer(cfg, single_process_layout.parallel, init_seed=0).eval()
+    load_full_state(ours, load_file(str(checkpoint / "model.safetensors")), single_process_layout.parallel.tp_group)
+
+    V, L = cfg.vocab_size, cfg.seq_len
+    collate = SetDiffusionCollator(CollatorConfig(order="staggered:4", objective="ordered_ce", mask_id=V, seed=1))
+    tokens = torch.randint(0, V, (2, L), generator=torch.Generator().manual_seed(0))
+    doc = torch.zeros(2, L, dtype=torch.long)
+    doc[1, 20:] = 1
+    batch = collate(tokens, doc, step=0)
+    meta = two_copy_meta(batch["set_rank"], batch["doc_id"])
+    mask_4d = torch.where(dense_mask(meta), 0.0, torch.finfo(torch.float32).min)[:, None]
+    with torch.no_grad():
+        expected = ours(batch["input_ids"], batch["position_ids"], meta)[..., :V]
+        got = hf(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                 attention_mask=mask_4d).logits[:, L:, :V]
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
