@@ -64,3 +64,30 @@ def test_transformers_loads_it_and_matches_our_logits(single_process_layout, tin
         got = hf(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                  attention_mask=mask_4d).logits[:, L:, :V]
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_reverse_mapping_and_eval(tiny_corpus, tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+
+    from pretrain.evaluate import read_model_dir
+
+    checkpoint = train_checkpoint(tiny_corpus, tmp_path, 1)
+    out = tmp_path / "hf"
+    assert convert_main([str(checkpoint), str(out)]) == 0
+    cfg, fields, full = read_model_dir(out)
+    original = load_file(str(checkpoint / "model.safetensors"))
+    assert full.keys() == original.keys() and all(torch.equal(full[k], original[k]) for k in full)
+    assert fields["mask_token_id"] == cfg.vocab_size and fields["order"] == "staggered:4"
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    env["PYTHONWARNINGS"] = "ignore"
+    proc = subprocess.run([sys.executable, "-m", "pretrain.evaluate", str(out), "--data", str(tiny_corpus),
+                           "--orders", "2", "--batches", "2"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert result["order"] == "staggered:4" and 1.0 < result["perplexity"] < 1e4
+    missing = subprocess.run([sys.executable, "-m", "pretrain.evaluate", str(tmp_path / "nope"), "--data",
+                              str(tiny_corpus)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert missing.returncode == 2 and "config.json not found" in missing.stderr
