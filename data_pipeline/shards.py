@@ -37,7 +37,24 @@ def _atomic_write(path: pathlib.Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-class MDSDocuments:
+class _ShardedDocuments:
+    """Document i lives in the shard whose [start, start + count) holds it."""
+
+    starts: np.ndarray
+    counts: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.counts.sum())
+
+    def shard_ranges(self) -> list[tuple[int, int]]:
+        return [(int(s), int(c)) for s, c in zip(self.starts, self.counts)]
+
+    def _locate(self, i: int) -> tuple[int, int]:
+        shard = int(np.searchsorted(self.starts, i, side="right") - 1)
+        return shard, i - int(self.starts[shard])
+
+
+class MDSDocuments(_ShardedDocuments):
     def __init__(self, source: str, cache_dir: str | pathlib.Path | None = None, download: bool = False):
         self.source = str(source)
         self.cache = pathlib.Path(cache_dir) if cache_dir else default_cache_dir(self.source)
@@ -101,18 +118,12 @@ class MDSDocuments:
             self._readers[shard] = reader
         return reader
 
-    def __len__(self) -> int:
-        return int(self.counts.sum())
-
-    def shard_ranges(self) -> list[tuple[int, int]]:
-        return [(int(s), int(c)) for s, c in zip(self.starts, self.counts)]
-
     def document(self, i: int) -> np.ndarray:
-        shard = int(np.searchsorted(self.starts, i, side="right") - 1)
-        return np.asarray(self._reader(shard).get_item(i - int(self.starts[shard]))["tokens"], dtype=np.int32)
+        shard, offset = self._locate(i)
+        return np.asarray(self._reader(shard).get_item(offset)["tokens"], dtype=np.int32)
 
 
-class WebDatasetDocuments:
+class WebDatasetDocuments(_ShardedDocuments):
     def __init__(self, root: str | pathlib.Path, tables: list[dict], cache_shards: int = 4):
         self.root = pathlib.Path(root)
         self.tables = tables
@@ -139,14 +150,8 @@ class WebDatasetDocuments:
                              f"{self.counts[shard]}")
         return docs
 
-    def __len__(self) -> int:
-        return int(self.counts.sum())
-
-    def shard_ranges(self) -> list[tuple[int, int]]:
-        return [(int(s), int(c)) for s, c in zip(self.starts, self.counts)]
-
     def document(self, i: int) -> np.ndarray:
-        shard = int(np.searchsorted(self.starts, i, side="right") - 1)
+        shard, offset = self._locate(i)
         docs = self._cache.get(shard)
         if docs is None:
             docs = self._load(shard)
@@ -155,4 +160,4 @@ class WebDatasetDocuments:
                 self._cache.popitem(last=False)
         else:
             self._cache.move_to_end(shard)
-        return docs[i - int(self.starts[shard])]
+        return docs[offset]

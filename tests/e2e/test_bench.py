@@ -2,17 +2,17 @@
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
 
+from fresh_env import fresh_env
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-LAUNCHER_VARS = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
 
 
 def test_bench_collator_prints_every_family(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    env = fresh_env()
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, "-m", "pretrain.bench", "collator", "--config", "configs/demo_cpu.yaml",
                            "--seq-len", "64", "--batches", "2", "--micro-batch", "2", "--vocab", "300",

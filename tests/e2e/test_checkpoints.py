@@ -12,8 +12,9 @@ import time
 
 import pytest
 
+from fresh_env import fresh_env
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-LAUNCHER_VARS = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
 STEPS = 30
 TINY = ["model.num_layers=2", "model.hidden_size=64", "model.num_heads=4", "model.seq_len=64",
         "train.micro_batch_size=8", "train.lr=3e-3", "train.warmup_steps=3", "train.log_interval=1",
@@ -27,9 +28,7 @@ def command(corpus, out_dir, *extra):
 
 
 def environment(**extra):
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
-    env.update(PYTHONWARNINGS="ignore", PYTHONUNBUFFERED="1", **extra)
-    return env
+    return fresh_env(PYTHONUNBUFFERED="1", **extra)
 
 
 def run(corpus, out_dir, *extra, expect=0, env=None):

@@ -17,16 +17,16 @@ from pretrain.checkpoint import read_trainer_state
 from pretrain.convert import main as convert_main
 from pretrain.state import load_full_state
 
+from fresh_env import fresh_env
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-LAUNCHER_VARS = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
 TINY = ["model.num_layers=2", "model.hidden_size=64", "model.num_heads=4", "model.seq_len=32",
         "train.micro_batch_size=4", "train.warmup_steps=1", "train.steps=3", "train.eval_batches=1",
         "data.num_workers=0", "model.attention_backend=sdpa"]
 
 
 def train_checkpoint(corpus, out_dir, nproc: int, extra=()) -> pathlib.Path:
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
-    env.update(PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    env = fresh_env(OMP_NUM_THREADS="1")
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     cmd = launcher + ["-m", "pretrain.cli", "--config", "configs/demo_cpu.yaml", f"data.path={corpus}",
                       f"out_dir={out_dir}", "name=run", *TINY, *extra]
@@ -80,8 +80,7 @@ def test_reverse_mapping_and_eval(tiny_corpus, tmp_path):
     original = load_file(str(checkpoint / "model.safetensors"))
     assert full.keys() == original.keys() and all(torch.equal(full[k], original[k]) for k in full)
     assert fields["mask_token_id"] == cfg.vocab_size and fields["order"] == "staggered:4"
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
-    env["PYTHONWARNINGS"] = "ignore"
+    env = fresh_env()
     proc = subprocess.run([sys.executable, "-m", "pretrain.evaluate", str(out), "--data", str(tiny_corpus),
                            "--orders", "2", "--batches", "2"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)

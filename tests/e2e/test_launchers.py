@@ -9,17 +9,16 @@ import socket
 import subprocess
 import sys
 
+from fresh_env import fresh_env
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-LAUNCHER_VARS = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
 TINY = ["model.num_layers=2", "model.hidden_size=64", "model.num_heads=4", "model.seq_len=64",
         "train.micro_batch_size=4", "train.warmup_steps=1", "train.log_interval=1", "train.eval_batches=1",
         "data.num_workers=0"]
 
 
 def clean_env(**extra):
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
-    env.update(PYTHONWARNINGS="ignore", PYTHON=sys.executable, **extra)
-    return env
+    return fresh_env(PYTHON=sys.executable, **extra)
 
 
 def free_port() -> int:

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
 
 import pytest
+
+from fresh_env import fresh_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TINY = ["model.num_layers=2", "model.hidden_size=64", "model.num_heads=4", "model.seq_len=64",
@@ -17,9 +18,7 @@ TINY = ["model.num_layers=2", "model.hidden_size=64", "model.num_heads=4", "mode
 
 def pretrain(args, timeout=600):
     cmd = [sys.executable, "-m", "pretrain.cli", "--config", str(ROOT / "configs/demo_cpu.yaml"), *args]
-    launcher_vars = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
-    env = {k: v for k, v in os.environ.items() if k not in launcher_vars}  # a fresh world of one
-    env["PYTHONWARNINGS"] = "ignore"
+    env = fresh_env()  # a fresh world of one
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
 

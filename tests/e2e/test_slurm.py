@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -12,9 +11,9 @@ import time
 import pytest
 
 import slurm_cluster
+from fresh_env import fresh_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-LAUNCHER_VARS = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
 STEPS = 40
 TINY = ["model.num_layers=2", "model.hidden_size=64", "model.num_heads=4", "model.seq_len=64",
         "train.micro_batch_size=4", "train.warmup_steps=2", "train.log_interval=1", "train.eval_batches=1",
@@ -33,8 +32,7 @@ def cluster(tmp_path):
 
 def test_sbatch_preempt_requeue_resume(cluster, tiny_corpus, tmp_path):
     overrides = [f"data.path={tiny_corpus}", f"out_dir={tmp_path}", *TINY]
-    env = {k: v for k, v in cluster.env.items() if k not in LAUNCHER_VARS}
-    env.update(PYTHONWARNINGS="ignore", PYTHON=sys.executable, SETDIFF_HOME=str(ROOT), OMP_NUM_THREADS="1")
+    env = fresh_env(cluster.env, PYTHON=sys.executable, SETDIFF_HOME=str(ROOT), OMP_NUM_THREADS="1")
     straight = subprocess.run([sys.executable, "-m", "pretrain.cli", "--config", "configs/demo_cpu.yaml",
                                "name=straight", *overrides], cwd=ROOT, env=env, capture_output=True, text=True,
                               timeout=600)
