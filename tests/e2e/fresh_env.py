@@ -12,3 +12,14 @@ def fresh_env(base: dict | None = None, **extra: str) -> dict:
     env["PYTHONWARNINGS"] = "ignore"
     env.update(extra)
     return env
+
+
+def signal_after_step(proc, step: int, signum: int) -> int:
+    """Send ``signum`` once ``proc`` prints the progress line of ``step``; return its exit code."""
+    prefix = f"step {step:>6}/"
+    for line in proc.stdout:
+        if line.startswith(prefix):
+            proc.send_signal(signum)
+            break
+    proc.stdout.read()
+    return proc.wait(timeout=300)

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from fresh_env import fresh_env
+from fresh_env import fresh_env, signal_after_step
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 STEPS = 30
@@ -98,12 +98,7 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint(tiny_corpus, tmp_p
 def test_sigterm_saves_within_a_step_and_exits_requeueable(tiny_corpus, tmp_path, straight):
     proc = subprocess.Popen(command(tiny_corpus, tmp_path), cwd=ROOT, env=environment(),
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    for line in proc.stdout:
-        if line.startswith("step      2/"):
-            proc.send_signal(signal.SIGTERM)
-            break
-    proc.stdout.read()
-    assert proc.wait(timeout=300) == 75
+    assert signal_after_step(proc, 2, signal.SIGTERM) == 75
     first = result(tmp_path)
     assert first["stopped"] == "preempted" and 2 <= first["steps"] < STEPS
     assert first["steps"] <= 3, "the save comes at the end of the step the signal arrived in"

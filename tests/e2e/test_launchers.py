@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 
-from fresh_env import fresh_env
+from fresh_env import fresh_env, signal_after_step
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TINY = ["model.num_layers=2", "model.hidden_size=64", "model.num_heads=4", "model.seq_len=64",
@@ -100,12 +100,7 @@ def test_signal_to_the_launcher_saves_and_asks_for_requeue(tiny_corpus, tmp_path
     args = [str(ROOT / "launchers/multinode.sh"), "configs/demo_cpu.yaml", f"data.path={tiny_corpus}",
             f"out_dir={tmp_path}", "name=run", "train.steps=200", *TINY]
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in proc.stdout:
-        if line.startswith("step      2/"):
-            proc.send_signal(signal.SIGUSR1)
-            break
-    proc.stdout.read()
-    assert proc.wait(timeout=300) == 75
+    assert signal_after_step(proc, 2, signal.SIGUSR1) == 75
     result = json.loads((tmp_path / "run" / "result.json").read_text())
     assert result["stopped"] == "preempted" and result["steps"] < 200
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == f"step_{result['steps']:07d}"
