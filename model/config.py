@@ -39,7 +39,8 @@ class ModelConfig:
     init_std: float = 0.02
     """Standard deviation of the normal weight initialization."""
     attention_backend: str = "auto"
-    """'sdpa' (dense boolean mask; CPU training), 'flex' (BlockMask; GPU), or 'auto' (flex on CUDA, else sdpa)."""
+    """'tiled' (exact, skips forbidden key ranges; CPU training), 'sdpa' (dense boolean mask), 'flex'
+    (BlockMask; GPU), or 'auto' (flex on CUDA, else tiled)."""
 
     def resolved_ffn_hidden_size(self) -> int:
         if self.ffn_hidden_size:
@@ -186,8 +187,8 @@ def validate(cfg: RunConfig) -> RunConfig:
                          f"model.num_heads={m.num_heads}")
     if (m.hidden_size // m.num_heads) % 2:
         raise ValueError("config: the head size hidden_size/num_heads must be even for rotary embeddings")
-    if m.attention_backend not in ("auto", "sdpa", "flex"):
-        raise ValueError(f"config: model.attention_backend must be 'auto', 'sdpa' or 'flex', "
+    if m.attention_backend not in ("auto", "sdpa", "tiled", "flex"):
+        raise ValueError(f"config: model.attention_backend must be 'auto', 'sdpa', 'tiled' or 'flex', "
                          f"got {m.attention_backend!r}")
     if d.mode not in ("set", "ar_baseline"):
         raise ValueError(f"config: diffusion.mode must be 'set' or 'ar_baseline', got {d.mode!r}")

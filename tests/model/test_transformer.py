@@ -107,6 +107,23 @@ def test_flex_backend_matches_sdpa_forward(single_process_layout):
     torch.testing.assert_close(flex, sdpa, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("order,objective", [("staggered:3", "ordered_ce"), ("block:4", "set_nelbo")])
+def test_tiled_backend_gives_the_dense_loss_and_gradients(single_process_layout, order, objective):
+    doc = torch.tensor([[0] * 7 + [1] * 4 + [-1], [0] * 12])
+    batch = set_batch(order, objective, doc=doc)
+    results = []
+    for backend in ("sdpa", "tiled"):
+        model = build(single_process_layout, backend=backend).train()
+        logits, loss_fn = forward_step(batch, model, set_mode=True)
+        loss = loss_fn(logits)[0]
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (dense_loss, dense_grads), (tiled_loss, tiled_grads) = results
+    torch.testing.assert_close(tiled_loss, dense_loss, rtol=1e-6, atol=1e-6)
+    for name, grad in dense_grads.items():
+        torch.testing.assert_close(tiled_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_flex_refuses_cpu_training(single_process_layout):
     model = build(single_process_layout, backend="flex").train()
     batch = set_batch("staggered:3")
