@@ -14,6 +14,8 @@ Output (set mode, B sequences of length L; "set order" = positions sorted by set
     targets       [B, L]   x0[perm]
     loss_weight   [B, L]   NELBO weight of each noisy token (0: no loss), set order
     loss_normalizer  []    the count the weighted sum is divided by
+    sequence_normalizer [B] each sequence's share of loss_normalizer (for per-family losses)
+    family_id     [B]      index of the sequence's order family in the mixture
 AR baseline mode: input_ids = x0 and targets = x0 shifted by one, positions 0..L-1.
 """
 from __future__ import annotations
@@ -83,14 +85,14 @@ class SetDiffusionCollator:
         masked = torch.zeros(B, L, dtype=torch.bool)
         weight = torch.zeros(B, L, dtype=torch.float64)
         real = doc_id >= 0
+        family_id = torch.zeros(B, dtype=torch.long)
         for b in range(B):
             slot = first_slot + b
             g = draw_generator(self.cfg.seed, step, slot)
-            family = self.mixture[0][0]
             if len(self.mixture) > 1:
                 u = float(torch.rand((), generator=g, dtype=torch.float64))
-                family = self.mixture[min(int(np.searchsorted(self.cumulative, u, side="right")),
-                                          len(self.mixture) - 1)][0]
+                family_id[b] = min(int(np.searchsorted(self.cumulative, u, side="right")), len(self.mixture) - 1)
+            family = self.mixture[int(family_id[b])][0]
             set_rank[b] = sample_set_rank(family, L, g, doc_id[b])
             objective = self.cfg.objective
             if objective == "auto":
@@ -105,6 +107,8 @@ class SetDiffusionCollator:
         batch["targets"] = torch.gather(tokens, 1, perm)
         batch["loss_weight"] = torch.gather(weight, 1, perm).float()
         batch["loss_normalizer"] = real.sum().clamp(min=1).float()
+        batch["sequence_normalizer"] = real.sum(dim=1).float()
+        batch["family_id"] = family_id
         if self.cfg.mask_bits:
             batch["mask_bits"] = pack_bits(dense_mask(two_copy_meta(batch["set_rank"], batch["doc_id"])))
         return batch
@@ -143,4 +147,6 @@ class SetDiffusionCollator:
             "targets": targets,
             "loss_weight": has_next.float(),
             "loss_normalizer": has_next.sum().clamp(min=1).float(),
+            "sequence_normalizer": has_next.sum(dim=1).float(),
+            "family_id": torch.zeros(B, dtype=torch.long),
         }

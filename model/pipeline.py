@@ -13,6 +13,8 @@ costs about 1/(heads x head_dim) of the attention it serves.
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from model.attention import make_backend
@@ -59,13 +61,17 @@ class HeadPipe(Head):
         return super().forward(inputs[0])
 
 
-def pipeline_loss(logits: torch.Tensor, labels) -> torch.Tensor:
-    targets, loss_weight, loss_normalizer = labels
+def pipeline_loss(logits: torch.Tensor, labels, recorder=None) -> torch.Tensor:
+    """labels: (targets, loss_weight, loss_normalizer, set_rank, family_id, sequence_normalizer);
+    ``recorder`` gets the per-token cross-entropy for the loss breakdown (last stage only)."""
+    targets, loss_weight, loss_normalizer, set_rank, family_id, sequence_normalizer = labels
     token_ce = vocab_parallel_token_loss(logits, targets)
+    if recorder is not None:
+        recorder(token_ce.detach(), loss_weight, set_rank, family_id, sequence_normalizer)
     return (token_ce * loss_weight).sum() / loss_normalizer
 
 
-def build_pipeline_module(parts: ModelParts, num_stages: int, activation_checkpointing: bool):
+def build_pipeline_module(parts: ModelParts, num_stages: int, activation_checkpointing: bool, recorder=None):
     """A PipelineModule whose layer i holds exactly the weights of component i of the flat
     model (0 embedding, 1..N blocks, N+1 head), whichever stage builds it; stages get equal
     numbers of blocks."""
@@ -84,7 +90,7 @@ def build_pipeline_module(parts: ModelParts, num_stages: int, activation_checkpo
         extra = {"activation_checkpoint_interval": 1,
                  "activation_checkpoint_func": lambda fn, *args: torch.utils.checkpoint.checkpoint(
                      fn, *args, use_reentrant=False)}
-    return PipelineModule(layers=specs, topology=topology, loss_fn=pipeline_loss,
+    return PipelineModule(layers=specs, topology=topology, loss_fn=partial(pipeline_loss, recorder=recorder),
                           partition_method="type:BlockPipe", **extra)
 
 

@@ -1,20 +1,23 @@
 """setdiff-bench: benchmarks that print numbers (ratios measured side by side in one run).
 
     setdiff-bench collator [--seq-len 1024] [--workers 2] [--config configs/small.yaml]
+    setdiff-bench train [--config configs/small.yaml] [--layers N] [--json OUT]
 
 collator: sequences/s of the data path (pack, draw partitions and noise, write the two-copy
 layout and the bit-packed mask) for each order family, with DataLoader workers, and the
 ratio to how fast one training step of the recipe consumes sequences on this machine.
+train: see pretrain/bench_train.py.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
 import numpy as np
 import torch
+
+from pretrain import bench_train
 
 FAMILIES = [("ar", "ordered_ce"), ("mdlm", "set_nelbo"), ("block:8", "set_nelbo"),
             ("staggered:8", "ordered_ce"), ("random", "ordered_ce")]
@@ -117,11 +120,10 @@ def main(argv=None) -> int:
     col.add_argument("--batches", type=int, default=16)
     col.add_argument("--vocab", type=int, default=50257, help="vocabulary size (GPT-2 by default)")
     col.add_argument("--json", help="also write the results here")
+    col.set_defaults(run=bench_collator)
+    bench_train.add_parser(sub)
     args = parser.parse_args(argv)
-    result = bench_collator(args)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    bench_train.write_json(args.run(args), args.json)
     return 0
 
 

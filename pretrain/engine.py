@@ -151,7 +151,8 @@ class Engine:
     @staticmethod
     def _pipe_tuple(batch: dict) -> tuple:
         return ((batch["input_ids"], batch["position_ids"], batch["set_rank"], batch["doc_id"]),
-                (batch["targets"], batch["loss_weight"], batch["loss_normalizer"]))
+                (batch["targets"], batch["loss_weight"], batch["loss_normalizer"], batch["set_rank"],
+                 batch["family_id"], batch["sequence_normalizer"]))
 
     def train_batch(self, micro_batches: list[dict], forward_step) -> float:
         """One optimizer step over the micro-batches; returns their mean loss."""

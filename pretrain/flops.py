@@ -31,6 +31,13 @@ def step_flops(cfg: ModelConfig, tokens_per_sequence: int, allowed_pairs: float,
     return 3.0 * forward * sequences
 
 
+def allowed_pairs_per_sequence(meta) -> float:
+    """Mean number of (query, key) pairs the set-causal mask allows, per sequence."""
+    from model.masks import dense_mask
+
+    return float(dense_mask(meta).sum()) / meta.set_rank.shape[0]
+
+
 def measured_cpu_peak(size: int = 1024, repeats: int = 5) -> float:
     """fp32 matrix-product rate of this machine (FLOP/s), the best of a few timed products."""
     a, b = torch.randn(size, size), torch.randn(size, size)

@@ -1,8 +1,12 @@
-"""TensorBoard scalars and the console progress line, written by global rank 0 only."""
+"""TensorBoard scalars and the console progress line, written by global rank 0 only, and
+the per-family / per-set-size loss breakdown every rank accumulates for them."""
 from __future__ import annotations
 
+import math
 import pathlib
 import time
+
+import torch
 
 
 def format_duration(seconds: float) -> str:
@@ -12,10 +16,72 @@ def format_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
+class LossBreakdown:
+    """Loss by order family and by set size, and NELBO-weight statistics, over a window.
+
+    Every rank records the micro-batches whose loss it computes (the last pipeline stage
+    under PP); ``reduce`` sums over all ranks, so data-parallel ranks add up, pipeline
+    stages without a loss add zeros, and tensor-parallel replicas (identical numbers)
+    cancel in each ratio. Per family: the objective's own value (weighted sum over that
+    family's sequences / their share of the normalizer). Per set size (log2 buckets
+    1, 2-3, 4-7, ...): the mean cross-entropy of the tokens that carry loss.
+    """
+
+    def __init__(self, families: list[str], seq_len: int):
+        self.families = families
+        self.num_buckets = int(math.log2(max(seq_len, 1))) + 1
+        # sums: per family (weighted ce, normalizer), per bucket (ce, count), weights (sum, count)
+        self.sums = torch.zeros(2 * len(families) + 2 * self.num_buckets + 2, dtype=torch.float64)
+        self.max_weight = torch.zeros(1, dtype=torch.float64)
+
+    def record(self, token_ce: torch.Tensor, loss_weight: torch.Tensor, set_rank: torch.Tensor,
+               family_id: torch.Tensor, sequence_normalizer: torch.Tensor) -> None:
+        """token_ce, loss_weight, set_rank: [B, L] in set order; family_id, sequence_normalizer: [B]."""
+        ce, weight = token_ce.detach().double().cpu(), loss_weight.detach().double().cpu()
+        rank, family = set_rank.cpu(), family_id.cpu()
+        F, K = len(self.families), self.num_buckets
+        self.sums[:F].index_add_(0, family, (ce * weight).sum(dim=1))
+        self.sums[F:2 * F].index_add_(0, family, sequence_normalizer.detach().double().cpu())
+        sizes = torch.zeros(rank.shape, dtype=torch.float64).scatter_add_(1, rank, torch.ones_like(ce))
+        bucket = torch.gather(sizes, 1, rank).log2().floor().long().clamp(max=K - 1)
+        carries = weight > 0
+        self.sums[2 * F:2 * F + K].index_add_(0, bucket[carries], ce[carries])
+        self.sums[2 * F + K:2 * F + 2 * K].index_add_(0, bucket[carries], torch.ones_like(ce[carries]))
+        self.sums[-2] += weight[carries].sum()
+        self.sums[-1] += carries.sum()
+        if carries.any():
+            self.max_weight = torch.maximum(self.max_weight, weight[carries].max().reshape(1))
+
+    def reduce(self, device) -> dict[str, float]:
+        """Scalars over every rank's window (a collective: call on all ranks), then reset."""
+        import torch.distributed as dist
+
+        sums, maxed = self.sums.to(device, copy=True), self.max_weight.to(device, copy=True)
+        dist.all_reduce(sums)
+        dist.all_reduce(maxed, op=dist.ReduceOp.MAX)
+        sums, maxed = sums.cpu(), maxed.cpu()
+        self.sums.zero_()
+        self.max_weight.zero_()
+        F, K = len(self.families), self.num_buckets
+        out = {}
+        for i, name in enumerate(self.families):
+            if sums[F + i] > 0:
+                out[f"train/loss_by_family/{name.replace(':', '_')}"] = float(sums[i] / sums[F + i])
+        for k in range(K):
+            if sums[2 * F + K + k] > 0:
+                label = "1" if k == 0 else f"{2 ** k}-{2 ** (k + 1) - 1}"
+                out[f"train/loss_by_set_size/{label}"] = float(sums[2 * F + k] / sums[2 * F + K + k])
+        if sums[-1] > 0:
+            out["train/nelbo_weight_mean"] = float(sums[-2] / sums[-1])
+            out["train/nelbo_weight_max"] = float(maxed[0])
+        return out
+
+
 class Monitor:
-    def __init__(self, log_dir: pathlib.Path, enabled: bool, total_steps: int):
+    def __init__(self, log_dir: pathlib.Path, enabled: bool, total_steps: int, first_step: int = 0):
         self.enabled = enabled
         self.total_steps = total_steps
+        self.first_step = first_step
         self.start = time.time()
         self.writer = None
         if enabled:
@@ -35,7 +101,7 @@ class Monitor:
         if not self.enabled:
             return
         elapsed = time.time() - self.start
-        eta = elapsed / max(step, 1) * (self.total_steps - step)
+        eta = elapsed / max(step - self.first_step, 1) * (self.total_steps - step)
         grad = f"{grad_norm:.3f}" if grad_norm is not None else "n/a"
         print(f"step {step:>6}/{self.total_steps} | loss {loss:.4f} | lr {lr:.2e} | grad {grad} | "
               f"{tokens_per_s / 1000:.1f}k tok/s | " + (f"MFU {100 * mfu:.1f}% | " if mfu is not None else "") +

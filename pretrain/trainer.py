@@ -23,8 +23,8 @@ from data_pipeline.loader import MicroBatches, ResumableLoader, check_tokenizer,
 from data_pipeline.sampler import StepSampler
 from model.attention import make_backend
 from model.config import RunConfig, config_to_dict
-from model.masks import dense_mask
 from model.objectives import attention_meta, forward_step
+from model.orders import parse_order_mixture
 from model.pipeline import build_pipeline_module, pipeline_name_to_flat
 from model.transformer import ModelParts, SetDiffusionTransformer, padded_vocab_size
 from pretrain.checkpoint import (find_resume_checkpoint, load_rank_state, publish, read_trainer_state,
@@ -32,8 +32,8 @@ from pretrain.checkpoint import (find_resume_checkpoint, load_rank_state, publis
 from pretrain.distributed import init_distributed, init_model_parallel
 from pretrain.ema import EMA
 from pretrain.engine import Engine
-from pretrain.flops import device_peak, step_flops
-from pretrain.metrics import Monitor
+from pretrain.flops import allowed_pairs_per_sequence, device_peak, step_flops
+from pretrain.metrics import LossBreakdown, Monitor
 from pretrain.state import full_state_dict, load_full_state
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "saved after a signal, start me again" (the Slurm script requeues)
@@ -94,6 +94,8 @@ class Trainer:
                              f"vocabulary {vocab} in {pathlib.Path(data.path) / 'manifest.json'}")
         cfg.model.vocab_size = vocab
         self.set_mode = d.mode == "set"
+        families = [str(f) for f, _ in parse_order_mixture(d.order)] if self.set_mode else ["ar_baseline"]
+        self.breakdown = LossBreakdown(families, cfg.model.seq_len)
         self.collator = SetDiffusionCollator(CollatorConfig(
             order=d.order, objective=d.objective, mask_id=vocab, schedule=d.schedule,
             t_min=d.t_min, t_max=d.t_max, antithetic=d.antithetic, mode=d.mode, seed=t.seed,
@@ -113,7 +115,7 @@ class Trainer:
 
         if cfg.parallel.pipeline > 1:
             parts = ModelParts(cfg.model, self.layout.parallel, set_mode=self.set_mode, init_seed=t.seed)
-            model = build_pipeline_module(parts, cfg.parallel.pipeline, t.activation_checkpointing)
+            model = build_pipeline_module(parts, cfg.parallel.pipeline, t.activation_checkpointing, self._record)
         else:
             model = SetDiffusionTransformer(cfg.model, self.layout.parallel, set_mode=self.set_mode,
                                             init_seed=t.seed, activation_checkpointing=t.activation_checkpointing)
@@ -132,7 +134,7 @@ class Trainer:
         if resume_from is not None:
             self._resume(resume_from, same_layout)
 
-        self.monitor = Monitor(self.run_dir / "tensorboard", self.is_main, t.steps)
+        self.monitor = Monitor(self.run_dir / "tensorboard", self.is_main, t.steps, first_step=self.step)
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
@@ -169,7 +171,19 @@ class Trainer:
         return float(tensor) / self.layout.data
 
     def _forward_step(self, batch, model):
-        return forward_step(batch, model, self.set_mode)
+        logits, loss_fn = forward_step(batch, model, self.set_mode)
+
+        def recorded_loss_fn(output):
+            loss, token_ce = loss_fn(output)
+            self._record(token_ce, batch["loss_weight"], batch["set_rank"], batch["family_id"],
+                         batch["sequence_normalizer"])
+            return loss, token_ce
+
+        return logits, recorded_loss_fn
+
+    def _record(self, token_ce, loss_weight, set_rank, family_id, sequence_normalizer) -> None:
+        if torch.is_grad_enabled():  # training micro-batches only; evaluation runs under no_grad
+            self.breakdown.record(token_ce, loss_weight, set_rank, family_id, sequence_normalizer)
 
     def train_step(self, step: int) -> float:
         assert self.train_loader.next_index == step * self.cfg.train.grad_accum, "data stream out of step"
@@ -187,7 +201,7 @@ class Trainer:
         total = 0.0
         for batch in micro_batches:
             B, T = batch["input_ids"].shape
-            allowed = float(dense_mask(attention_meta(batch, self.set_mode)).sum()) / B
+            allowed = allowed_pairs_per_sequence(attention_meta(batch, self.set_mode))
             total += step_flops(self.cfg.model, T, allowed, batch["targets"].shape[1], B, self.padded_vocab)
         return total
 
@@ -351,7 +365,7 @@ class Trainer:
                 elapsed = time.time() - window_start
                 tok_s = tokens_per_step * window_steps / max(elapsed, 1e-9)
                 lr, grad_norm = self.engine.lr(), self.engine.grad_norm()
-                window = self._window_metrics(elapsed)
+                window = {**self._window_metrics(elapsed), **self.breakdown.reduce(self.engine.device)}
                 self.monitor.scalars(self.step, {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
                                                  "train/tokens_per_s": tok_s, **window})
                 self.monitor.progress(self.step, loss, lr, grad_norm, tok_s, window["train/mfu"])

@@ -56,6 +56,32 @@ def test_training_runs_and_loss_falls(tiny_corpus, tmp_path, variant):
     assert (run / "config.yaml").is_file() and (run / "tokenizer.json").is_file()
 
 
+def test_demo_writes_every_monitoring_scalar(tiny_corpus, tmp_path):
+    """The demo recipe (a family mixture, so both breakdowns have several entries) writes
+    every scalar a user watches, readable with tensorboard's EventAccumulator."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    proc = pretrain([f"data.path={tiny_corpus}", f"out_dir={tmp_path}", "name=run", "train.steps=6",
+                     "train.log_interval=3", "train.eval_interval=3", "train.eval_batches=1", "train.warmup_steps=2",
+                     "model.seq_len=64",
+                     "diffusion.order=staggered:4@0.5,mdlm@0.5", "diffusion.objective=auto"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    acc = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    expected = {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/mfu", "train/data_wait_s",
+                "system/memory_mib_max_rank", "val/loss", "val/ppl", "train/loss_by_family/staggered_4",
+                "train/loss_by_family/mdlm", "train/loss_by_set_size/1", "train/loss_by_set_size/64-127",
+                "train/nelbo_weight_mean", "train/nelbo_weight_max"}
+    assert expected <= tags, expected - tags
+    for tag in expected:
+        values = [event.value for event in acc.Scalars(tag)]
+        assert values and all(v == v and abs(v) < float("inf") for v in values), tag
+    assert [e.step for e in acc.Scalars("train/loss_by_family/mdlm")] == [3, 6]
+    assert 0 < acc.Scalars("train/mfu")[-1].value < 1
+    assert acc.Scalars("train/nelbo_weight_max")[-1].value >= acc.Scalars("train/nelbo_weight_mean")[-1].value > 1
+
+
 def test_bad_config_key_stops_before_any_work(tmp_path):
     proc = pretrain([f"out_dir={tmp_path}", "train.lrate=1"])
     assert proc.returncode == 2
