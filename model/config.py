@@ -138,6 +138,9 @@ class TrainConfig:
     """'none', 'auto' (the newest complete checkpoint of this run, if any) or a checkpoint directory."""
     resume_override: bool = False
     """Resume even if the model config, tokenizer or data fingerprint differ from the checkpoint's."""
+    init_from: str = ""
+    """A Llama-architecture directory (setdiff-convert output or a public Llama-style checkpoint with the
+    corpus's tokenizer) whose weights start a new run: fine-tuning; step and optimizer start fresh."""
     max_nonfinite_steps: int = 5
     """Stop after this many optimizer steps in a row with a non-finite loss or gradient (each is skipped)."""
     stop_at_step: int = 0
@@ -213,6 +216,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     if not 0.0 < d.t_min <= d.t_max <= 1.0:
         raise ValueError(f"config: need 0 < diffusion.t_min <= diffusion.t_max <= 1, got "
                          f"t_min={d.t_min}, t_max={d.t_max}")
+    if not 0 <= t.min_lr <= t.lr:
+        raise ValueError(f"config: train.min_lr={t.min_lr} must lie in [0, train.lr={t.lr}]")
     if t.lr_schedule not in ("constant", "cosine"):
         raise ValueError(f"config: train.lr_schedule must be 'constant' or 'cosine', got {t.lr_schedule!r}")
     if t.warmup_steps < 0 or t.warmup_steps > t.steps:

@@ -44,6 +44,54 @@ def hf_state_dict(full: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, 
     return {name: tensor.contiguous() for name, tensor in out.items()}
 
 
+def read_llama_dir(model_dir: pathlib.Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config.json, full state dict in our names) of a Llama-architecture directory: one
+    setdiff-convert wrote, or a public Llama-style checkpoint (the reverse direction)."""
+    from safetensors.torch import load_file
+
+    model_dir = pathlib.Path(model_dir)
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} not found (is {model_dir} a setdiff-convert or Llama directory?)")
+    hf = json.loads(config_path.read_text())
+    problems = []
+    if hf.get("model_type") != "llama":
+        problems.append(f"model_type is {hf.get('model_type')!r}, not 'llama'")
+    if hf.get("num_key_value_heads", hf.get("num_attention_heads")) != hf.get("num_attention_heads"):
+        problems.append("grouped-query attention (num_key_value_heads != num_attention_heads) is not supported")
+    if hf.get("attention_bias") or hf.get("mlp_bias"):
+        problems.append("attention/MLP biases are not supported")
+    if hf.get("hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act {hf.get('hidden_act')!r} is not 'silu'")
+    if hf.get("rope_scaling"):
+        problems.append("rope_scaling is not supported")
+    if problems:
+        raise ValueError(f"{config_path}: " + "; ".join(problems))
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{model_dir}: no *.safetensors weights")
+    weights = {}
+    for path in files:
+        weights.update(load_file(str(path)))
+    if "lm_head.weight" not in weights and hf.get("tie_word_embeddings", False):
+        weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
+    try:
+        full = {"embedding.word.weight": weights["model.embed_tokens.weight"],
+                "head.norm.weight": weights["model.norm.weight"], "head.output.weight": weights["lm_head.weight"]}
+        for i in range(hf["num_hidden_layers"]):
+            src, dst = f"model.layers.{i}.", f"layers.{i}."
+            full[dst + "attn_norm.weight"] = weights[src + "input_layernorm.weight"]
+            full[dst + "attn.qkv.weight"] = torch.cat([weights[src + f"self_attn.{p}_proj.weight"] for p in "qkv"])
+            full[dst + "attn.out.weight"] = weights[src + "self_attn.o_proj.weight"]
+            full[dst + "mlp_norm.weight"] = weights[src + "post_attention_layernorm.weight"]
+            full[dst + "mlp.gate_up.weight"] = torch.cat([weights[src + "mlp.gate_proj.weight"],
+                                                         weights[src + "mlp.up_proj.weight"]])
+            full[dst + "mlp.down.weight"] = weights[src + "mlp.down_proj.weight"]
+    except KeyError as err:
+        raise KeyError(f"{model_dir}: the weights lack {err.args[0]}") from None
+    return hf, {name: tensor.float() for name, tensor in full.items()}
+
+
 def hf_config(run: dict, eos_id: int) -> dict:
     cfg = config_from_dict(run).model
     d = run["diffusion"]

@@ -21,31 +21,15 @@ from model.config import ModelConfig
 
 def read_model_dir(model_dir: pathlib.Path) -> tuple[ModelConfig, dict, dict[str, torch.Tensor]]:
     """(our ModelConfig, the setdiff fields, our full state dict) from a converted directory."""
-    from safetensors.torch import load_file
+    from pretrain.convert import read_llama_dir
 
-    config_path = model_dir / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} not found (is {model_dir} a setdiff-convert directory?)")
-    hf = json.loads(config_path.read_text())
+    hf, full = read_llama_dir(model_dir)
     if "setdiff" not in hf:
-        raise ValueError(f"{config_path} has no 'setdiff' section: not a set-diffusion model")
-    h, f = hf["hidden_size"], hf["intermediate_size"]
-    cfg = ModelConfig(num_layers=hf["num_hidden_layers"], hidden_size=h, num_heads=hf["num_attention_heads"],
-                      ffn_hidden_size=f, vocab_size=hf["setdiff"]["mask_token_id"],
-                      seq_len=hf["max_position_embeddings"], rope_theta=hf["rope_theta"],
-                      norm_eps=hf["rms_norm_eps"], attention_backend="auto")
-    weights = load_file(str(model_dir / "model.safetensors"))
-    full = {"embedding.word.weight": weights["model.embed_tokens.weight"],
-            "head.norm.weight": weights["model.norm.weight"], "head.output.weight": weights["lm_head.weight"]}
-    for i in range(cfg.num_layers):
-        src, dst = f"model.layers.{i}.", f"layers.{i}."
-        full[dst + "attn_norm.weight"] = weights[src + "input_layernorm.weight"]
-        full[dst + "attn.qkv.weight"] = torch.cat([weights[src + f"self_attn.{p}_proj.weight"] for p in "qkv"])
-        full[dst + "attn.out.weight"] = weights[src + "self_attn.o_proj.weight"]
-        full[dst + "mlp_norm.weight"] = weights[src + "post_attention_layernorm.weight"]
-        full[dst + "mlp.gate_up.weight"] = torch.cat([weights[src + "mlp.gate_proj.weight"],
-                                                     weights[src + "mlp.up_proj.weight"]])
-        full[dst + "mlp.down.weight"] = weights[src + "mlp.down_proj.weight"]
+        raise ValueError(f"{model_dir / 'config.json'} has no 'setdiff' section: not a set-diffusion model")
+    cfg = ModelConfig(num_layers=hf["num_hidden_layers"], hidden_size=hf["hidden_size"],
+                      num_heads=hf["num_attention_heads"], ffn_hidden_size=hf["intermediate_size"],
+                      vocab_size=hf["setdiff"]["mask_token_id"], seq_len=hf["max_position_embeddings"],
+                      rope_theta=hf["rope_theta"], norm_eps=hf["rms_norm_eps"], attention_backend="auto")
     return cfg, hf["setdiff"], full
 
 

@@ -129,6 +129,8 @@ class Trainer:
         same_layout = resume_from is not None and read_trainer_state(resume_from)["layout"] == self._layout_record()
         if resume_from is not None and not same_layout:  # weights only, before DeepSpeed copies them
             self._load_weights(model, resume_from)
+        elif resume_from is None and t.init_from:
+            self._init_weights_from(model, pathlib.Path(t.init_from))
         self.engine = Engine(model, cfg, self.layout.data)
         self.ema = EMA(self.engine.module, t.ema) if t.ema > 0 else None
         if resume_from is not None:
@@ -318,6 +320,39 @@ class Trainer:
         n = self.cfg.model.num_layers
         rename = (lambda name: pipeline_name_to_flat(name, n)) if self.cfg.parallel.pipeline > 1 else (lambda name: name)
         load_full_state(model, full, self.layout.parallel.tp_group, rename)
+
+    def _init_weights_from(self, model, model_dir: pathlib.Path) -> None:
+        """Weights of a Llama-architecture directory, checked against the recipe and corpus."""
+        from tokenizers import Tokenizer
+
+        from pretrain.convert import read_llama_dir
+
+        hf, full = read_llama_dir(model_dir)
+        m = self.cfg.model
+        mask_row = "setdiff" in hf  # setdiff-convert output carries [MASK]; a plain Llama gets ours
+        expected = {"num_hidden_layers": m.num_layers, "hidden_size": m.hidden_size,
+                    "num_attention_heads": m.num_heads, "intermediate_size": m.resolved_ffn_hidden_size(),
+                    "vocab_size": m.vocab_size + (1 if mask_row else 0)}
+        wrong = [f"{key}={hf.get(key)} (this run: {value})" for key, value in expected.items() if hf.get(key) != value]
+        if wrong:
+            raise ValueError(f"train.init_from: {model_dir / 'config.json'} does not fit this run's model: "
+                             + ", ".join(wrong))
+        tokenizer = model_dir / "tokenizer.json"
+        if not tokenizer.is_file():
+            raise FileNotFoundError(f"train.init_from: {tokenizer} not found (the run must use the model's tokenizer)")
+        if Tokenizer.from_file(str(tokenizer)).to_str() != Tokenizer.from_file(str(self.tokenizer_path)).to_str():
+            raise ValueError(f"train.init_from: {tokenizer} is not the corpus tokenizer {self.tokenizer_path} "
+                             f"(prepare the corpus with setdiff-prepare --tokenizer {tokenizer})")
+        n = m.num_layers
+        rename = (lambda name: pipeline_name_to_flat(name, n)) if self.cfg.parallel.pipeline > 1 else (lambda name: name)
+        if not mask_row:  # the [MASK] rows keep this model's own initialization
+            own = {rename(k): v for k, v in full_state_dict(model, self.layout.parallel.tp_group).items()}
+            for name in ("embedding.word.weight", "head.output.weight"):
+                if name in own:  # under PP only the stage holding it
+                    full[name] = torch.cat([full[name], own[name][m.vocab_size:m.vocab_size + 1]])
+        load_full_state(model, full, self.layout.parallel.tp_group, rename)
+        if self.is_main:
+            print(f"initialized the weights from {model_dir}", flush=True)
 
     def _resume(self, directory: pathlib.Path, same_layout: bool) -> None:
         saved = read_trainer_state(directory)

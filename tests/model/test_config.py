@@ -64,6 +64,7 @@ def test_overrides_change_one_field_with_its_type(tmp_path):
     ("parallel.pipeline=3", "model.num_layers=2 is not divisible by parallel.pipeline=3"),
     ("model.attention_backend=flash", "attention_backend"),
     ("train.ema=1.5", "train.ema"),
+    ("train.min_lr=1.0", "train.min_lr=1.0 must lie in [0, train.lr="),
 ])
 def test_impossible_values_stop_with_a_message(override, message):
     with pytest.raises(ValueError, match=re.escape(message)):
