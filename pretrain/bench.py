@@ -1,6 +1,7 @@
 """setdiff-bench: benchmarks that print numbers (ratios measured side by side in one run).
 
     setdiff-bench collator [--seq-len 1024] [--workers 2] [--config configs/small.yaml]
+    setdiff-bench decode [--new-tokens 512] [--batches 1 8] [--json-out FILE]   (pretrain/bench_decode.py)
 
 collator: sequences/s of the data path (pack, draw partitions and noise, write the two-copy
 layout and the bit-packed mask) for each order family, with DataLoader workers, and the
@@ -15,6 +16,8 @@ import time
 
 import numpy as np
 import torch
+
+from pretrain import bench_decode
 
 FAMILIES = [("ar", "ordered_ce"), ("mdlm", "set_nelbo"), ("block:8", "set_nelbo"),
             ("staggered:8", "ordered_ce"), ("random", "ordered_ce")]
@@ -117,7 +120,10 @@ def main(argv=None) -> int:
     col.add_argument("--batches", type=int, default=16)
     col.add_argument("--vocab", type=int, default=50257, help="vocabulary size (GPT-2 by default)")
     col.add_argument("--json", help="also write the results here")
+    bench_decode.add_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "decode":
+        return bench_decode.run(args)
     result = bench_collator(args)
     if args.json:
         with open(args.json, "w") as f:
