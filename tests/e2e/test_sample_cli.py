@@ -47,9 +47,13 @@ def test_sample_prints_texts_and_the_parallelism_factor(model_dir):
     filled = json.loads(infill.stdout[infill.stdout.index("{"):])
     assert len(filled["generated_ids"][0]) == 5 and filled["cache"] is False
 
-    plain = sample_cli(str(model_dir), "--prompt", "A", "--max-new-tokens", "4", "--order", "ar")
+    prompts = model_dir.parent / "prompts.txt"
+    prompts.write_text("A\n\nThe city\n")
+    plain = sample_cli(str(model_dir), "--prompts-file", str(prompts), "--batch-size", "1", "--max-new-tokens", "4",
+                       "--order", "ar")
     assert plain.returncode == 0, plain.stderr[-3000:]
-    assert "[1] A" in plain.stdout and "tokens per forward (parallelism factor)" in plain.stdout
+    assert "[1] A" in plain.stdout and "[2] The city" in plain.stdout and "[3]" not in plain.stdout
+    assert "1.00 tokens per forward (parallelism factor)" in plain.stdout  # ar: one token a forward
 
 
 @pytest.mark.parametrize("args,named", [
@@ -57,6 +61,8 @@ def test_sample_prints_texts_and_the_parallelism_factor(model_dir):
     (["--prompt", "x" * 2000], "longer than the model's seq_len 32"),
     (["--prompt", "  "], "--prompt #1 is empty"),
     (["--infill", "no marker here"], "no <mask:N> marker"),
+    (["--prompts-file", "/nonexistent/prompts.txt"], "--prompts-file /nonexistent/prompts.txt does not exist"),
+    (["--prompt", "x", "--order", "random"], "order 'random' cannot decode"),
 ])
 def test_bad_input_exits_2_naming_it(model_dir, args, named):
     proc = sample_cli(str(model_dir), *args)
