@@ -38,11 +38,14 @@ DECODE_ORDERS = "ar, block:S, mdlm or staggered:D"
 @dataclass
 class DecodeConfig:
     order: str = "staggered:4"
-    """Decoding order: ar (w = 1), block:S (one block a window), mdlm (all one window) or staggered:D."""
+    """ar (w = 1), block:S (the k-th masked position of a row is in block k // S; one block a
+    window, its tokens one set), mdlm (all masked positions one window and one set) or
+    staggered:D (a sliding window of w singleton sets)."""
     window: int | None = None
     """Width w of a staggered window; None takes D. ar, block and mdlm fix their own window."""
     any_order: bool = False
-    """staggered:D only: the window follows a sampled staggered order instead of positions."""
+    """staggered:D only: the window follows a staggered order over each row's masked positions,
+    drawn from the generator passed in (SET_DIFFUSION.md §1), instead of positions."""
     tau: float = 1.0
     """Unmask every active token whose top probability is >= tau (and always the most confident)."""
     temperature: float = 0.0

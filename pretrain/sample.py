@@ -84,9 +84,13 @@ def read_prompts(args) -> list[str]:
 def decode_config(args, fields: dict, seq_len: int, longest: int, infill: bool):
     from model.sampling import DecodeConfig
 
-    order = args.order or fields.get("order", "staggered:4")
-    if args.order is None and not re.fullmatch(r"ar|mdlm|block:\d+|staggered:\d+", order):
-        order = f"staggered:{fields.get('window', 4)}"  # a mixture or random order decodes with its window
+    order, window = args.order, args.window
+    if order is None:  # the model's own order and window (setdiff.window, the set size d)
+        order = fields.get("order", "staggered:4")
+        if not re.fullmatch(r"ar|mdlm|block:\d+|staggered:\d+", order):
+            order = f"staggered:{fields.get('window', 4)}"  # a mixture or random order decodes with its window
+        if order.startswith("staggered:") and window is None:
+            window = fields.get("window")
     if longest > seq_len:
         raise ValueError(f"a prompt has {longest} tokens, longer than the model's seq_len {seq_len}")
     room = seq_len - longest
@@ -94,7 +98,7 @@ def decode_config(args, fields: dict, seq_len: int, longest: int, infill: bool):
     if not infill and max_new > room:
         raise ValueError(f"--max-new-tokens {max_new}: the longest prompt ({longest} tokens) leaves room for "
                          f"{room} of the model's seq_len {seq_len}")
-    return DecodeConfig(order=order, window=args.window, any_order=args.any_order, tau=args.tau,
+    return DecodeConfig(order=order, window=window, any_order=args.any_order, tau=args.tau,
                         temperature=args.temperature, top_p=args.top_p, max_new_tokens=max_new,
                         use_cache=not args.no_cache)
 

@@ -177,3 +177,26 @@ def test_bad_settings_raise_naming_the_value(model, options, named):
 def test_rows_without_context_are_refused(model):
     with pytest.raises(ValueError, match="row 1 has no given token"):
         decode_canvases(model, [[1, model.mask_id], [model.mask_id]], DecodeConfig())
+
+
+def test_prefill_caches_each_ragged_row_as_alone(model):
+    from model.kv_cache import KVCache, cached_forward
+
+    def prefill(prompts):
+        cache = KVCache.for_model(model, len(prompts), 16)
+        ids, count = torch.zeros(len(prompts), 9, dtype=torch.long), torch.tensor([len(p) for p in prompts])
+        for b, p in enumerate(prompts):
+            ids[b, :len(p)] = torch.tensor(p)
+        none = torch.zeros(len(prompts), 0, dtype=torch.long)
+        cached_forward(model, cache, ids, torch.arange(9).expand(len(prompts), 9), count, none, count * 0)
+        return cache
+
+    batch = prefill(PROMPTS)
+    assert batch.length.tolist() == [5, 2, 9] and batch.keys[0].shape == (3, 4, 16, 16)
+    for b, prompt in enumerate(PROMPTS):
+        alone = prefill([prompt])
+        for layer in range(2):
+            torch.testing.assert_close(batch.keys[layer][b, :, :len(prompt)], alone.keys[layer][0, :, :len(prompt)])
+            torch.testing.assert_close(batch.values[layer][b, :, :len(prompt)],
+                                       alone.values[layer][0, :, :len(prompt)])
+        assert not batch.keys[0][b, :, len(prompt):].any()  # nothing written past a row's length
