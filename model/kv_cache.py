@@ -1,0 +1,137 @@
+"""A KV cache of clean tokens and the cached forward pass (SET_DIFFUSION.md §4).
+
+With singleton sets the clean half of the set-causal mask is a plain causal stack, so the
+keys and values of a clean token never change once it is decoded: they are computed once
+and kept. One cached forward runs over, per row,
+
+    [ new clean tokens (decoded last step, or the prompt) ; active masked tokens ]
+
+- new clean tokens attend the cache and each other causally (in the order they are
+  listed), and their keys/values are appended to the cache;
+- masked tokens attend the whole cache, the new clean tokens and themselves (or every
+  active masked token of the row when the active tokens form one set, as in block
+  decoding); their keys/values are dropped.
+
+Rows are ragged: each row has its own cache length and its own numbers of new clean and
+masked tokens; padded slots are never attended by a real token.
+
+The forward reuses the model's own submodules and weights (embedding, per-layer norms,
+qkv/out projections, rotary, MLP, head), tensor-parallel size 1 only. Activations run
+sequence-first [S, B, H] inside, as in the model. No torch.distributed here.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from model.transformer import SetDiffusionTransformer, apply_rotary, rotary_cos_sin
+
+
+class KVCache:
+    """Per-layer keys/values [B, H, T_max, D] of clean tokens (after rotary, at their true
+    positions) and each row's filled length [B]."""
+
+    def __init__(self, num_layers: int, batch: int, heads: int, head_dim: int, capacity: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        if capacity < 1:
+            raise ValueError(f"KV cache capacity must be >= 1, got {capacity}")
+        shape = (batch, heads, capacity, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.length = torch.zeros(batch, dtype=torch.long, device=device)
+
+    @classmethod
+    def for_model(cls, model: SetDiffusionTransformer, batch: int, capacity: int) -> "KVCache":
+        attn = model.layers[0].attn
+        if attn.local_heads != model.cfg.num_heads:
+            raise ValueError("cached decoding supports tensor-parallel size 1 only "
+                             f"(this model holds {attn.local_heads} of {model.cfg.num_heads} heads)")
+        weight = model.head.norm.weight
+        return cls(len(model.layers), batch, attn.local_heads, attn.head_dim, capacity,
+                   dtype=weight.dtype, device=weight.device)
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2]
+
+
+def step_mask(cache_length_B: torch.Tensor, clean_count_B: torch.Tensor, num_clean_slots: int,
+              masked_count_B: torch.Tensor, num_masked_slots: int, masked_share_set: bool) -> torch.Tensor:
+    """Boolean mask [B, N + A, T + A] (True = may attend) of one cached step.
+
+    Keys are the cache after this step's clean tokens were written (T columns, the longest
+    row's new length) followed by the A masked slots. Padded query slots keep at least cache
+    column 0 or themselves, so softmax never sees an empty row.
+    """
+    T = int((cache_length_B + clean_count_B).max())
+    B, N, A = cache_length_B.shape[0], num_clean_slots, num_masked_slots
+    col_T = torch.arange(T, device=cache_length_B.device)
+    slot_N = torch.arange(N, device=cache_length_B.device)
+    slot_A = torch.arange(A, device=cache_length_B.device)
+    # clean slot i sits at cache index length + i: causal over the cache up to and including itself
+    clean_to_cache = col_T[None, None, :] <= (cache_length_B[:, None, None] + slot_N[None, :, None])
+    clean_to_masked = torch.zeros(B, N, A, dtype=torch.bool, device=cache_length_B.device)
+    filled_B = cache_length_B + clean_count_B
+    masked_to_cache = (col_T[None, :] < filled_B[:, None])[:, None, :].expand(B, A, T)
+    masked_to_masked = torch.eye(A, dtype=torch.bool, device=cache_length_B.device).expand(B, A, A)
+    if masked_share_set:
+        valid_BA = slot_A[None, :] < masked_count_B[:, None]
+        masked_to_masked = masked_to_masked | (valid_BA[:, :, None] & valid_BA[:, None, :])
+    return torch.cat([torch.cat([clean_to_cache, clean_to_masked], dim=2),
+                      torch.cat([masked_to_cache, masked_to_masked], dim=2)], dim=1)
+
+
+def head_logits(model: SetDiffusionTransformer, hidden_BSH: torch.Tensor) -> torch.Tensor:
+    """The model's head on batch-first hidden states: logits [B, S, V_padded], with [MASK]
+    and the padded vocabulary rows at -inf (as Head.forward does)."""
+    logits, _ = model.head.output(model.head.norm(hidden_BSH))
+    return logits.masked_fill(model.head.invalid_logit, float("-inf"))
+
+
+@torch.no_grad()
+def cached_forward(model: SetDiffusionTransformer, cache: KVCache, clean_ids_BN: torch.Tensor,
+                   clean_pos_BN: torch.Tensor, clean_count_B: torch.Tensor, masked_pos_BA: torch.Tensor,
+                   masked_count_B: torch.Tensor, masked_share_set: bool = False) -> torch.Tensor:
+    """One cached step; returns the final hidden states [B, N + A, H] (before the head).
+
+    Row b's first clean_count_B[b] clean slots and first masked_count_B[b] masked slots are
+    real; the rest are padding. The real clean tokens' keys/values are appended to the
+    cache and cache.length advances by clean_count_B.
+    """
+    B, N = clean_ids_BN.shape
+    A = masked_pos_BA.shape[1]
+    S = N + A
+    needed = int((cache.length + clean_count_B).max())
+    if needed > cache.capacity:
+        raise ValueError(f"KV cache overflow: a row needs {needed} entries, capacity is {cache.capacity}")
+    mask_B1QK = step_mask(cache.length, clean_count_B, N, masked_count_B, A, masked_share_set)[:, None]
+    T = mask_B1QK.shape[-1] - A
+
+    masked_ids_BA = torch.full_like(masked_pos_BA, model.mask_id)
+    x_SBH = model.embedding(torch.cat([clean_ids_BN, masked_ids_BA], dim=1))
+    attn0 = model.layers[0].attn
+    heads, head_dim = attn0.local_heads, attn0.head_dim
+    cos, sin = rotary_cos_sin(torch.cat([clean_pos_BN, masked_pos_BA], dim=1), head_dim,
+                              model.cfg.rope_theta, x_SBH.dtype)
+
+    # where the real clean slots go in the cache: (row, slot) -> (row, length + slot)
+    real_BN = torch.arange(N, device=clean_count_B.device)[None, :] < clean_count_B[:, None]
+    rows, slots = real_BN.nonzero(as_tuple=True)
+    cols = cache.length[rows] + slots
+
+    for index, layer in enumerate(model.layers):
+        qkv, _ = layer.attn.qkv(layer.attn_norm(x_SBH))
+        qkv = qkv.view(S, B, 3, heads, head_dim).permute(2, 1, 3, 0, 4)
+        q_BHSD = apply_rotary(qkv[0], cos, sin)
+        k_BHSD = apply_rotary(qkv[1], cos, sin)
+        v_BHSD = qkv[2]
+        cache.keys[index][rows, :, cols] = k_BHSD[rows, :, slots]
+        cache.values[index][rows, :, cols] = v_BHSD[rows, :, slots]
+        keys_BHKD = torch.cat([cache.keys[index][:, :, :T], k_BHSD[:, :, N:]], dim=2)
+        values_BHKD = torch.cat([cache.values[index][:, :, :T], v_BHSD[:, :, N:]], dim=2)
+        o_BHSD = F.scaled_dot_product_attention(q_BHSD, keys_BHKD, values_BHKD, attn_mask=mask_B1QK)
+        o_SBH = o_BHSD.permute(2, 0, 1, 3).reshape(S, B, heads * head_dim)
+        x_SBH = x_SBH + layer.attn.out(o_SBH)[0]
+        x_SBH = x_SBH + layer.mlp(layer.mlp_norm(x_SBH))
+    cache.length += clean_count_B
+    return x_SBH.transpose(0, 1)

@@ -1,0 +1,90 @@
+"""setdiff-bench decode: tokens/s of KV-cached decoding against recomputing every step.
+
+Both sides run on the same model in one process (a randomly initialized one by default, or
+--model-dir), greedy with tau = 1.0: exactly one token is unmasked per forward in both
+modes, so both do the same number of forwards and the ratio is the cost of a forward.
+"""
+from __future__ import annotations
+
+import argparse
+import pathlib
+
+import torch
+
+
+def bench_model(args):
+    """(model, description): a random set-mode model, or the one in --model-dir."""
+    if args.model_dir:
+        from pretrain.sample import load_model
+
+        model = load_model(pathlib.Path(args.model_dir))[0]
+        if not model.set_mode:
+            raise ValueError(f"--model-dir {args.model_dir}: decode benchmarks a set-mode model")
+    else:
+        from model.config import ModelConfig
+        from model.transformer import SetDiffusionTransformer
+        from pretrain.distributed import init_distributed, init_model_parallel
+
+        init_distributed()
+        layout = init_model_parallel(1, 1)
+        cfg = ModelConfig(num_layers=args.layers, hidden_size=args.hidden, num_heads=args.heads,
+                          vocab_size=args.vocab, seq_len=args.prompt_len + args.new_tokens,
+                          attention_backend="sdpa")
+        model = SetDiffusionTransformer(cfg, layout.parallel, init_seed=0).eval()
+    c = model.cfg
+    return model, f"{c.num_layers} layers, hidden {c.hidden_size}, {c.num_heads} heads, vocab {c.vocab_size}"
+
+
+def decode_rate(model, batch: int, args, use_cache: bool) -> dict:
+    from model.sampling import DecodeConfig, generate
+
+    prompts = torch.randint(0, model.cfg.vocab_size, (batch, args.prompt_len),
+                            generator=torch.Generator().manual_seed(batch)).tolist()
+    cfg = DecodeConfig(order=args.order, tau=1.0, max_new_tokens=args.new_tokens, use_cache=use_cache)
+    stats = generate(model, prompts, cfg).stats
+    return {"batch": batch, "cache": use_cache, "tokens": stats.tokens_decoded, "forwards": stats.forwards,
+            "tokens_per_forward": stats.tokens_per_forward, "seconds": stats.seconds,
+            "tokens_per_s": stats.tokens_per_s}
+
+
+def bench_decode(args) -> dict:
+    torch.set_grad_enabled(False)
+    model, shape = bench_model(args)
+    warm_up = argparse.Namespace(**{**vars(args), "new_tokens": 8})
+    decode_rate(model, 1, warm_up, True)  # the first forwards warm up allocators and kernels
+    rows = [decode_rate(model, batch, args, use_cache)
+            for batch in args.batches for use_cache in (True, False)
+            if use_cache or batch <= args.max_recompute_batch]
+    rate = {(r["batch"], r["cache"]): r["tokens_per_s"] for r in rows}
+    ratios = {str(b): rate[b, True] / rate[b, False] for b in args.batches if (b, False) in rate}
+    print(f"decode: {shape}, prompt {args.prompt_len} tokens, {args.new_tokens} new tokens a row, "
+          f"order {args.order}, fp32, {torch.get_num_threads()} threads")
+    print("tau = 1.0, greedy: one token unmasked per forward in both modes (same forwards, same tokens)")
+    print(f"{'batch':>6}{'mode':>11}{'forwards':>10}{'tokens':>8}{'seconds':>10}{'tokens/s':>11}")
+    for r in rows:
+        print(f"{r['batch']:>6}{'cache' if r['cache'] else 'recompute':>11}{r['forwards']:>10}{r['tokens']:>8}"
+              f"{r['seconds']:>10.2f}{r['tokens_per_s']:>11.1f}")
+    for batch, ratio in ratios.items():
+        print(f"batch {batch}: cache / recompute = {ratio:.1f}x")
+    if len(args.batches) > 1:
+        first, last = args.batches[0], args.batches[-1]
+        print(f"cache: batch {last} / batch {first} tokens/s = {rate[last, True] / rate[first, True]:.2f}x")
+    return {"model": shape, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "order": args.order,
+            "tau": 1.0, "rows": rows, "cache_over_recompute": ratios}
+
+
+def add_parser(sub) -> None:
+    dec = sub.add_parser("decode", help="KV-cached vs recomputed decoding tokens/s, batch 1 vs 8")
+    dec.add_argument("--model-dir", help="a setdiff-convert directory (default: a random model)")
+    dec.add_argument("--layers", type=int, default=4)
+    dec.add_argument("--hidden", type=int, default=256)
+    dec.add_argument("--heads", type=int, default=4)
+    dec.add_argument("--vocab", type=int, default=4096)
+    dec.add_argument("--prompt-len", type=int, default=128)
+    dec.add_argument("--new-tokens", type=int, default=512)
+    dec.add_argument("--order", default="staggered:4")
+    dec.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    dec.add_argument("--max-recompute-batch", type=int, default=1,
+                     help="recompute only batches up to this size (it is the slow side)")
+    dec.add_argument("--json", help="also write the results here")
+    dec.set_defaults(run=bench_decode)
