@@ -10,9 +10,10 @@ forward (``prepare``), then every layer calls ``attend`` with it.
   A one-copy causal stack with one document per row (the AR baseline) is a single causal
   SDPA call, which PyTorch's fused kernels run without scoring the upper triangle.
 - ``auto``: flex where CUDA is present, tiled otherwise.
-- ``flex``: FlexAttention with a BlockMask built from the per-token set rank and doc id,
-  skipping the fully masked blocks (about half of the (2L)^2 scores). The GPU path; on CPU
-  it runs forward only (PyTorch has no CPU backward for it).
+- ``flex``: FlexAttention with a BlockMask built once per batch from the per-token set rank
+  and doc id, skipping the fully masked blocks (about half of the (2L)^2 scores), compiled on
+  CUDA. The GPU path; on CPU it runs forward only (PyTorch has no CPU backward for it). The
+  plain causal AR baseline goes to flash-attn when installed, else PyTorch's fused causal SDPA.
 """
 from __future__ import annotations
 
@@ -115,7 +116,7 @@ class TiledBackend(AttentionBackend):
 
     def attend(self, q_BHSD, k_BHSD, v_BHSD, tiles):
         if tiles is None:
-            return F.scaled_dot_product_attention(q_BHSD, k_BHSD, v_BHSD, is_causal=True)
+            return causal_attention(q_BHSD, k_BHSD, v_BHSD)
         outs = []
         for tile in tiles:
             k = torch.cat([k_BHSD[:, :, a:b] for a, b in tile.key_ranges], dim=2)
@@ -123,6 +124,20 @@ class TiledBackend(AttentionBackend):
             outs.append(F.scaled_dot_product_attention(q_BHSD[:, :, tile.start:tile.stop], k, v,
                                                        attn_mask=tile.mask_B1QK))
         return torch.cat(outs, dim=2)
+
+
+def causal_attention(q_BHSD, k_BHSD, v_BHSD):
+    """Plain causal attention: flash-attn's kernel when installed (CUDA, half precision),
+    else PyTorch's fused causal SDPA (its own flash kernel on CUDA, a blocked one on CPU)."""
+    if q_BHSD.is_cuda and q_BHSD.dtype in (torch.float16, torch.bfloat16):
+        try:
+            from flash_attn import flash_attn_func
+        except ImportError:
+            flash_attn_func = None
+        if flash_attn_func is not None:  # it takes [B, S, H, D]
+            out = flash_attn_func(q_BHSD.transpose(1, 2), k_BHSD.transpose(1, 2), v_BHSD.transpose(1, 2), causal=True)
+            return out.transpose(1, 2)
+    return F.scaled_dot_product_attention(q_BHSD, k_BHSD, v_BHSD, is_causal=True)
 
 
 def _plain_causal(meta: AttentionMeta) -> bool:
@@ -149,9 +164,13 @@ class FlexBackend(AttentionBackend):
         return self._compiled
 
     def prepare(self, meta: AttentionMeta):
+        if not bool(meta.is_noisy.any()) and _plain_causal(meta):
+            return None  # the AR baseline: a fused causal kernel, no BlockMask needed
         return flex_block_mask(meta, self.block_size, compile=meta.set_rank.is_cuda)
 
     def attend(self, q_BHSD, k_BHSD, v_BHSD, block_mask):
+        if block_mask is None:
+            return causal_attention(q_BHSD, k_BHSD, v_BHSD)
         if q_BHSD.requires_grad and q_BHSD.device.type == "cpu" and torch.is_grad_enabled():
             raise RuntimeError("attention_backend='flex' has no backward pass on CPU; "
                                "train on CPU with model.attention_backend=tiled (or sdpa)")

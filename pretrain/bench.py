@@ -62,21 +62,25 @@ def collator_rate(order: str, objective: str, seq_len: int, micro_batch: int, wo
     return batches * micro_batch / elapsed
 
 
-def training_rate(config_path: str, seq_len: int, vocab: int) -> tuple[float, str]:
-    """Sequences/s that one fp32 forward+backward of the recipe's model consumes here."""
+def training_rate(config_path: str, seq_len: int, vocab: int, backend: str | None) -> tuple[float, str, bool]:
+    """(sequences/s one fp32 forward+backward of the recipe consumes here, its shape, whether its
+    attention backend takes the collator's bit-packed dense mask)."""
     from model.config import load_config
     from model.objectives import forward_step
     from data_pipeline.collator import CollatorConfig, SetDiffusionCollator
+    from model.attention import make_backend
     from model.transformer import SetDiffusionTransformer
     from pretrain.distributed import init_distributed, init_model_parallel
 
-    cfg = load_config(config_path, [f"model.seq_len={seq_len}", "model.attention_backend=sdpa"])
+    overrides = [f"model.seq_len={seq_len}"] + ([f"model.attention_backend={backend}"] if backend else [])
+    cfg = load_config(config_path, overrides)
     cfg.model.vocab_size = vocab
+    mask_bits = make_backend(cfg.model.attention_backend).name == "sdpa"
     init_distributed()
     layout = init_model_parallel(1, 1)
     model = SetDiffusionTransformer(cfg.model, layout.parallel, init_seed=0)
     collator = SetDiffusionCollator(CollatorConfig(order=cfg.diffusion.order, objective=cfg.diffusion.objective,
-                                                   mask_id=vocab, seed=0, mask_bits=True))
+                                                   mask_id=vocab, seed=0, mask_bits=mask_bits))
     tokens = torch.randint(1, vocab, (1, seq_len))
     batch = collator(tokens, torch.zeros_like(tokens), step=0)
     timings = []
@@ -85,28 +89,29 @@ def training_rate(config_path: str, seq_len: int, vocab: int) -> tuple[float, st
         logits, loss_fn = forward_step(batch, model, set_mode=True)
         loss_fn(logits)[0].backward()
         timings.append(time.perf_counter() - start)
-    shape = f"{cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, L {seq_len}"
-    return 1.0 / timings[-1], shape
+    shape = (f"{cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, L {seq_len}, "
+             f"{make_backend(cfg.model.attention_backend).name} attention")
+    return 1.0 / timings[-1], shape, mask_bits
 
 
 def bench_collator(args) -> dict:
     vocab = args.vocab
     rows = []
-    train_rate, shape = training_rate(args.config, args.seq_len, vocab)
+    train_rate, shape, mask_bits = training_rate(args.config, args.seq_len, vocab, args.attention_backend)
     for order, objective in FAMILIES:
         rate = collator_rate(order, objective, args.seq_len, args.micro_batch, args.workers, args.batches,
-                             vocab, mask_bits=True)
+                             vocab, mask_bits=mask_bits)
         rows.append({"family": order, "objective": objective, "sequences_per_s": rate,
                      "ratio_to_training": rate / train_rate})
     print(f"training step of {args.config} ({shape}, fp32, CPU, 1 sequence): "
           f"{train_rate:.3f} sequences/s")
     print(f"collator: L={args.seq_len}, {args.workers} workers, micro-batch {args.micro_batch}, "
-          "bit-packed mask included")
+          + ("bit-packed mask included (sdpa)" if mask_bits else "no dense mask (the backend builds its own)"))
     print(f"{'family':<14}{'objective':<12}{'sequences/s':>14}{'x training':>14}")
     for row in rows:
         print(f"{row['family']:<14}{row['objective']:<12}{row['sequences_per_s']:>14.1f}"
               f"{row['ratio_to_training']:>14.1f}")
-    return {"training_sequences_per_s": train_rate, "model": shape, "rows": rows}
+    return {"training_sequences_per_s": train_rate, "model": shape, "mask_bits": mask_bits, "rows": rows}
 
 
 def main(argv=None) -> int:
@@ -120,6 +125,7 @@ def main(argv=None) -> int:
     col.add_argument("--micro-batch", type=int, default=8)
     col.add_argument("--batches", type=int, default=16)
     col.add_argument("--vocab", type=int, default=50257, help="vocabulary size (GPT-2 by default)")
+    col.add_argument("--attention-backend", help="override the recipe's (sdpa also writes the bit-packed mask)")
     col.add_argument("--json", help="also write the results here")
     col.set_defaults(run=bench_collator)
     bench_train.add_parser(sub)

@@ -3,7 +3,7 @@
 One process, one model shape (a recipe's, optionally with fewer layers), the same weights
 and the same random tokens (one document per row) for every row, so the ratios are side
 by side. A step is what the trainer runs per micro-batch on one process: forward, loss,
-backward and an AdamW update. MFU divides the model FLOPs of pretrain/flops.py (attention
+backward and a (fused) AdamW update. MFU divides the model FLOPs of pretrain/flops.py (attention
 counted over allowed pairs only) by the fp32 matrix-product rate measured in the same run
 (on CUDA: the device's bf16 peak).
 
@@ -41,7 +41,7 @@ def measure_row(cfg, layout, order: str, mode: str, objective: str, backend: str
     cfg.attention_backend = backend
     set_mode = mode == "set"
     model = SetDiffusionTransformer(cfg, layout.parallel, set_mode=set_mode, init_seed=0).to(device, dtype).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=True)  # as the trainer
     batch = {k: v.to(device) for k, v in _batch(order, mode, objective, cfg.vocab_size, cfg.seq_len,
                                                  micro_batch).items()}
     times = []
@@ -105,7 +105,8 @@ def bench_train(args) -> dict:
     reference = min(ar_rows, key=lambda r: r["step_s"]) if ar_rows else None
     for row in rows:
         row["x_ar_step"] = row["step_s"] / reference["step_s"] if reference else float("nan")
-    result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads",
+    where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    result = {"device": where,
               "dtype": str(dtype).removeprefix("torch."), "peak_flops": peak, "peak_source": peak_source,
               "model": {"config": args.config, "num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size,
                         "num_heads": cfg.num_heads, "seq_len": cfg.seq_len, "vocab_size": cfg.vocab_size},

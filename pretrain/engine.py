@@ -102,10 +102,11 @@ def deepspeed_config(cfg: RunConfig, dp_size: int) -> dict:
         "train_batch_size": t.micro_batch_size * t.grad_accum * dp_size,
         "gradient_clipping": 0.0 if clips_outside_deepspeed(cfg) else t.grad_clip,
         "zero_optimization": {"stage": cfg.parallel.zero_stage},
-        # torch's AdamW: DeepSpeed's CPU FusedAdam would compile for minutes on first use
+        # torch's fused AdamW (one kernel over all tensors, CPU and CUDA; ~4x faster than the
+        # per-op loop on CPU): DeepSpeed's CPU FusedAdam would compile for minutes on first use
         "optimizer": {"type": "AdamW", "params": {
             "lr": t.lr, "betas": [t.beta1, t.beta2], "eps": 1e-8,
-            "weight_decay": t.weight_decay, "torch_adam": True}},
+            "weight_decay": t.weight_decay, "torch_adam": True, "fused": True}},
         "bf16": {"enabled": use_bf16(t)},
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,

@@ -317,9 +317,7 @@ class Trainer:
 
         self._check_compatible(read_trainer_state(directory), directory)
         full = load_file(str(directory / "model.safetensors"))
-        n = self.cfg.model.num_layers
-        rename = (lambda name: pipeline_name_to_flat(name, n)) if self.cfg.parallel.pipeline > 1 else (lambda name: name)
-        load_full_state(model, full, self.layout.parallel.tp_group, rename)
+        load_full_state(model, full, self.layout.parallel.tp_group, self._flat_name)
 
     def _init_weights_from(self, model, model_dir: pathlib.Path) -> None:
         """Weights of a Llama-architecture directory, checked against the recipe and corpus."""
@@ -343,16 +341,18 @@ class Trainer:
         if Tokenizer.from_file(str(tokenizer)).to_str() != Tokenizer.from_file(str(self.tokenizer_path)).to_str():
             raise ValueError(f"train.init_from: {tokenizer} is not the corpus tokenizer {self.tokenizer_path} "
                              f"(prepare the corpus with setdiff-prepare --tokenizer {tokenizer})")
-        n = m.num_layers
-        rename = (lambda name: pipeline_name_to_flat(name, n)) if self.cfg.parallel.pipeline > 1 else (lambda name: name)
         if not mask_row:  # the [MASK] rows keep this model's own initialization
-            own = {rename(k): v for k, v in full_state_dict(model, self.layout.parallel.tp_group).items()}
+            own = {self._flat_name(k): v for k, v in full_state_dict(model, self.layout.parallel.tp_group).items()}
             for name in ("embedding.word.weight", "head.output.weight"):
                 if name in own:  # under PP only the stage holding it
                     full[name] = torch.cat([full[name], own[name][m.vocab_size:m.vocab_size + 1]])
-        load_full_state(model, full, self.layout.parallel.tp_group, rename)
+        load_full_state(model, full, self.layout.parallel.tp_group, self._flat_name)
         if self.is_main:
             print(f"initialized the weights from {model_dir}", flush=True)
+
+    def _flat_name(self, name: str) -> str:
+        """The flat model's name of a parameter of this run's module (pipeline or flat)."""
+        return pipeline_name_to_flat(name, self.cfg.model.num_layers) if self.cfg.parallel.pipeline > 1 else name
 
     def _resume(self, directory: pathlib.Path, same_layout: bool) -> None:
         saved = read_trainer_state(directory)

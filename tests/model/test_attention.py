@@ -72,3 +72,17 @@ def test_auto_is_tiled_on_cpu():
     assert make_backend("tiled").name == "tiled"
     if not torch.cuda.is_available():
         assert make_backend("auto").name == "tiled"
+
+
+def test_flex_sends_the_plain_causal_baseline_to_the_fused_causal_kernel():
+    from model.attention import FlexBackend
+
+    meta = causal_meta(torch.zeros(2, 40, dtype=torch.long))
+    backend = FlexBackend(16)
+    assert backend.prepare(meta) is None
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 40, 8, generator=g, requires_grad=True) for _ in range(3))
+    dense = SdpaBackend().attend(q, k, v, SdpaBackend().prepare(meta))
+    torch.testing.assert_close(backend.attend(q, k, v, None), dense, rtol=1e-5, atol=1e-5)
+    packed = causal_meta(torch.tensor([[0] * 20 + [1] * 20]))
+    assert backend.prepare(packed) is not None  # two documents: a BlockMask keeps them apart
