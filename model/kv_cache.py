@@ -17,7 +17,9 @@ masked tokens; padded slots are never attended by a real token.
 
 The forward reuses the model's own submodules and weights (embedding, per-layer norms,
 qkv/out projections, rotary, MLP, head), tensor-parallel size 1 only. Activations run
-sequence-first [S, B, H] inside, as in the model. No torch.distributed here.
+sequence-first [S, B, H] inside, as in the model; the cache and the forward live on the
+model's device, the index tensors the caller passes may be on the CPU. No torch.distributed
+here.
 """
 from __future__ import annotations
 
@@ -98,6 +100,9 @@ def cached_forward(model: SetDiffusionTransformer, cache: KVCache, clean_ids_BN:
     real; the rest are padding. The real clean tokens' keys/values are appended to the
     cache and cache.length advances by clean_count_B.
     """
+    device = cache.length.device  # the model's; the caller's bookkeeping may live on the CPU
+    clean_ids_BN, clean_pos_BN, clean_count_B, masked_pos_BA, masked_count_B = (
+        t.to(device) for t in (clean_ids_BN, clean_pos_BN, clean_count_B, masked_pos_BA, masked_count_B))
     B, N = clean_ids_BN.shape
     A = masked_pos_BA.shape[1]
     S = N + A

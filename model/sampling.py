@@ -18,6 +18,9 @@ and the slow side of ``setdiff-bench decode``.
 
 AR-baseline models (one-copy causal, logits at j predict j + 1) decode with
 ``generate_ar``, the standard KV-cached loop with the same batching and stops.
+
+The bookkeeping (canvases, windows, token choice) runs on the CPU; the cache and the
+forwards run on the model's device, and only each step's active logits come back.
 """
 from __future__ import annotations
 
@@ -248,7 +251,7 @@ def decode_canvases(model: SetDiffusionTransformer, canvases: Sequence[Sequence[
             clean_pos_BN, clean_count_B = pack_positions(pending_BL)
             hidden_BSH = cached_forward(model, cache, canvas_BL.gather(1, clean_pos_BN), clean_pos_BN,
                                         clean_count_B, active_pos_BA, active_count_B, window.share_set)
-            logits_BAV = head_logits(model, hidden_BSH[:, clean_pos_BN.shape[1]:])
+            logits_BAV = head_logits(model, hidden_BSH[:, clean_pos_BN.shape[1]:]).float().cpu()
         else:
             logits_BAV = recompute_logits(model, canvas_BL, entry_rank_BL, active_pos_BA, active_count_B,
                                           window.share_set)
@@ -321,8 +324,9 @@ def generate_ar(model: SetDiffusionTransformer, prompts: Sequence[Sequence[int]]
             none_BA = torch.zeros(B, 0, dtype=torch.long)
             hidden_BSH = cached_forward(model, cache, canvas_BL.gather(1, clean_pos_BN), clean_pos_BN,
                                         clean_count_B, none_BA, torch.zeros(B, dtype=torch.long))
-            last_B = (clean_count_B - 1).clamp(min=0)
-            logits_BAV = head_logits(model, hidden_BSH[torch.arange(B), last_B][:, None])
+            last_B = (clean_count_B - 1).clamp(min=0).to(hidden_BSH.device)
+            rows_B = torch.arange(B, device=hidden_BSH.device)
+            logits_BAV = head_logits(model, hidden_BSH[rows_B, last_B][:, None]).float().cpu()
         else:
             logits_BAV = ar_recompute_logits(model, canvas_BL, known_B)
         forwards += 1

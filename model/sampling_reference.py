@@ -56,9 +56,10 @@ def recompute_logits(model: SetDiffusionTransformer, canvas_BL: torch.Tensor, en
         doc_id=torch.cat([clean_real_BH.long() - 1, noisy_real_BH.long() - 1], dim=1),
         is_noisy=torch.cat([torch.zeros(B, half, dtype=torch.bool), torch.ones(B, half, dtype=torch.bool)], dim=1),
     )
-    logits = model(torch.cat([clean_ids_BH, noisy_ids_BH], dim=1),
-                   torch.cat([clean_pos_BH, noisy_pos_BH], dim=1), meta)
-    return logits[:, :A]
+    device = model.head.norm.weight.device
+    logits = model(torch.cat([clean_ids_BH, noisy_ids_BH], dim=1).to(device),
+                   torch.cat([clean_pos_BH, noisy_pos_BH], dim=1).to(device), meta.to(device))
+    return logits[:, :A].float().cpu()
 
 
 @torch.no_grad()
@@ -69,5 +70,7 @@ def ar_recompute_logits(model: SetDiffusionTransformer, canvas_BL: torch.Tensor,
     T = int(known_B.max())
     pos_T = torch.arange(T)
     doc_BT = torch.where(pos_T[None, :] < known_B[:, None], 0, -1)
-    logits = model(canvas_BL[:, :T], pos_T.expand(canvas_BL.shape[0], T), causal_meta(doc_BT))
+    device = model.head.norm.weight.device
+    logits = model(canvas_BL[:, :T].to(device), pos_T.expand(canvas_BL.shape[0], T).to(device),
+                   causal_meta(doc_BT).to(device)).float().cpu()
     return logits.gather(1, (known_B - 1)[:, None, None].expand(-1, 1, logits.shape[-1]))

@@ -26,8 +26,9 @@ import torch
 MASK_MARKER = re.compile(r"<mask:(\d+)>")
 
 
-def load_model(model_dir: pathlib.Path):
-    """(model, setdiff fields, tokenizer, eos id or None) from a setdiff-convert directory."""
+def load_model(model_dir: pathlib.Path, device: str = "auto"):
+    """(model, setdiff fields, tokenizer, eos id or None) from a setdiff-convert directory, on
+    ``device`` (auto: CUDA when present, else the CPU)."""
     from tokenizers import Tokenizer
 
     from model.transformer import SetDiffusionTransformer
@@ -46,6 +47,8 @@ def load_model(model_dir: pathlib.Path):
     layout = init_model_parallel(1, 1)
     model = SetDiffusionTransformer(cfg, layout.parallel, set_mode=fields.get("mode", "set") == "set").eval()
     load_full_state(model, full, layout.parallel.tp_group)
+    model = model.to("cuda" if device == "auto" and torch.cuda.is_available() else
+                     ("cpu" if device == "auto" else device))
     generation = model_dir / "generation_config.json"
     eos_id = json.loads(generation.read_text()).get("eos_token_id") if generation.is_file() else None
     return model, fields, Tokenizer.from_file(str(tokenizer_path)), eos_id
@@ -106,7 +109,7 @@ def decode_config(args, fields: dict, seq_len: int, longest: int, infill: bool):
 def sample(args) -> dict:
     from model.sampling import DecodeStats, decode_canvases, generate
 
-    model, fields, tokenizer, eos_id = load_model(args.model_dir)
+    model, fields, tokenizer, eos_id = load_model(args.model_dir, args.device)
     texts = read_prompts(args)
     infill = args.infill is not None
     if infill:
@@ -167,6 +170,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-cache", action="store_true", help="recompute every step (the slow reference)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     try:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks, one script, under 5 minutes on one H100: the flex attention path (forward and
 # backward against dense SDPA, bf16), a short bf16 training run through the trainer with
-# flex attention, and a training benchmark of configs/350m.yaml that prints MFU against the
+# flex attention, KV-cached decoding against recomputation, and a training benchmark of configs/350m.yaml that prints MFU against the
 # device's bf16 peak. Not part of the CPU suite (`make test` never needs a GPU).
 #
 #   bash tests/gpu/check.sh [OUT_DIR]        # PYTHON=... to pick the interpreter
@@ -36,7 +36,10 @@ print(f"loss {first:.3f} -> {last:.3f}")
 assert last < first - 0.5, "bf16 flex training did not learn"
 PY
 
-echo "== 3. training benchmark of configs/350m.yaml (bf16, flex vs tiled vs sdpa), MFU vs bf16 peak"
+echo "== 3. KV-cached decoding on the GPU equals recomputing (logits, tokens, batch = alone)"
+timeout 240 "$PYTHON" tests/gpu/decode_check.py
+
+echo "== 4. training benchmark of configs/350m.yaml (bf16, flex vs tiled vs sdpa), MFU vs bf16 peak"
 timeout 300 "$PYTHON" -m pretrain.bench train --config configs/350m.yaml --micro-batch 8 --steps 3 \
     --families ar,staggered:8 --json "$OUT/bench_train_350m.json"
 echo "tests/gpu/check.sh: all checks passed (results in $OUT)"

@@ -9,14 +9,24 @@ import sys
 import pytest
 import torch
 
+from fresh_env import fresh_env
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def test_flex_comparison_runs_forward_only_on_cpu():
     proc = subprocess.run([sys.executable, "tests/gpu/flex_check.py", "--cpu", "--seq-len", "48"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env=fresh_env())
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count("flex") == 4 and proc.stdout.count("tiled") == 4 and "FAIL" not in proc.stdout
+
+
+def test_decode_comparison_runs_on_cpu():
+    proc = subprocess.run([sys.executable, "tests/gpu/decode_check.py", "--cpu"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env=fresh_env())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("batch = alone True") == 4 and "FAIL" not in proc.stdout
+    assert "tau 0.001 cached vs recompute" in proc.stdout
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU answer")
