@@ -1,10 +1,15 @@
-"""setdiff-eval MODEL_DIR --data PREPARED: the likelihood bound on validation shards.
+"""setdiff-eval MODEL_DIR --data PREPARED [--judge JUDGE_DIR]: the likelihood bound on
+validation shards, and the generative perplexity of samples under a judge model.
 
 MODEL_DIR is a directory written by setdiff-convert (a Llama directory with the set-diffusion
 fields). For the chosen order family (default: the one the model trained with) the loss is the
 objective's per-token NLL bound: exact for singleton families under ``ordered_ce``, the NELBO
 otherwise; it is averaged over K sampled orders (partitions and noise) per sequence, and
 reported as NLL per token and perplexity.
+
+With --judge, unconditional samples (KV-cached decoding in the model's order, from a document
+boundary) are scored by a judge causal LM that transformers loads (a GGUF checkpoint such as
+Gemma 3 270M with --judge-gguf-file): the generative perplexity exp(judge NLL per token).
 """
 from __future__ import annotations
 
@@ -71,21 +76,92 @@ def evaluate(model_dir: pathlib.Path, data: pathlib.Path, *, order: str | None =
             "nll_per_token": nll, "perplexity": math.exp(min(nll, 50.0))}
 
 
+def judge_perplexity(judge, judge_tokenizer, texts: list[str]) -> tuple[float, int]:
+    """(total NLL, scored tokens) of ``texts`` under a causal LM judge; each text starts
+    after the judge's BOS when it has one, and every token after the first is scored."""
+    total, count = 0.0, 0
+    for text in texts:
+        ids = judge_tokenizer(text, add_special_tokens=True)["input_ids"]
+        bos = judge_tokenizer.bos_token_id
+        if bos is not None and (not ids or ids[0] != bos):
+            ids = [bos] + ids
+        if len(ids) < 2:
+            continue
+        ids_1T = torch.tensor([ids])
+        with torch.no_grad():
+            logits = judge(input_ids=ids_1T).logits[0, :-1].float()
+        total += float(torch.nn.functional.cross_entropy(logits, ids_1T[0, 1:], reduction="sum"))
+        count += len(ids) - 1
+    return total, count
+
+
+def generative_perplexity(model_dir: pathlib.Path, judge_dir: pathlib.Path, *, samples: int = 8,
+                          new_tokens: int = 128, tau: float = 0.9, temperature: float = 1.0, top_p: float = 0.9,
+                          gguf_file: str | None = None, seed: int = 0) -> dict:
+    """Unconditional samples of the model (from a document boundary, KV-cached decoding with
+    the model's order) scored by a judge causal LM directory (transformers; GGUF files with
+    ``gguf_file``): exp(judge NLL per token)."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from model.sampling import generate
+    from pretrain.sample import decode_config, load_model
+
+    if not (pathlib.Path(judge_dir) / "config.json").is_file() and not gguf_file:
+        raise FileNotFoundError(f"--judge {judge_dir}: no config.json (a transformers model directory, or "
+                                "pass --judge-gguf-file for a GGUF checkpoint)")
+    model, fields, tokenizer, eos_id = load_model(model_dir, "cpu")
+    if eos_id is None:
+        raise ValueError(f"{model_dir}: generation_config.json names no eos_token_id to start samples from")
+    args = SimpleNamespace(order=None, window=None, any_order=False, tau=tau, temperature=temperature, top_p=top_p,
+                           max_new_tokens=new_tokens, no_cache=False)
+    cfg = decode_config(args, fields, model.cfg.seq_len, 1, infill=False)
+    result = generate(model, [[eos_id]] * samples, cfg, torch.Generator().manual_seed(seed))
+    texts = [tokenizer.decode([t for t in row if t != eos_id]) for row in result.generated]
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
+    judge = AutoModelForCausalLM.from_pretrained(judge_dir, torch_dtype=torch.float32, **extra).eval()
+    judge_tokenizer = AutoTokenizer.from_pretrained(judge_dir, **extra)
+    total, count = judge_perplexity(judge, judge_tokenizer, texts)
+    if count == 0:
+        raise ValueError("the samples gave the judge no token to score")
+    return {"judge": str(judge_dir), "samples": samples, "new_tokens": new_tokens, "order": cfg.order,
+            "tau": tau, "temperature": temperature, "top_p": top_p, "judge_tokens": count,
+            "generative_perplexity": math.exp(min(total / count, 50.0)),
+            "tokens_per_forward": result.stats.tokens_per_forward, "example": texts[0][:300]}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="setdiff-eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model_dir", type=pathlib.Path)
-    parser.add_argument("--data", type=pathlib.Path, required=True, help="a setdiff-prepare directory")
+    parser.add_argument("--data", type=pathlib.Path, help="a setdiff-prepare directory: the likelihood bound")
     parser.add_argument("--order", help="order family (default: the model's)")
     parser.add_argument("--objective", help="ordered_ce, set_nelbo or auto (default: the model's)")
     parser.add_argument("--orders", type=int, default=4, help="sampled orders per sequence")
     parser.add_argument("--batches", type=int, default=8)
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--format", default="mds", choices=["mds", "webdataset"])
+    judge = parser.add_argument_group("generative perplexity")
+    judge.add_argument("--judge", type=pathlib.Path, help="a transformers causal LM directory scoring the samples")
+    judge.add_argument("--judge-gguf-file", help="a GGUF file inside --judge (needs the gguf package)")
+    judge.add_argument("--samples", type=int, default=8)
+    judge.add_argument("--new-tokens", type=int, default=128)
+    judge.add_argument("--tau", type=float, default=0.9)
+    judge.add_argument("--temperature", type=float, default=1.0)
+    judge.add_argument("--top-p", type=float, default=0.9)
     args = parser.parse_args(argv)
+    if args.data is None and args.judge is None:
+        parser.error("give --data (the likelihood bound), --judge (generative perplexity) or both")
     try:
-        result = evaluate(args.model_dir, args.data, order=args.order, objective=args.objective,
-                          orders=args.orders, batches=args.batches, micro_batch=args.micro_batch, fmt=args.format)
+        result = {}
+        if args.data is not None:
+            result = evaluate(args.model_dir, args.data, order=args.order, objective=args.objective,
+                              orders=args.orders, batches=args.batches, micro_batch=args.micro_batch, fmt=args.format)
+        if args.judge is not None:
+            result["generative"] = generative_perplexity(
+                args.model_dir, args.judge, samples=args.samples, new_tokens=args.new_tokens, tau=args.tau,
+                temperature=args.temperature, top_p=args.top_p, gguf_file=args.judge_gguf_file)
     except (FileNotFoundError, ValueError, KeyError) as err:
         print(f"setdiff-eval: error: {err}", file=sys.stderr)
         return 2

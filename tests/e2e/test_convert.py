@@ -90,3 +90,37 @@ def test_reverse_mapping_and_eval(tiny_corpus, tmp_path):
     missing = subprocess.run([sys.executable, "-m", "pretrain.evaluate", str(tmp_path / "nope"), "--data",
                               str(tiny_corpus)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert missing.returncode == 2 and "config.json not found" in missing.stderr
+
+
+def test_generative_perplexity_under_a_judge(tiny_corpus, tmp_path):
+    """A judge whose output layer is zero predicts uniformly: its perplexity of any sample is
+    exactly its vocabulary size, so the scoring path is checked end to end."""
+    import json
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    checkpoint = train_checkpoint(tiny_corpus, tmp_path, 1)
+    out = tmp_path / "hf"
+    assert convert_main([str(checkpoint), str(out)]) == 0
+    judge_vocab = json.loads((tiny_corpus / "manifest.json").read_text())["vocab_size"]
+    judge = LlamaForCausalLM(LlamaConfig(vocab_size=judge_vocab, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2, tie_word_embeddings=False))
+    torch.nn.init.zeros_(judge.lm_head.weight)
+    judge_dir = tmp_path / "judge"
+    judge.save_pretrained(judge_dir, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(out / name, judge_dir / name)
+    proc = subprocess.run([sys.executable, "-m", "pretrain.evaluate", str(out), "--judge", str(judge_dir),
+                           "--samples", "3", "--new-tokens", "12"], cwd=ROOT, env=fresh_env(HF_HUB_OFFLINE="1"),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout[proc.stdout.index("{"):])["generative"]
+    assert result["samples"] == 3 and result["judge_tokens"] > 0 and result["tokens_per_forward"] >= 1
+    assert result["generative_perplexity"] == pytest.approx(judge_vocab, rel=1e-4)
+    missing = subprocess.run([sys.executable, "-m", "pretrain.evaluate", str(out), "--judge", str(tmp_path / "no")],
+                             cwd=ROOT, env=fresh_env(), capture_output=True, text=True, timeout=600)
+    assert missing.returncode == 2 and "no config.json" in missing.stderr
+    neither = subprocess.run([sys.executable, "-m", "pretrain.evaluate", str(out)], cwd=ROOT, env=fresh_env(),
+                             capture_output=True, text=True, timeout=600)
+    assert neither.returncode == 2 and "--data" in neither.stderr and "--judge" in neither.stderr
