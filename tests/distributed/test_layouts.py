@@ -1,9 +1,10 @@
 """Every parallel layout computes the same training steps as one process (fp32, gloo).
 
 Three steps with a small clip norm (0.05) so that gradient clipping is active and a wrong
-global norm shows up in the weights. Compared: per-step losses and gradient norms to 1e-5
-relative, and each full (gathered) parameter after the steps to 1e-5 in relative Frobenius
-norm. (Elementwise relative error is the wrong yardstick for weights after Adam steps: an
+global norm shows up in the weights. Compared: per-step losses, gradient norms and the
+TensorBoard loss breakdown (by family, by set size, NELBO weights; reduced over all ranks) to
+1e-5 relative, and each full (gathered) parameter after the steps to 1e-5 in relative
+Frobenius norm. (Elementwise relative error is the wrong yardstick for weights after Adam steps: an
 entry whose gradient is near zero gets an update of about lr * sign(g), so float rounding
 in a different reduction order moves it by far more than its own size.)
 """
@@ -33,6 +34,12 @@ def assert_same_run(got, ref, rel=1e-5):
     for a, b in zip(got["grad_norms"], ref["grad_norms"]):
         assert a is not None and a == pytest.approx(b, rel=rel)
     assert got["grad_norms"][0] > 0.05, "the clip norm must be active for this test to mean anything"
+    # the loss breakdown is reduced over every rank: the same numbers under any layout
+    assert got["breakdown"].keys() == ref["breakdown"].keys()
+    assert {"train/loss_by_family/staggered_4", "train/loss_by_family/block_4", "train/loss_by_set_size/1",
+            "train/loss_by_set_size/4-7", "train/nelbo_weight_mean"} <= ref["breakdown"].keys()
+    for tag, values in ref["breakdown"].items():
+        assert got["breakdown"][tag] == pytest.approx(values, rel=rel), tag
     assert got["state"].keys() == ref["state"].keys()
     for name, tensor in ref["state"].items():
         assert got["state"][name].shape == tensor.shape, name

@@ -4,6 +4,16 @@ from __future__ import annotations
 import pathlib
 
 
+def breakdown_scalars(log_dir: str) -> dict[str, list[float]]:
+    """The loss-breakdown scalars rank 0 wrote, per step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(log_dir)
+    acc.Reload()
+    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]
+            if tag.startswith(("train/loss_by_", "train/nelbo_weight"))}
+
+
 def train_layout(data_path: str, out_dir: str, overrides: list[str]) -> dict:
     """Train a tiny model under the layout the overrides give; return losses, norms, weights."""
     import torch.distributed as dist
@@ -15,11 +25,14 @@ def train_layout(data_path: str, out_dir: str, overrides: list[str]) -> dict:
             "model.attention_backend=sdpa", "train.micro_batch_size=4", "train.steps=3",
             "train.warmup_steps=1", "train.lr=1e-3", "train.log_interval=1", "train.eval_batches=1",
             "train.grad_clip=0.05", "train.precision=fp32", "data.num_workers=0", f"data.path={data_path}",
-            f"out_dir={out_dir}", "name=run"]
+            f"out_dir={out_dir}", "name=run",
+            # two families, so the loss breakdown (by family, set size, NELBO weight) has content
+            "diffusion.order=staggered:4@0.5,block:4@0.5", "diffusion.objective=auto"]
     cfg = load_config(None, base + overrides)
     trainer = Trainer(cfg)
     result = trainer.train()
     state = trainer.full_state()
     return {"losses": result["losses"], "grad_norms": result["grad_norms"],
             "state": state if dist.get_rank() == 0 else None, "summary": trainer.summary(),
+            "breakdown": breakdown_scalars(result["tensorboard"]) if dist.get_rank() == 0 else None,
             "world": dist.get_world_size(), "run_dir": str(pathlib.Path(out_dir) / "run")}
