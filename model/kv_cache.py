@@ -15,8 +15,8 @@ and kept. One cached forward runs over, per row,
 Rows are ragged: each row has its own cache length and its own numbers of new clean and
 masked tokens; padded slots are never attended by a real token.
 
-The forward reuses the model's own submodules and weights (embedding, per-layer norms,
-qkv/out projections, rotary, MLP, head), tensor-parallel size 1 only. Activations run
+The forward reuses the model's own submodules (embedding, norms, Attention.project and
+Attention.output, MLP; Head.logits reads the result), tensor-parallel size 1 only. Activations run
 sequence-first [S, B, H] inside, as in the model; the cache and the forward live on the
 model's device, the index tensors the caller passes may be on the CPU. No torch.distributed
 here.
@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from model.transformer import SetDiffusionTransformer, apply_rotary, rotary_cos_sin
+from model.transformer import SetDiffusionTransformer, rotary_cos_sin
 
 
 class KVCache:
@@ -83,13 +83,6 @@ def step_mask(cache_length_B: torch.Tensor, clean_count_B: torch.Tensor, num_cle
                       torch.cat([masked_to_cache, masked_to_masked], dim=2)], dim=1)
 
 
-def head_logits(model: SetDiffusionTransformer, hidden_BSH: torch.Tensor) -> torch.Tensor:
-    """The model's head on batch-first hidden states: logits [B, S, V_padded], with [MASK]
-    and the padded vocabulary rows at -inf (as Head.forward does)."""
-    logits, _ = model.head.output(model.head.norm(hidden_BSH))
-    return logits.masked_fill(model.head.invalid_logit, float("-inf"))
-
-
 @torch.no_grad()
 def cached_forward(model: SetDiffusionTransformer, cache: KVCache, clean_ids_BN: torch.Tensor,
                    clean_pos_BN: torch.Tensor, clean_count_B: torch.Tensor, masked_pos_BA: torch.Tensor,
@@ -103,9 +96,8 @@ def cached_forward(model: SetDiffusionTransformer, cache: KVCache, clean_ids_BN:
     device = cache.length.device  # the model's; the caller's bookkeeping may live on the CPU
     clean_ids_BN, clean_pos_BN, clean_count_B, masked_pos_BA, masked_count_B = (
         t.to(device) for t in (clean_ids_BN, clean_pos_BN, clean_count_B, masked_pos_BA, masked_count_B))
-    B, N = clean_ids_BN.shape
+    N = clean_ids_BN.shape[1]
     A = masked_pos_BA.shape[1]
-    S = N + A
     needed = int((cache.length + clean_count_B).max())
     if needed > cache.capacity:
         raise ValueError(f"KV cache overflow: a row needs {needed} entries, capacity is {cache.capacity}")
@@ -114,9 +106,7 @@ def cached_forward(model: SetDiffusionTransformer, cache: KVCache, clean_ids_BN:
 
     masked_ids_BA = torch.full_like(masked_pos_BA, model.mask_id)
     x_SBH = model.embedding(torch.cat([clean_ids_BN, masked_ids_BA], dim=1))
-    attn0 = model.layers[0].attn
-    heads, head_dim = attn0.local_heads, attn0.head_dim
-    cos, sin = rotary_cos_sin(torch.cat([clean_pos_BN, masked_pos_BA], dim=1), head_dim,
+    cos, sin = rotary_cos_sin(torch.cat([clean_pos_BN, masked_pos_BA], dim=1), model.layers[0].attn.head_dim,
                               model.cfg.rope_theta, x_SBH.dtype)
 
     # where the real clean slots go in the cache: (row, slot) -> (row, length + slot)
@@ -125,18 +115,13 @@ def cached_forward(model: SetDiffusionTransformer, cache: KVCache, clean_ids_BN:
     cols = cache.length[rows] + slots
 
     for index, layer in enumerate(model.layers):
-        qkv, _ = layer.attn.qkv(layer.attn_norm(x_SBH))
-        qkv = qkv.view(S, B, 3, heads, head_dim).permute(2, 1, 3, 0, 4)
-        q_BHSD = apply_rotary(qkv[0], cos, sin)
-        k_BHSD = apply_rotary(qkv[1], cos, sin)
-        v_BHSD = qkv[2]
+        q_BHSD, k_BHSD, v_BHSD = layer.attn.project(layer.attn_norm(x_SBH), cos, sin)
         cache.keys[index][rows, :, cols] = k_BHSD[rows, :, slots]
         cache.values[index][rows, :, cols] = v_BHSD[rows, :, slots]
         keys_BHKD = torch.cat([cache.keys[index][:, :, :T], k_BHSD[:, :, N:]], dim=2)
         values_BHKD = torch.cat([cache.values[index][:, :, :T], v_BHSD[:, :, N:]], dim=2)
         o_BHSD = F.scaled_dot_product_attention(q_BHSD, keys_BHKD, values_BHKD, attn_mask=mask_B1QK)
-        o_SBH = o_BHSD.permute(2, 0, 1, 3).reshape(S, B, heads * head_dim)
-        x_SBH = x_SBH + layer.attn.out(o_SBH)[0]
+        x_SBH = x_SBH + layer.attn.output(o_BHSD)
         x_SBH = x_SBH + layer.mlp(layer.mlp_norm(x_SBH))
     cache.length += clean_count_B
     return x_SBH.transpose(0, 1)

@@ -30,7 +30,7 @@ from typing import Sequence
 
 import torch
 
-from model.kv_cache import KVCache, cached_forward, head_logits
+from model.kv_cache import KVCache, cached_forward
 from model.orders import parse_order, staggered_hitting_times
 from model.sampling_reference import ar_recompute_logits, pack_positions, recompute_logits
 from model.transformer import SetDiffusionTransformer
@@ -251,7 +251,7 @@ def decode_canvases(model: SetDiffusionTransformer, canvases: Sequence[Sequence[
             clean_pos_BN, clean_count_B = pack_positions(pending_BL)
             hidden_BSH = cached_forward(model, cache, canvas_BL.gather(1, clean_pos_BN), clean_pos_BN,
                                         clean_count_B, active_pos_BA, active_count_B, window.share_set)
-            logits_BAV = head_logits(model, hidden_BSH[:, clean_pos_BN.shape[1]:]).float().cpu()
+            logits_BAV = model.head.logits(hidden_BSH[:, clean_pos_BN.shape[1]:]).float().cpu()
         else:
             logits_BAV = recompute_logits(model, canvas_BL, entry_rank_BL, active_pos_BA, active_count_B,
                                           window.share_set)
@@ -326,7 +326,7 @@ def generate_ar(model: SetDiffusionTransformer, prompts: Sequence[Sequence[int]]
                                         clean_count_B, none_BA, torch.zeros(B, dtype=torch.long))
             last_B = (clean_count_B - 1).clamp(min=0).to(hidden_BSH.device)
             rows_B = torch.arange(B, device=hidden_BSH.device)
-            logits_BAV = head_logits(model, hidden_BSH[rows_B, last_B][:, None]).float().cpu()
+            logits_BAV = model.head.logits(hidden_BSH[rows_B, last_B][:, None]).float().cpu()
         else:
             logits_BAV = ar_recompute_logits(model, canvas_BL, known_B)
         forwards += 1

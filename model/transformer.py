@@ -126,17 +126,22 @@ class Attention(nn.Module):
             cfg.hidden_size, cfg.hidden_size, config=mp_config, init_method=output_init,
             bias=False, input_is_parallel=True, skip_bias_add=False, tp_group=tp_group)
 
-    def forward(self, x_SBH, cos, sin, backend: AttentionBackend, mask):
+    def project(self, x_SBH, cos, sin):
+        """q, k, v [B, heads, S, head_dim] of this rank's heads, rotary applied to q and k."""
         S, B, _ = x_SBH.shape
         qkv, _ = self.qkv(x_SBH)  # [S, B, 3 * local_heads * hd]: [q_local; k_local; v_local]
         qkv = qkv.view(S, B, 3, self.local_heads, self.head_dim).permute(2, 1, 3, 0, 4)
-        q_BHSD, k_BHSD, v_BHSD = qkv[0], qkv[1], qkv[2]
-        q_BHSD = apply_rotary(q_BHSD, cos, sin)
-        k_BHSD = apply_rotary(k_BHSD, cos, sin)
-        o_BHSD = backend.attend(q_BHSD, k_BHSD, v_BHSD, mask)
-        o_SBH = o_BHSD.permute(2, 0, 1, 3).reshape(S, B, self.local_heads * self.head_dim)
-        out, _ = self.out(o_SBH)
+        return apply_rotary(qkv[0], cos, sin), apply_rotary(qkv[1], cos, sin), qkv[2]
+
+    def output(self, o_BHSD):
+        """Attention output [B, heads, S, head_dim] -> the residual branch [S, B, H]."""
+        B, _, S, _ = o_BHSD.shape
+        out, _ = self.out(o_BHSD.permute(2, 0, 1, 3).reshape(S, B, self.local_heads * self.head_dim))
         return out
+
+    def forward(self, x_SBH, cos, sin, backend: AttentionBackend, mask):
+        q_BHSD, k_BHSD, v_BHSD = self.project(x_SBH, cos, sin)
+        return self.output(backend.attend(q_BHSD, k_BHSD, v_BHSD, mask))
 
 
 class SwiGLU(nn.Module):
@@ -215,12 +220,15 @@ class Head(nn.Module):
         global_ids = torch.arange(per_rank) + tp_group.rank() * per_rank
         self.register_buffer("invalid_logit", global_ids >= cfg.vocab_size, persistent=False)
 
+    def logits(self, x):
+        """Vocab-parallel logits of hidden states [..., H] (any leading shape)."""
+        logits, _ = self.output(self.norm(x))
+        return logits.masked_fill(self.invalid_logit, float("-inf"))
+
     def forward(self, x_SBH):
         if self.set_mode:
             x_SBH = x_SBH[x_SBH.shape[0] // 2:]
-        logits, _ = self.output(self.norm(x_SBH))
-        logits = logits.masked_fill(self.invalid_logit, float("-inf"))
-        return logits.transpose(0, 1).contiguous()
+        return self.logits(x_SBH).transpose(0, 1).contiguous()
 
 
 def component_seed(base_seed: int, index: int) -> int:
