@@ -36,21 +36,24 @@ class LossBreakdown:
 
     def record(self, token_ce: torch.Tensor, loss_weight: torch.Tensor, set_rank: torch.Tensor,
                family_id: torch.Tensor, sequence_normalizer: torch.Tensor) -> None:
-        """token_ce, loss_weight, set_rank: [B, L] in set order; family_id, sequence_normalizer: [B]."""
-        ce, weight = token_ce.detach().double().cpu(), loss_weight.detach().double().cpu()
-        rank, family = set_rank.cpu(), family_id.cpu()
+        """token_ce, loss_weight, set_rank: [B, L] in set order; family_id, sequence_normalizer: [B].
+
+        Accumulates on the tensors' device without reading anything back (no sync per micro-batch).
+        """
+        ce, weight = token_ce.detach().double(), loss_weight.detach().double()
+        if self.sums.device != ce.device:
+            self.sums, self.max_weight = self.sums.to(ce.device), self.max_weight.to(ce.device)
         F, K = len(self.families), self.num_buckets
-        self.sums[:F].index_add_(0, family, (ce * weight).sum(dim=1))
-        self.sums[F:2 * F].index_add_(0, family, sequence_normalizer.detach().double().cpu())
-        sizes = torch.zeros(rank.shape, dtype=torch.float64).scatter_add_(1, rank, torch.ones_like(ce))
-        bucket = torch.gather(sizes, 1, rank).log2().floor().long().clamp(max=K - 1)
-        carries = weight > 0
-        self.sums[2 * F:2 * F + K].index_add_(0, bucket[carries], ce[carries])
-        self.sums[2 * F + K:2 * F + 2 * K].index_add_(0, bucket[carries], torch.ones_like(ce[carries]))
-        self.sums[-2] += weight[carries].sum()
+        self.sums[:F].index_add_(0, family_id, (ce * weight).sum(dim=1))
+        self.sums[F:2 * F].index_add_(0, family_id, sequence_normalizer.detach().double())
+        sizes = torch.zeros_like(ce).scatter_add_(1, set_rank, torch.ones_like(ce))
+        bucket = torch.gather(sizes, 1, set_rank).log2().floor().long().clamp(max=K - 1)
+        carries = (weight > 0).double()  # tokens that carry loss; the others add zeros
+        self.sums[2 * F:2 * F + K].index_add_(0, bucket.flatten(), torch.where(carries > 0, ce, 0.0).flatten())
+        self.sums[2 * F + K:2 * F + 2 * K].index_add_(0, bucket.flatten(), carries.flatten())
+        self.sums[-2] += weight.sum()
         self.sums[-1] += carries.sum()
-        if carries.any():
-            self.max_weight = torch.maximum(self.max_weight, weight[carries].max().reshape(1))
+        self.max_weight = torch.maximum(self.max_weight, weight.max().reshape(1))  # weights are >= 0
 
     def reduce(self, device) -> dict[str, float]:
         """Scalars over every rank's window (a collective: call on all ranks), then reset."""

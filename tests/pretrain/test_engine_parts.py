@@ -73,3 +73,26 @@ def test_step_flops_count_only_allowed_attention_pairs():
     expected = 3 * (2 * (per_layer_linear + 4 * 32 * 32 * 64) + 2 * 16 * 64 * 128)
     assert dense == expected
     assert dense - half == 3 * 2 * 4 * (32 * 32 / 2) * 64
+
+
+def test_allowed_pairs_counted_from_ranks_equal_the_dense_mask():
+    from model.masks import causal_meta, dense_mask, two_copy_meta
+    from model.orders import parse_order, sample_set_rank, set_order
+    from pretrain.flops import allowed_pairs_per_sequence
+
+    L = 40
+    ranks, docs = [], []
+    for seed, family in enumerate(["ar", "mdlm", "block:3", "staggered:4", "random", "block:7"]):
+        g = torch.Generator().manual_seed(seed)
+        doc = torch.zeros(L, dtype=torch.long)
+        doc[11:] = 1
+        doc[27:] = 2
+        doc[L - seed:] = -1  # 0..5 padding tokens
+        rank = sample_set_rank(parse_order(family), L, g, doc)
+        perm = set_order(rank)
+        ranks.append(rank[perm])
+        docs.append(doc[perm])
+    meta = two_copy_meta(torch.stack(ranks), torch.stack(docs))
+    assert allowed_pairs_per_sequence(meta) == float(dense_mask(meta).sum()) / 6
+    one_copy = causal_meta(torch.stack(docs))
+    assert allowed_pairs_per_sequence(one_copy) == float(dense_mask(one_copy).sum()) / 6
