@@ -12,6 +12,7 @@ train: see pretrain/bench_train.py.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 
@@ -131,7 +132,10 @@ def main(argv=None) -> int:
     bench_train.add_parser(sub)
     bench_decode.add_parser(sub)
     args = parser.parse_args(argv)
-    bench_train.write_json(args.run(args), args.json)
+    result = args.run(args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
     return 0
 
 

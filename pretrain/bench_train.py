@@ -13,7 +13,7 @@ layout with their own objective. ``flex`` runs only on CUDA (PyTorch has no CPU 
 """
 from __future__ import annotations
 
-import json
+import dataclasses
 import statistics
 import time
 
@@ -38,7 +38,7 @@ def measure_row(cfg, layout, order: str, mode: str, objective: str, backend: str
     from model.transformer import SetDiffusionTransformer
     from pretrain.flops import allowed_pairs_per_sequence, step_flops
 
-    cfg.attention_backend = backend
+    cfg = dataclasses.replace(cfg, attention_backend=backend)
     set_mode = mode == "set"
     model = SetDiffusionTransformer(cfg, layout.parallel, set_mode=set_mode, init_seed=0).to(device, dtype).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=True)  # as the trainer
@@ -139,9 +139,3 @@ def add_parser(sub) -> None:
     p.add_argument("--backends", help="comma-separated; default tiled,sdpa on CPU and flex,tiled,sdpa on CUDA")
     p.add_argument("--json", help="also write the results here")
     p.set_defaults(run=bench_train)
-
-
-def write_json(result: dict, path: str | None) -> None:
-    if path:
-        with open(path, "w") as f:
-            json.dump(result, f, indent=2)

@@ -101,8 +101,6 @@ def generative_perplexity(model_dir: pathlib.Path, judge_dir: pathlib.Path, *, s
     """Unconditional samples of the model (from a document boundary, KV-cached decoding with
     the model's order) scored by a judge causal LM directory (transformers; GGUF files with
     ``gguf_file``): exp(judge NLL per token)."""
-    from types import SimpleNamespace
-
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from model.sampling import generate
@@ -114,9 +112,8 @@ def generative_perplexity(model_dir: pathlib.Path, judge_dir: pathlib.Path, *, s
     model, fields, tokenizer, eos_id = load_model(model_dir, "cpu")
     if eos_id is None:
         raise ValueError(f"{model_dir}: generation_config.json names no eos_token_id to start samples from")
-    args = SimpleNamespace(order=None, window=None, any_order=False, tau=tau, temperature=temperature, top_p=top_p,
-                           max_new_tokens=new_tokens, no_cache=False)
-    cfg = decode_config(args, fields, model.cfg.seq_len, 1, infill=False)
+    cfg = decode_config(fields, model.cfg.seq_len, 1, infill=False, tau=tau, temperature=temperature, top_p=top_p,
+                        max_new_tokens=new_tokens)
     result = generate(model, [[eos_id]] * samples, cfg, torch.Generator().manual_seed(seed))
     texts = [tokenizer.decode([t for t in row if t != eos_id]) for row in result.generated]
     extra = {"gguf_file": gguf_file} if gguf_file else {}

@@ -84,10 +84,13 @@ def read_prompts(args) -> list[str]:
     return args.prompt or args.infill
 
 
-def decode_config(args, fields: dict, seq_len: int, longest: int, infill: bool):
+def decode_config(fields: dict, seq_len: int, longest: int, infill: bool, *, order: str | None = None,
+                  window: int | None = None, any_order: bool = False, tau: float = 0.9, temperature: float = 0.0,
+                  top_p: float = 1.0, max_new_tokens: int | None = None, use_cache: bool = True):
+    """DecodeConfig for a converted model: its own order and window unless given, and a
+    length that fits its seq_len after the longest prompt."""
     from model.sampling import DecodeConfig
 
-    order, window = args.order, args.window
     if order is None:  # the model's own order and window (setdiff.window, the set size d)
         order = fields.get("order", "staggered:4")
         if not re.fullmatch(r"ar|mdlm|block:\d+|staggered:\d+", order):
@@ -97,13 +100,12 @@ def decode_config(args, fields: dict, seq_len: int, longest: int, infill: bool):
     if longest > seq_len:
         raise ValueError(f"a prompt has {longest} tokens, longer than the model's seq_len {seq_len}")
     room = seq_len - longest
-    max_new = args.max_new_tokens if args.max_new_tokens is not None else max(1, min(64, room))
+    max_new = max_new_tokens if max_new_tokens is not None else max(1, min(64, room))
     if not infill and max_new > room:
         raise ValueError(f"--max-new-tokens {max_new}: the longest prompt ({longest} tokens) leaves room for "
                          f"{room} of the model's seq_len {seq_len}")
-    return DecodeConfig(order=order, window=window, any_order=args.any_order, tau=args.tau,
-                        temperature=args.temperature, top_p=args.top_p, max_new_tokens=max_new,
-                        use_cache=not args.no_cache)
+    return DecodeConfig(order=order, window=window, any_order=any_order, tau=tau, temperature=temperature,
+                        top_p=top_p, max_new_tokens=max_new, use_cache=use_cache)
 
 
 def sample(args) -> dict:
@@ -121,7 +123,9 @@ def sample(args) -> dict:
     for index, row in enumerate(rows, start=1):
         if not row or all(t == model.mask_id for t in row):
             raise ValueError(f"prompt #{index} {texts[index - 1]!r} gives no token of context")
-    cfg = decode_config(args, fields, model.cfg.seq_len, max(len(r) for r in rows), infill)
+    cfg = decode_config(fields, model.cfg.seq_len, max(len(r) for r in rows), infill, order=args.order,
+                        window=args.window, any_order=args.any_order, tau=args.tau, temperature=args.temperature,
+                        top_p=args.top_p, max_new_tokens=args.max_new_tokens, use_cache=not args.no_cache)
     cfg.eos_id = None if infill else eos_id  # infilling decodes every masked position
     generator = torch.Generator().manual_seed(args.seed)
     outputs, generated, total = [], [], DecodeStats()
