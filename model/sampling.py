@@ -2,19 +2,37 @@
 
 Every row is a *canvas*: given tokens (clean context) and [MASK] positions to decode.
 Generation is a canvas of prompt + max_new_tokens masks; infilling is a canvas with masked
-spans between given text. Each step:
+spans between given text. Each step runs one forward over
 
-1. the active window of a row = its still-masked positions whose order key is below the
-   smallest still-masked key + w (key = position for left-to-right windows, the rank in a
-   sampled staggered order for any-order decoding, the block index for block decoding);
-2. one forward over [tokens decoded last step (clean) ; active masked tokens] (the first
-   step's clean tokens are the given ones, which is the prefill);
-3. every active token whose top probability >= tau is unmasked, and at least the most
-   confident one; tokens are argmax (temperature 0) or sampled with temperature and top-p.
+    [ tokens that became clean since the last step ; the active noisy tokens ]
 
-``use_cache=False`` recomputes each step from scratch as a two-copy set-order sequence
-(model/sampling_reference.py): it gives the same logits, and is the reference for tests
-and the slow side of ``setdiff-bench decode``.
+and unmasks every active token whose confidence >= tau, and at least the most confident.
+
+Singleton-set families (staggered:D, ar): the active tokens are the still-masked positions
+whose order key is below the smallest still-masked key + w (key = position, or the rank in
+a sampled staggered order for any-order decoding); each is a set of its own, so a token
+joins the clean cache the step after it is decoded. The given tokens are the first step's
+clean tokens (the prefill), in position order.
+
+Families with larger sets (block:S, mdlm) decode as they train: the canvas is partitioned
+into blocks of S positions aligned at position 0 (mdlm: one set holding everything). The
+active tokens are every position of the first block that still has a masked position,
+given and already-decoded ones included (they stay in the noisy half with their ids, seen
+by the rest of the set through noisy-noisy attention); the blocks before it are clean
+context (block-causal among themselves). A block enters the cache in one piece, in the
+forward after its last token is decoded: several forwards per block, one cache update.
+
+Past the trained length (``model.cfg.seq_len``) the cache is cropped on the left so that
+cache + the step's tokens fit in it, as the reference does; the step's new clean tokens
+and the active ones then see only that window.
+
+Confidence: greedy takes the argmax; sampling applies temperature, keeps the top-p
+nucleus and renormalizes it, and draws from it. ``confidence="sampled"`` (the reference's
+rule, the default) is the chosen token's probability under that renormalized distribution
+(the top probability when greedy); ``"max"`` is the top probability of softmax(logits).
+
+``use_cache=False`` recomputes each step from scratch (model/sampling_reference.py): it
+gives the same logits, and is the slow side of ``setdiff-bench decode``.
 
 AR-baseline models (one-copy causal, logits at j predict j + 1) decode with
 ``generate_ar``, the standard KV-cached loop with the same batching and stops.
@@ -24,7 +42,9 @@ forwards run on the model's device, and only each step's active logits come back
 """
 from __future__ import annotations
 
+import math
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -41,20 +61,26 @@ DECODE_ORDERS = "ar, block:S, mdlm or staggered:D"
 @dataclass
 class DecodeConfig:
     order: str = "staggered:4"
-    """ar (w = 1), block:S (the k-th masked position of a row is in block k // S; one block a
-    window, its tokens one set), mdlm (all masked positions one window and one set) or
-    staggered:D (a sliding window of w singleton sets)."""
+    """ar (w = 1), block:S (blocks of S positions aligned at position 0, each one set, decoded
+    left to right), mdlm (the whole canvas one set) or staggered:D (a sliding window of w
+    singleton sets)."""
     window: int | None = None
     """Width w of a staggered window; None takes D. ar, block and mdlm fix their own window."""
     any_order: bool = False
     """staggered:D only: the window follows a staggered order over each row's masked positions,
     drawn from the generator passed in (SET_DIFFUSION.md §1), instead of positions."""
     tau: float = 1.0
-    """Unmask every active token whose top probability is >= tau (and always the most confident)."""
+    """Unmask every active token whose confidence is >= tau (and always the most confident)."""
+    confidence: str = "sampled"
+    """'sampled': the chosen token's probability under the temperature- and top-p-renormalized
+    distribution (the reference's rule); 'max': the top probability of softmax(logits)."""
     temperature: float = 0.0
     """0: greedy argmax; > 0: sample from softmax(logits / temperature)."""
     top_p: float = 1.0
     """Sample only inside the smallest set of tokens whose probability reaches top_p."""
+    repetition_penalty: float = 1.0
+    """> 1 penalizes every token already in the row (given or decoded), as transformers'
+    RepetitionPenaltyLogitsProcessor: a logit l becomes l / p if l > 0, else l * p."""
     max_new_tokens: int = 32
     """Masked positions appended to each prompt (generation only)."""
     eos_id: int | None = None
@@ -62,7 +88,7 @@ class DecodeConfig:
     use_cache: bool = True
     """False: recompute every step from scratch (the reference)."""
     record_logits: bool = False
-    """Keep each step's active positions and logits in DecodeResult.trace (for tests)."""
+    """Keep each step's canvas, active positions and logits in DecodeResult.trace (for tests)."""
 
     def validate(self) -> None:
         family = parse_order(self.order)  # raises on an unknown family
@@ -75,10 +101,14 @@ class DecodeConfig:
             raise ValueError(f"any_order needs order staggered:D, got {self.order!r}")
         if not 0.0 < self.tau <= 1.0:
             raise ValueError(f"tau={self.tau} must be in (0, 1]")
+        if self.confidence not in ("sampled", "max"):
+            raise ValueError(f"confidence={self.confidence!r} must be 'sampled' or 'max'")
         if self.temperature < 0.0:
             raise ValueError(f"temperature={self.temperature} must be >= 0")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+        if not self.repetition_penalty > 0.0:
+            raise ValueError(f"repetition_penalty={self.repetition_penalty} must be > 0")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
 
@@ -115,10 +145,14 @@ class DecodeStats:
 
 @dataclass
 class StepTrace:
+    canvas: torch.Tensor
+    """[B, L] every row's canvas before the step ([MASK] where not decoded yet)."""
+    entered: torch.Tensor
+    """[B, L] the positions that joined the clean cache (or clean half) in this step."""
     positions: torch.Tensor
     """[B, A] active positions of the step (padded)."""
     valid: torch.Tensor
-    """[B, A] which of them are real."""
+    """[B, A] which of them are still masked and may be decoded in this step."""
     logits: torch.Tensor
     """[B, A, V_padded] logits of the active tokens."""
 
@@ -138,32 +172,57 @@ class _Window:
     key_BL: torch.Tensor
     """Order key of each position (inf for given ones); the window is keyed on it."""
     width: float
-    share_set: bool
-    """True when the active tokens form one set and attend each other (block, mdlm)."""
+    block_BL: torch.Tensor | None = None
+    """Set families (block, mdlm): the set each position belongs to; None for singleton sets."""
+
+
+def repetition_penalty(logits_BAV: torch.Tensor, seen_BV: torch.Tensor, penalty: float) -> torch.Tensor:
+    """transformers' RepetitionPenaltyLogitsProcessor on every active token of a row:
+    a seen token's logit l becomes l / penalty if l > 0, else l * penalty."""
+    if penalty == 1.0:
+        return logits_BAV
+    scaled = torch.where(logits_BAV > 0, logits_BAV / penalty, logits_BAV * penalty)
+    return torch.where(seen_BV[:, None, :], scaled, logits_BAV)
 
 
 def choose_tokens(logits_BAV: torch.Tensor, temperature: float, top_p: float,
-                  generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(tokens [B, A], confidence [B, A]); confidence is the top probability of
-    softmax(logits), whatever the temperature, so tau means the same for greedy and sampling."""
-    probs = torch.softmax(logits_BAV.float(), dim=-1)
-    confidence, greedy = probs.max(dim=-1)
+                  generator: torch.Generator | None, confidence: str = "sampled"
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens [B, A], confidence [B, A]) under DecodeConfig's rules (module docstring)."""
+    probs = torch.softmax(logits_BAV.float() / (temperature or 1.0), dim=-1)
+    nucleus = nucleus_probs(probs, top_p)
     if temperature == 0.0:
-        return greedy, confidence
-    return sample_top_p(logits_BAV, temperature, top_p, generator), confidence
+        tokens = nucleus.argmax(dim=-1)
+    else:
+        flat = nucleus.reshape(-1, nucleus.shape[-1])
+        tokens = torch.multinomial(flat, 1, generator=generator).view(nucleus.shape[:-1])
+    if confidence == "max":
+        return tokens, torch.softmax(logits_BAV.float(), dim=-1).max(dim=-1).values
+    return tokens, nucleus.gather(-1, tokens[..., None])[..., 0]
+
+
+def nucleus_probs(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """probs restricted to the top-p nucleus (the most probable tokens whose mass first reaches
+    top_p; the top token always stays) and renormalized."""
+    if top_p >= 1.0:
+        return probs
+    sorted_probs, sorted_ids = probs.sort(dim=-1, descending=True)
+    outside = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p
+    kept = torch.zeros_like(probs).scatter_(-1, sorted_ids, sorted_probs.masked_fill(outside, 0.0))
+    return kept / kept.sum(dim=-1, keepdim=True)
 
 
 def sample_top_p(logits_BAV: torch.Tensor, temperature: float, top_p: float,
                  generator: torch.Generator | None) -> torch.Tensor:
     """Sample from softmax(logits / temperature) restricted to the top-p nucleus."""
-    probs = torch.softmax(logits_BAV.float() / temperature, dim=-1)
-    sorted_probs, sorted_ids = probs.sort(dim=-1, descending=True)
-    # keep a token while the mass before it is below top_p: the top token always stays
-    outside = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p
-    sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-    flat = sorted_probs.reshape(-1, sorted_probs.shape[-1])
-    picks = torch.multinomial(flat, 1, generator=generator).view(sorted_probs.shape[:-1])
-    return sorted_ids.gather(-1, picks[..., None])[..., 0]
+    return choose_tokens(logits_BAV, temperature, top_p, generator)[0]
+
+
+def unigram_entropy(tokens: Sequence[int]) -> float:
+    """Entropy (nats) of a sample's token frequencies: the reference rejects samples < 4."""
+    counts = Counter(tokens)
+    total = sum(counts.values())
+    return -sum(c / total * math.log(c / total) for c in counts.values()) if total else 0.0
 
 
 def prompt_canvases(prompts: Sequence[Sequence[int]], max_new_tokens: int, mask_id: int) -> list[list[int]]:
@@ -185,14 +244,12 @@ def _pad_canvases(canvases: Sequence[Sequence[int]], mask_id: int) -> tuple[torc
 def _window(cfg: DecodeConfig, to_decode_BL: torch.Tensor, generator: torch.Generator | None) -> _Window:
     family = parse_order(cfg.order)
     B, L = to_decode_BL.shape
-    pos_BL = torch.arange(L, dtype=torch.float64).expand(B, L)
-    gen_index_BL = (to_decode_BL.cumsum(dim=1) - 1).double()  # k-th masked position of the row
+    pos_BL = torch.arange(L).expand(B, L)
+    if family.name in ("block", "mdlm"):
+        block_BL = pos_BL // family.size if family.name == "block" else torch.zeros(B, L, dtype=torch.long)
+        return _Window(block_BL.double(), 1.0, block_BL)
     if family.name == "ar":
-        key, width, share = pos_BL, 1.0, False
-    elif family.name == "block":
-        key, width, share = torch.div(gen_index_BL, family.size, rounding_mode="floor"), 1.0, True
-    elif family.name == "mdlm":
-        key, width, share = torch.zeros(B, L, dtype=torch.float64), 1.0, True
+        key, width = pos_BL.double(), 1.0
     elif cfg.any_order:
         key = torch.zeros(B, L, dtype=torch.float64)
         for b in range(B):
@@ -202,10 +259,67 @@ def _window(cfg: DecodeConfig, to_decode_BL: torch.Tensor, generator: torch.Gene
                 rank = torch.empty(count, dtype=torch.float64)
                 rank[torch.sort(-times, stable=True).indices] = torch.arange(count, dtype=torch.float64)
                 key[b, to_decode_BL[b]] = rank
-        width, share = float(cfg.window or family.size), False
+        width = float(cfg.window or family.size)
     else:
-        key, width, share = pos_BL, float(cfg.window or family.size), False
-    return _Window(key.masked_fill(~to_decode_BL, float("inf")), width, share)
+        key, width = pos_BL.double(), float(cfg.window or family.size)
+    return _Window(key.masked_fill(~to_decode_BL, float("inf")), width)
+
+
+class _Canvas:
+    """The decoding state of a batch of rows: tokens, what is decoded, what is clean.
+
+    Clean tokens are numbered in the order they became clean (entry rank); each carries its
+    set index (its entry rank for singleton sets, its block for block/mdlm decoding) and the
+    oldest entry rank it could see when computed (its window start; > 0 only once the cache
+    was cropped to fit the trained length).
+    """
+
+    def __init__(self, canvases: Sequence[Sequence[int]], mask_id: int, max_len: int):
+        self.tokens_BL, self.row_len_B = _pad_canvases(canvases, mask_id)
+        B, L = self.tokens_BL.shape
+        self.mask_id, self.max_len, self.pos_L = mask_id, max_len, torch.arange(L)
+        self.inside_BL = self.pos_L[None, :] < self.row_len_B[:, None]
+        self.to_decode_BL = (self.tokens_BL == mask_id) & self.inside_BL
+        self.given_BL = self.inside_BL & ~self.to_decode_BL
+        self.decoded_BL = torch.zeros_like(self.to_decode_BL)
+        self.last_pos_B = self.row_len_B - 1  # positions after a row's first EOS are never decoded
+        self.entry_rank_BL = torch.full((B, L), L, dtype=torch.long)
+        self.clean_set_BL = torch.zeros(B, L, dtype=torch.long)
+        self.window_start_BL = torch.zeros(B, L, dtype=torch.long)
+        self.entered_B = torch.zeros(B, dtype=torch.long)
+        self.window_start_B = torch.zeros(B, dtype=torch.long)
+
+    def masked(self) -> torch.Tensor:
+        return self.to_decode_BL & ~self.decoded_BL & (self.pos_L[None, :] <= self.last_pos_B[:, None])
+
+    def enter(self, pending_BL: torch.Tensor, active_count_B: torch.Tensor, set_BL: torch.Tensor | None
+              ) -> torch.Tensor:
+        """Make the pending positions clean, in position order; returns how many of each row's
+        oldest entries must leave the window (the cache) so the step fits in max_len."""
+        count_B = pending_BL.sum(dim=1)
+        need_B = self.entered_B - self.window_start_B + count_B + active_count_B
+        drop_B = (need_B - self.max_len).clamp(min=0)
+        too_long = (self.window_start_B + drop_B > self.entered_B).nonzero(as_tuple=True)[0]
+        if too_long.numel():
+            b = int(too_long[0])
+            raise ValueError(f"row {b}: one decoding step needs {int(count_B[b])} new clean + "
+                             f"{int(active_count_B[b])} active tokens, more than the model's seq_len "
+                             f"{self.max_len}; shorten the prompt or the window")
+        self.window_start_B += drop_B
+        rank_BL = self.entered_B[:, None] + pending_BL.long().cumsum(dim=1) - 1
+        self.entry_rank_BL = torch.where(pending_BL, rank_BL, self.entry_rank_BL)
+        self.clean_set_BL = torch.where(pending_BL, rank_BL if set_BL is None else set_BL, self.clean_set_BL)
+        self.window_start_BL = torch.where(pending_BL, self.window_start_B[:, None], self.window_start_BL)
+        self.entered_B += count_B
+        return drop_B
+
+    def seen_tokens(self, vocab: int) -> torch.Tensor:
+        """[B, vocab] which ids each row holds so far (given or decoded)."""
+        known_BL = self.inside_BL & (self.tokens_BL != self.mask_id)
+        seen_BV = torch.zeros(self.tokens_BL.shape[0], vocab, dtype=torch.bool)
+        rows, cols = known_BL.nonzero(as_tuple=True)
+        seen_BV[rows, self.tokens_BL[rows, cols]] = True
+        return seen_BV
 
 
 @torch.no_grad()
@@ -216,70 +330,78 @@ def decode_canvases(model: SetDiffusionTransformer, canvases: Sequence[Sequence[
         raise ValueError("decode_canvases needs a set-mode model; AR-baseline models use generate_ar")
     cfg.validate()
     start = time.perf_counter()
-    mask_id = model.mask_id
-    canvas_BL, row_len_B = _pad_canvases(canvases, mask_id)
-    B, L = canvas_BL.shape
-    pos_L = torch.arange(L)
-    inside_BL = pos_L[None, :] < row_len_B[:, None]
-    to_decode_BL = (canvas_BL == mask_id) & inside_BL
-    given_BL = inside_BL & ~to_decode_BL
-    given_tokens = canvas_BL[given_BL].clone()
-    window = _window(cfg, to_decode_BL, generator)
-    decoded_BL = torch.zeros_like(to_decode_BL)
-    last_pos_B = row_len_B - 1  # positions after a row's first EOS are never decoded
-    # clean tokens not yet in the cache: the given ones first (the prefill), in position order
-    pending_BL = given_BL.clone()
-    entry_rank_BL = torch.full((B, L), L, dtype=torch.long)  # order in which tokens became clean
-    entered_B = torch.zeros(B, dtype=torch.long)
-    cache = KVCache.for_model(model, B, int(row_len_B.max())) if cfg.use_cache else None
+    state = _Canvas(canvases, model.mask_id, model.cfg.seq_len)
+    B, L = state.tokens_BL.shape
+    given_tokens = state.tokens_BL[state.given_BL].clone()
+    window = _window(cfg, state.to_decode_BL, generator)
+    set_family = window.block_BL is not None
+    if set_family and parse_order(cfg.order).name == "mdlm" and int(state.row_len_B.max()) > state.max_len:
+        raise ValueError(f"mdlm decodes a canvas as one set: {int(state.row_len_B.max())} tokens exceed the "
+                         f"model's seq_len {state.max_len}")
+    # clean tokens not yet in the cache: for singleton sets the given ones first (the prefill)
+    pending_BL = state.given_BL.clone() if not set_family else None
+    capacity = min(int(state.row_len_B.max()), state.max_len)
+    cache = KVCache.for_model(model, B, capacity) if cfg.use_cache else None
     row_forwards_B = torch.zeros(B, dtype=torch.long)
     forwards, trace = 0, []
     while True:
-        masked_BL = to_decode_BL & ~decoded_BL & (pos_L[None, :] <= last_pos_B[:, None])
-        if not bool(masked_BL.any()):
+        masked_BL = state.masked()
+        live_B = masked_BL.any(dim=1)
+        if not bool(live_B.any()):
             break
         first_key_B = window.key_BL.masked_fill(~masked_BL, float("inf")).min(dim=1).values
-        active_BL = masked_BL & (window.key_BL < first_key_B[:, None] + window.width)
-        live_B = active_BL.any(dim=1)
-        pending_BL &= live_B[:, None]
-        # the pending tokens become clean now, in position order
-        order_BL = entered_B[:, None] + pending_BL.long().cumsum(dim=1) - 1
-        entry_rank_BL = torch.where(pending_BL, order_BL, entry_rank_BL)
-        entered_B += pending_BL.sum(dim=1)
+        if set_family:  # the first block with a masked position is one set, given tokens included
+            active_BL = state.inside_BL & (window.key_BL == first_key_B[:, None]) & live_B[:, None]
+            pending_BL = (state.inside_BL & (window.key_BL < first_key_B[:, None]) & live_B[:, None]
+                          & (state.entry_rank_BL >= L))
+        else:
+            active_BL = masked_BL & (window.key_BL < first_key_B[:, None] + window.width)
+            pending_BL &= live_B[:, None]
         active_pos_BA, active_count_B = pack_positions(active_BL)
+        drop_B = state.enter(pending_BL, active_count_B, window.block_BL)
+        active_ids_BA = state.tokens_BL.gather(1, active_pos_BA)
         if cache is not None:
+            cache.crop_left(drop_B)
             clean_pos_BN, clean_count_B = pack_positions(pending_BL)
-            hidden_BSH = cached_forward(model, cache, canvas_BL.gather(1, clean_pos_BN), clean_pos_BN,
-                                        clean_count_B, active_pos_BA, active_count_B, window.share_set)
+            hidden_BSH = cached_forward(model, cache, state.tokens_BL.gather(1, clean_pos_BN), clean_pos_BN,
+                                        clean_count_B, active_pos_BA, active_count_B, set_family,
+                                        clean_set_BN=state.clean_set_BL.gather(1, clean_pos_BN),
+                                        masked_ids_BA=active_ids_BA)
             logits_BAV = model.head.logits(hidden_BSH[:, clean_pos_BN.shape[1]:]).float().cpu()
         else:
-            logits_BAV = recompute_logits(model, canvas_BL, entry_rank_BL, active_pos_BA, active_count_B,
-                                          window.share_set)
-        pending_BL = torch.zeros_like(pending_BL)
+            logits_BAV = recompute_logits(model, state.tokens_BL, state.entry_rank_BL, state.clean_set_BL,
+                                          state.window_start_BL, state.window_start_B, active_pos_BA,
+                                          active_count_B, set_family)
         forwards += 1
-        active_valid_BA = torch.arange(active_pos_BA.shape[1])[None, :] < active_count_B[:, None]
+        slot_A = torch.arange(active_pos_BA.shape[1])
+        candidate_BA = (slot_A[None, :] < active_count_B[:, None]) & masked_BL.gather(1, active_pos_BA)
         if cfg.record_logits:
-            trace.append(StepTrace(active_pos_BA.clone(), active_valid_BA, logits_BAV.clone()))
+            trace.append(StepTrace(state.tokens_BL.clone(), pending_BL.clone(), active_pos_BA.clone(),
+                                   candidate_BA, logits_BAV.clone()))
 
-        tokens_BA, confidence_BA = choose_tokens(logits_BAV, cfg.temperature, cfg.top_p, generator)
-        confidence_BA = confidence_BA.masked_fill(~active_valid_BA, -1.0)
-        unmask_BA = active_valid_BA & (confidence_BA >= cfg.tau)
-        most_confident_B = confidence_BA.argmax(dim=1)
-        unmask_BA[torch.arange(B), most_confident_B] |= live_B
+        logits_BAV = repetition_penalty(logits_BAV, state.seen_tokens(logits_BAV.shape[-1]),
+                                        cfg.repetition_penalty)
+        tokens_BA, confidence_BA = choose_tokens(logits_BAV, cfg.temperature, cfg.top_p, generator, cfg.confidence)
+        confidence_BA = confidence_BA.masked_fill(~candidate_BA, -1.0)
+        unmask_BA = candidate_BA & (confidence_BA >= cfg.tau)
+        unmask_BA[torch.arange(B), confidence_BA.argmax(dim=1)] |= live_B
         rows, slots = unmask_BA.nonzero(as_tuple=True)
         cols = active_pos_BA[rows, slots]
-        canvas_BL[rows, cols] = tokens_BA[rows, slots]
-        decoded_BL[rows, cols] = True
-        pending_BL[rows, cols] = True
+        state.tokens_BL[rows, cols] = tokens_BA[rows, slots]
+        state.decoded_BL[rows, cols] = True
+        if not set_family:  # a decoded singleton set joins the cache in the next forward
+            pending_BL = torch.zeros_like(pending_BL)
+            pending_BL[rows, cols] = True
         row_forwards_B += live_B
         if cfg.eos_id is not None:
-            eos_BL = decoded_BL & (canvas_BL == cfg.eos_id)
-            first_eos_B = torch.where(eos_BL, pos_L[None, :], L).min(dim=1).values
-            last_pos_B = torch.minimum(last_pos_B, first_eos_B)
+            eos_BL = state.decoded_BL & (state.tokens_BL == cfg.eos_id)
+            first_eos_B = torch.where(eos_BL, state.pos_L[None, :], L).min(dim=1).values
+            state.last_pos_B = torch.minimum(state.last_pos_B, first_eos_B)
 
-    assert torch.equal(canvas_BL[given_BL], given_tokens), "a given token changed during decoding"
-    kept_BL = pos_L[None, :] <= last_pos_B[:, None]
-    assert bool((decoded_BL | ~to_decode_BL | ~kept_BL).all()), "a position before the stop was left masked"
+    canvas_BL, to_decode_BL, inside_BL = state.tokens_BL, state.to_decode_BL, state.inside_BL
+    assert torch.equal(canvas_BL[state.given_BL], given_tokens), "a given token changed during decoding"
+    kept_BL = state.pos_L[None, :] <= state.last_pos_B[:, None]
+    assert bool((state.decoded_BL | ~to_decode_BL | ~kept_BL).all()), "a position before the stop was left masked"
     sequences = [canvas_BL[b, kept_BL[b] & inside_BL[b]].tolist() for b in range(B)]
     generated = [canvas_BL[b, kept_BL[b] & to_decode_BL[b]].tolist() for b in range(B)]
     stats = DecodeStats(forwards, row_forwards_B.tolist(), [len(g) for g in generated],

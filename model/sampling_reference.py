@@ -2,19 +2,22 @@
 must match (SET_DIFFUSION.md §5, "KV-cached decoding gives the same logits as
 recomputing from scratch"), and the slow side of ``setdiff-bench decode``.
 
-A set-mode step is rebuilt as a two-copy set-order sequence, [clean half ; noisy half]:
+A set-mode step is rebuilt as a two-copy sequence, [clean half ; noisy half], with an
+explicit attention mask that states the rule of a cached step directly:
 - clean half: every token that is clean so far (given or decoded), in the order it became
-  clean, each its own singleton set with ranks 0 .. C-1;
-- noisy half: the active masked tokens, each its own set ranked after every clean one
-  (rank C + j), or one shared set of rank C when they attend each other (block decoding).
-Both halves are padded to the same length (padding has doc id -1: nobody attends it), the
-set-causal mask comes from model/masks.py through the model's own forward.
+  clean; clean token q sees clean token k when k's set is q's or an earlier one and k was
+  still inside the window when q was computed (entry rank >= q's window start; the window
+  only moves when decoding runs past the trained length and the cache is cropped);
+- noisy half: the active tokens (their ids: [MASK], or a token already decoded inside the
+  set being decoded); each sees the clean tokens of the current window and itself, or every
+  active token of its row when they form one set (block, MDLM).
+Both halves are padded to the same length; the model's dense-mask path (``sdpa``) runs it.
 """
 from __future__ import annotations
 
 import torch
 
-from model.masks import AttentionMeta, causal_meta
+from model.masks import AttentionMeta, causal_meta, pack_bits
 from model.transformer import SetDiffusionTransformer
 
 
@@ -33,29 +36,43 @@ def _pad_to(x_BK: torch.Tensor, width: int) -> torch.Tensor:
 
 @torch.no_grad()
 def recompute_logits(model: SetDiffusionTransformer, canvas_BL: torch.Tensor, entry_rank_BL: torch.Tensor,
+                     clean_set_BL: torch.Tensor, window_start_BL: torch.Tensor, window_start_B: torch.Tensor,
                      active_pos_BA: torch.Tensor, active_count_B: torch.Tensor, share_set: bool) -> torch.Tensor:
-    """Logits [B, A, V_padded] of the active masked tokens from one full model forward.
+    """Logits [B, A, V_padded] of the active tokens from one full model forward.
 
-    entry_rank_BL: the order in which each position became clean; >= L for positions that
-    are not clean (yet).
+    entry_rank_BL: the order in which each position became clean (>= L: not clean yet);
+    clean_set_BL: the set index of each clean position; window_start_BL: the oldest entry
+    rank each clean position could see when it was computed; window_start_B: the oldest
+    entry rank the active tokens see now.
     """
+    if model.backend.name != "sdpa":
+        raise ValueError("the recompute reference needs model.attention_backend='sdpa' (an explicit mask)")
     B, L = canvas_BL.shape
     clean_count_B = (entry_rank_BL < L).sum(dim=1)
     C, A = int(clean_count_B.max()), active_pos_BA.shape[1]
-    half = max(C, A)
+    half = max(C, A, 1)
     clean_pos_BH = _pad_to(torch.sort(entry_rank_BL, dim=1, stable=True).indices[:, :C], half)
     noisy_pos_BH = _pad_to(active_pos_BA, half)
     slot_H = torch.arange(half)
     clean_real_BH = slot_H[None, :] < clean_count_B[:, None]
     noisy_real_BH = slot_H[None, :] < active_count_B[:, None]
     clean_ids_BH = torch.where(clean_real_BH, canvas_BL.gather(1, clean_pos_BH), 0)
-    noisy_ids_BH = torch.full_like(noisy_pos_BH, model.mask_id)
-    noisy_rank_BH = clean_count_B[:, None] + (torch.zeros_like(slot_H) if share_set else slot_H)[None, :]
-    meta = AttentionMeta(
-        set_rank=torch.cat([slot_H.expand(B, half), noisy_rank_BH], dim=1),
-        doc_id=torch.cat([clean_real_BH.long() - 1, noisy_real_BH.long() - 1], dim=1),
-        is_noisy=torch.cat([torch.zeros(B, half, dtype=torch.bool), torch.ones(B, half, dtype=torch.bool)], dim=1),
-    )
+    noisy_ids_BH = torch.where(noisy_real_BH, canvas_BL.gather(1, noisy_pos_BH), model.mask_id)
+    set_BH = clean_set_BL.gather(1, clean_pos_BH)
+    start_BH = window_start_BL.gather(1, clean_pos_BH)
+    # slot k of the clean half has entry rank k
+    clean_clean = (clean_real_BH[:, None, :] & clean_real_BH[:, :, None]
+                   & (set_BH[:, None, :] <= set_BH[:, :, None]) & (slot_H[None, None, :] >= start_BH[:, :, None]))
+    noisy_clean = (noisy_real_BH[:, :, None] & clean_real_BH[:, None, :]
+                   & (slot_H[None, None, :] >= window_start_B[:, None, None]))
+    noisy_noisy = torch.eye(half, dtype=torch.bool).expand(B, half, half)
+    if share_set:
+        noisy_noisy = noisy_noisy | (noisy_real_BH[:, :, None] & noisy_real_BH[:, None, :])
+    mask_BTT = torch.cat([torch.cat([clean_clean | torch.eye(half, dtype=torch.bool), torch.zeros_like(clean_clean)], 2),
+                          torch.cat([noisy_clean, noisy_noisy], dim=2)], dim=1)
+    zeros = torch.zeros(B, 2 * half, dtype=torch.long)
+    noisy = torch.cat([torch.zeros(B, half, dtype=torch.bool), torch.ones(B, half, dtype=torch.bool)], dim=1)
+    meta = AttentionMeta(set_rank=zeros, doc_id=zeros, is_noisy=noisy, mask_bits=pack_bits(mask_BTT))
     device = model.head.norm.weight.device
     logits = model(torch.cat([clean_ids_BH, noisy_ids_BH], dim=1).to(device),
                    torch.cat([clean_pos_BH, noisy_pos_BH], dim=1).to(device), meta.to(device))

@@ -7,6 +7,7 @@ import torch
 from model.config import ModelConfig
 from model.layout import two_copy_layout
 from model.masks import causal_meta, two_copy_meta
+from model.orders import parse_order, sample_set_rank
 from model.sampling import DecodeConfig, decode_canvases, generate, sample_top_p
 from model.transformer import SetDiffusionTransformer
 
@@ -14,15 +15,23 @@ V = 97  # real vocabulary; [MASK] = 97
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16, 17]]
 
 
-def build(layout, set_mode=True, init_std=0.05):
-    cfg = ModelConfig(num_layers=2, hidden_size=64, num_heads=4, vocab_size=V, seq_len=64,
+def build(layout, set_mode=True, init_std=0.05, head_scale=1.0, num_layers=2, seq_len=64):
+    cfg = ModelConfig(num_layers=num_layers, hidden_size=64, num_heads=4, vocab_size=V, seq_len=seq_len,
                       attention_backend="sdpa", init_std=init_std)
-    return SetDiffusionTransformer(cfg, layout.parallel, set_mode=set_mode, init_seed=0).eval()
+    model = SetDiffusionTransformer(cfg, layout.parallel, set_mode=set_mode, init_seed=0).eval()
+    with torch.no_grad():  # a larger output layer: peaked distributions, so tau < 1 decodes several tokens a step
+        model.head.output.weight.mul_(head_scale)
+    return model
 
 
 @pytest.fixture(scope="module")
 def model(single_process_layout):
     return build(single_process_layout)
+
+
+@pytest.fixture(scope="module")
+def peaked(single_process_layout):
+    return build(single_process_layout, head_scale=20.0)
 
 
 @pytest.fixture(scope="module")
@@ -35,14 +44,18 @@ def run(model, prompts=PROMPTS, seed=0, **options):
     return generate(model, prompts, DecodeConfig(**options), torch.Generator().manual_seed(seed))
 
 
-CASES = [("staggered:4", False, 1.0), ("staggered:4", False, 0.05), ("staggered:4", True, 1.0),
-         ("staggered:3", True, 0.05), ("ar", False, 1.0), ("block:4", False, 1.0), ("block:4", False, 0.05),
-         ("mdlm", False, 0.05)]
+CASES = [("staggered:4", False, 1.0), ("staggered:4", False, 0.5), ("staggered:4", True, 1.0),
+         ("staggered:3", True, 0.3), ("ar", False, 1.0), ("block:4", False, 1.0), ("block:4", False, 0.5),
+         ("mdlm", False, 0.9)]
 
 
 @pytest.mark.parametrize("order,any_order,tau", CASES)
-def test_cache_gives_the_logits_and_tokens_of_recompute(model, order, any_order, tau):
+def test_cache_gives_the_logits_and_tokens_of_recompute(model, peaked, order, any_order, tau):
+    if tau < 1.0:  # steps must really decode several tokens
+        model = peaked
     cached = run(model, order=order, any_order=any_order, tau=tau, record_logits=True)
+    if tau < 1.0:
+        assert cached.stats.tokens_per_forward > 1.5
     fresh = run(model, order=order, any_order=any_order, tau=tau, record_logits=True, use_cache=False)
     assert cached.generated == fresh.generated
     assert len(cached.trace) == len(fresh.trace) == cached.stats.forwards
@@ -54,8 +67,9 @@ def test_cache_gives_the_logits_and_tokens_of_recompute(model, order, any_order,
     assert all(V not in seq for seq in cached.sequences)  # every [MASK] was decoded
 
 
-@pytest.mark.parametrize("order,tau", [("staggered:4", 0.05), ("block:4", 1.0), ("ar", 1.0)])
-def test_ragged_batch_decodes_each_prompt_as_alone(model, order, tau):
+@pytest.mark.parametrize("order,tau", [("staggered:4", 0.5), ("block:4", 1.0), ("block:4", 0.5), ("ar", 1.0)])
+def test_ragged_batch_decodes_each_prompt_as_alone(peaked, order, tau):
+    model = peaked
     batch = run(model, order=order, tau=tau)
     for b, prompt in enumerate(PROMPTS):
         alone = run(model, [prompt], order=order, tau=tau)
@@ -70,10 +84,12 @@ def test_ar_baseline_ragged_batch_equals_alone(ar_model):
 
 
 @pytest.mark.parametrize("use_cache", [True, False])
-def test_infill_keeps_given_tokens_and_fills_every_mask(model, use_cache):
+def test_infill_keeps_given_tokens_and_fills_every_mask(peaked, use_cache):
+    model = peaked
     M = model.mask_id
     canvases = [[1, 2, M, M, M, 6, 7, M, M, 10], [M, M, 3, 4, 5, M, 9]]
     result = decode_canvases(model, canvases, DecodeConfig(order="staggered:2", tau=0.3, use_cache=use_cache))
+    assert result.stats.tokens_per_forward > 1.5
     for canvas, filled, generated in zip(canvases, result.sequences, result.generated):
         assert len(filled) == len(canvas) and M not in filled
         assert all(f == c for f, c in zip(filled, canvas) if c != M)
@@ -200,3 +216,178 @@ def test_prefill_caches_each_ragged_row_as_alone(model):
             torch.testing.assert_close(batch.values[layer][b, :, :len(prompt)],
                                        alone.values[layer][0, :, :len(prompt)])
         assert not batch.keys[0][b, :, len(prompt):].any()  # nothing written past a row's length
+
+
+def training_forward_logits(model, canvas, order, positions):
+    """Logits at ``positions`` of one row, from the training forward: the collator's
+    partition of the family (model/orders.py), its two-copy layout with the canvas as the
+    noisy copy, and the model's ordinary forward. Independent of the cache code."""
+    n = len(canvas)
+    row = torch.tensor([canvas])
+    set_rank = sample_set_rank(parse_order(order), n, torch.Generator().manual_seed(0))[None]
+    layout = two_copy_layout(row, row, set_rank, torch.zeros(1, n, dtype=torch.long))
+    with torch.no_grad():
+        logits = model(layout["input_ids"], layout["position_ids"], two_copy_meta(layout["set_rank"], layout["doc_id"]))
+    slot_of_position = torch.argsort(layout["perm"][0])
+    return logits[0, slot_of_position[positions]]
+
+
+@pytest.mark.parametrize("order,tau", [("block:4", 1.0), ("block:4", 0.5), ("block:3", 0.5), ("mdlm", 0.9)])
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_set_families_decode_as_the_training_forward(peaked, order, tau, use_cache):
+    model = peaked
+    result = run(model, order=order, tau=tau, record_logits=True, use_cache=use_cache)
+    lengths = [len(p) + 12 for p in PROMPTS]
+    size = parse_order(order).size if order.startswith("block") else max(lengths)
+    forwards_per_block = {}
+    entered = [set() for _ in PROMPTS]
+    for step in result.trace:
+        for b, n in enumerate(lengths):
+            candidates = step.positions[b][step.valid[b]]
+            if candidates.numel() == 0:
+                assert not step.entered[b].any()
+                continue
+            expected = training_forward_logits(model, step.canvas[b, :n].tolist(), order, candidates)
+            torch.testing.assert_close(step.logits[b][step.valid[b]][:, :V], expected[:, :V], atol=1e-4, rtol=1e-4)
+            blocks = {int(p) // size for p in candidates}
+            assert len(blocks) == 1  # one set decoded at a time
+            block = blocks.pop()
+            forwards_per_block[b, block] = forwards_per_block.get((b, block), 0) + 1
+            # what enters the cache is whole blocks, each once, all before the current one
+            new = set(step.entered[b].nonzero().flatten().tolist())
+            assert not new & entered[b]
+            entered[b] |= new
+            assert entered[b] == set(range(min(block * size, n)))
+    if order == "mdlm":
+        assert all(not e for e in entered)  # one set: nothing is ever cached
+    assert max(forwards_per_block.values()) >= 2  # several forwards per block
+    if tau < 1.0:
+        assert result.stats.tokens_per_forward > 1.5
+    else:
+        assert result.stats.tokens_per_forward == 1.0
+
+
+def test_block_decoding_caches_a_prompt_block_causally(peaked):
+    """A prompt of 9 with block:4: blocks 0 and 1 are clean context; block 2 holds the given
+    position 8 and is decoded as one set with that token given in the noisy half."""
+    result = run(peaked, [PROMPTS[2]], order="block:4", tau=1.0, record_logits=True, max_new_tokens=6)
+    first = result.trace[0]
+    assert first.entered[0].nonzero().flatten().tolist() == list(range(8))
+    assert first.positions[0].tolist() == [8, 9, 10, 11] and first.valid[0].tolist() == [False, True, True, True]
+    expected = training_forward_logits(peaked, first.canvas[0].tolist(), "block:4", torch.tensor([9, 10, 11]))
+    torch.testing.assert_close(first.logits[0, 1:, :V], expected[:, :V], atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def short_model(single_process_layout):
+    return build(single_process_layout, head_scale=20.0, seq_len=16)
+
+
+@pytest.mark.parametrize("order,tau", [("ar", 1.0), ("staggered:4", 0.5), ("staggered:4", 1.0), ("block:4", 0.5)])
+def test_generation_past_the_trained_length_crops_the_cache(short_model, order, tau):
+    cached = run(short_model, order=order, tau=tau, record_logits=True, max_new_tokens=40)
+    fresh = run(short_model, order=order, tau=tau, record_logits=True, max_new_tokens=40, use_cache=False)
+    assert [len(g) for g in cached.generated] == [40, 40, 40]  # well past seq_len = 16
+    assert cached.generated == fresh.generated
+    for step_c, step_f in zip(cached.trace, fresh.trace):
+        torch.testing.assert_close(step_c.logits[step_c.valid][:, :V], step_f.logits[step_f.valid][:, :V],
+                                   atol=1e-4, rtol=1e-4)
+
+
+def test_cropped_one_layer_ar_decoding_equals_a_loop_over_the_last_window(single_process_layout):
+    """With one layer a clean token's keys depend on it alone, so a cropped cache is exactly a
+    fresh forward over the last seq_len - 1 tokens (at their true positions) and the [MASK]."""
+    model = build(single_process_layout, num_layers=1, seq_len=12)
+    prompt = PROMPTS[0]
+    result = run(model, [prompt], order="ar", max_new_tokens=20)
+    tokens = list(prompt)
+    for _ in range(20):
+        window = tokens[-11:]
+        start = len(tokens) - len(window)
+        n = len(window) + 1
+        clean = torch.tensor([window + [model.mask_id]])
+        layout = two_copy_layout(clean, torch.full_like(clean, model.mask_id), torch.arange(n)[None],
+                                 torch.zeros(1, n, dtype=torch.long))
+        with torch.no_grad():
+            logits = model(layout["input_ids"], layout["position_ids"] + start,
+                           two_copy_meta(layout["set_rank"], layout["doc_id"]))
+        tokens.append(int(logits[0, -1].argmax()))
+    assert result.sequences[0] == tokens
+
+
+def test_a_step_longer_than_the_trained_length_is_refused(short_model):
+    with pytest.raises(ValueError, match="row 0: one decoding step needs 15 new clean"):
+        run(short_model, [list(range(1, 16))], order="staggered:4", max_new_tokens=4)
+    with pytest.raises(ValueError, match="mdlm decodes a canvas as one set"):
+        run(short_model, [[1, 2]], order="mdlm", max_new_tokens=20)
+
+
+def test_confidence_is_the_sampled_tokens_nucleus_probability():
+    from model.sampling import choose_tokens
+
+    probs = torch.tensor([0.05, 0.5, 0.15, 0.3], dtype=torch.float64)
+    logits = probs.log().float().expand(1, 2000, 4)
+    tokens, conf = choose_tokens(logits, 0.0, 1.0, None)
+    assert set(tokens.unique().tolist()) == {1} and torch.allclose(conf, torch.full_like(conf, 0.5))
+    tokens, conf = choose_tokens(logits, 0.0, 0.7, None)  # nucleus {1, 3}, renormalized
+    assert torch.allclose(conf, torch.full_like(conf, 0.5 / 0.8))
+    _, conf_max = choose_tokens(logits, 0.0, 0.7, None, confidence="max")
+    assert torch.allclose(conf_max, torch.full_like(conf_max, 0.5))
+    for temperature, top_p in [(1.0, 0.7), (2.0, 1.0), (0.5, 0.9)]:
+        tempered = probs ** (1 / temperature)
+        tempered /= tempered.sum()
+        order = torch.argsort(tempered, descending=True)
+        keep = (torch.cumsum(tempered[order], 0) - tempered[order]) < top_p
+        nucleus = torch.zeros_like(tempered)
+        nucleus[order[keep]] = tempered[order[keep]]
+        nucleus /= nucleus.sum()
+        tokens, conf = choose_tokens(logits, temperature, top_p, torch.Generator().manual_seed(0))
+        assert set(tokens.unique().tolist()) == set(nucleus.nonzero().flatten().tolist())
+        torch.testing.assert_close(conf.double(), nucleus[tokens], atol=1e-6, rtol=1e-6)
+        _, conf_max = choose_tokens(logits, temperature, top_p, torch.Generator().manual_seed(0), "max")
+        assert torch.allclose(conf_max, torch.full_like(conf_max, 0.5))  # untempered top probability
+
+
+def test_sampled_confidence_unmasks_more_than_max_when_top_p_concentrates(peaked):
+    options = dict(order="staggered:4", tau=0.6, temperature=1.0, top_p=0.5, max_new_tokens=16)
+    sampled = run(peaked, seed=1, **options)
+    by_max = run(peaked, seed=1, confidence="max", **options)
+    # inside a 0.5 nucleus a sampled token's renormalized probability is >= its raw one
+    assert sampled.stats.tokens_per_forward > by_max.stats.tokens_per_forward
+
+
+def test_repetition_penalty_is_transformers_processor():
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    from model.sampling import repetition_penalty
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 50, generator=g)
+    history = torch.randint(0, 50, (3, 7), generator=g)
+    seen = torch.zeros(3, 50, dtype=torch.bool)
+    seen[torch.arange(3)[:, None], history] = True
+    ours = repetition_penalty(logits, seen, 1.7)
+    processor = RepetitionPenaltyLogitsProcessor(1.7)
+    for a in range(5):
+        torch.testing.assert_close(ours[:, a], processor(history, logits[:, a].clone()))
+
+
+def test_a_strong_repetition_penalty_never_repeats_a_token_of_the_row(model):
+    free = run(model, order="ar", max_new_tokens=20)
+    assert any(len(set(seq)) < len(seq) for seq in free.sequences)  # repeats without it
+    penalized = run(model, order="ar", max_new_tokens=20, repetition_penalty=1e4)
+    for seq in penalized.sequences:
+        assert len(set(seq)) == len(seq)
+
+
+def test_unigram_entropy():
+    import numpy as np
+
+    from model.sampling import unigram_entropy
+
+    tokens = [5, 5, 5, 2, 9, 9, 1, 5]
+    _, counts = np.unique(tokens, return_counts=True)
+    p = counts / counts.sum()
+    assert unigram_entropy(tokens) == pytest.approx(float(-(p * np.log(p)).sum()))
+    assert unigram_entropy([3] * 10) == 0.0 and unigram_entropy([]) == 0.0
+    assert unigram_entropy(list(range(64))) == pytest.approx(np.log(64))
