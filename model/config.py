@@ -101,7 +101,10 @@ class TrainConfig:
     micro_batch_size: int = 8
     """Sequences per micro-batch per data-parallel rank."""
     grad_accum: int = 1
-    """Micro-batches per optimizer step."""
+    """Micro-batches per optimizer step (derived from global_batch_size when that is set)."""
+    global_batch_size: int = 0
+    """Sequences per optimizer step over all data-parallel ranks (Megatron's convention); the
+    trainer sets grad_accum = global / (micro_batch_size x data-parallel size). 0: off."""
     lr: float = 3e-4
     """Peak learning rate."""
     min_lr: float = 0.0
@@ -222,6 +225,11 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ValueError(f"config: train.lr_schedule must be 'constant' or 'cosine', got {t.lr_schedule!r}")
     if t.warmup_steps < 0 or t.warmup_steps > t.steps:
         raise ValueError(f"config: train.warmup_steps={t.warmup_steps} must lie in [0, train.steps={t.steps}]")
+    if t.global_batch_size < 0:
+        raise ValueError(f"config: train.global_batch_size must be >= 0, got {t.global_batch_size}")
+    if t.global_batch_size and t.global_batch_size % t.micro_batch_size:
+        raise ValueError(f"config: train.global_batch_size={t.global_batch_size} is not a multiple of "
+                         f"train.micro_batch_size={t.micro_batch_size}")
     if t.keep_last < 0 or t.stop_at_step < 0:
         raise ValueError("config: train.keep_last and train.stop_at_step must be >= 0")
     if t.max_nonfinite_steps < 1:
@@ -246,6 +254,19 @@ def validate(cfg: RunConfig) -> RunConfig:
                          "DeepSpeed's pipeline engine then clips with the first stage's norm only; "
                          "use parallel.zero_stage=1 (or train.grad_clip=0)")
     return cfg
+
+
+def resolve_global_batch(train: "TrainConfig", data_parallel: int) -> None:
+    """Derive train.grad_accum from train.global_batch_size for this data-parallel size, so a
+    recipe's global batch stays the same on any number of GPUs."""
+    if not train.global_batch_size:
+        return
+    per_step = train.micro_batch_size * data_parallel
+    if train.global_batch_size % per_step:
+        raise ValueError(f"config: train.global_batch_size={train.global_batch_size} is not a multiple of "
+                         f"train.micro_batch_size={train.micro_batch_size} x {data_parallel} data-parallel "
+                         f"ranks = {per_step}; change the micro-batch or the number of ranks")
+    train.grad_accum = train.global_batch_size // per_step
 
 
 # ----------------------------------------------------------------------------- loading

@@ -431,6 +431,9 @@ def generate_ar(model: SetDiffusionTransformer, prompts: Sequence[Sequence[int]]
     start = time.perf_counter()
     canvas_BL, row_len_B = _pad_canvases(prompt_canvases(prompts, cfg.max_new_tokens, model.mask_id),
                                          model.mask_id)
+    if int(row_len_B.max()) > model.cfg.seq_len:
+        raise ValueError(f"AR-baseline decoding stays within the model's seq_len {model.cfg.seq_len}: a prompt "
+                         f"of {int(row_len_B.max()) - cfg.max_new_tokens} tokens + {cfg.max_new_tokens} new is longer")
     B, L = canvas_BL.shape
     known_B = row_len_B - cfg.max_new_tokens  # tokens of each row so far: the prompt
     pos_L = torch.arange(L)

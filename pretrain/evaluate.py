@@ -22,6 +22,7 @@ import sys
 import torch
 
 from model.config import ModelConfig
+from pretrain.quiet import default_debug_log, third_party_output_to
 
 
 def read_model_dir(model_dir: pathlib.Path) -> tuple[ModelConfig, dict, dict[str, torch.Tensor]]:
@@ -97,13 +98,15 @@ def judge_perplexity(judge, judge_tokenizer, texts: list[str]) -> tuple[float, i
 
 def generative_perplexity(model_dir: pathlib.Path, judge_dir: pathlib.Path, *, samples: int = 8,
                           new_tokens: int = 128, tau: float = 0.9, temperature: float = 1.0, top_p: float = 0.9,
-                          gguf_file: str | None = None, seed: int = 0) -> dict:
+                          gguf_file: str | None = None, seed: int = 0, repetition_penalty: float = 1.0) -> dict:
     """Unconditional samples of the model (from a document boundary, KV-cached decoding with
     the model's order) scored by a judge causal LM directory (transformers; GGUF files with
-    ``gguf_file``): exp(judge NLL per token)."""
+    ``gguf_file``): exp(judge NLL per token), and each sample's unigram entropy (nats; a
+    degenerate, repetitive sample scores a low perplexity but an entropy < 4, the reference's
+    rejection threshold)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from model.sampling import generate
+    from model.sampling import generate, unigram_entropy
     from pretrain.sample import decode_config, load_model
 
     if not (pathlib.Path(judge_dir) / "config.json").is_file() and not gguf_file:
@@ -113,9 +116,11 @@ def generative_perplexity(model_dir: pathlib.Path, judge_dir: pathlib.Path, *, s
     if eos_id is None:
         raise ValueError(f"{model_dir}: generation_config.json names no eos_token_id to start samples from")
     cfg = decode_config(fields, model.cfg.seq_len, 1, infill=False, tau=tau, temperature=temperature, top_p=top_p,
-                        max_new_tokens=new_tokens)
+                        max_new_tokens=new_tokens, repetition_penalty=repetition_penalty, set_mode=model.set_mode)
     result = generate(model, [[eos_id]] * samples, cfg, torch.Generator().manual_seed(seed))
-    texts = [tokenizer.decode([t for t in row if t != eos_id]) for row in result.generated]
+    rows = [[t for t in row if t != eos_id] for row in result.generated]
+    texts = [tokenizer.decode(row) for row in rows]
+    entropies = [unigram_entropy(row) for row in rows]
     extra = {"gguf_file": gguf_file} if gguf_file else {}
     judge = AutoModelForCausalLM.from_pretrained(judge_dir, torch_dtype=torch.float32, **extra).eval()
     judge_tokenizer = AutoTokenizer.from_pretrained(judge_dir, **extra)
@@ -123,8 +128,10 @@ def generative_perplexity(model_dir: pathlib.Path, judge_dir: pathlib.Path, *, s
     if count == 0:
         raise ValueError("the samples gave the judge no token to score")
     return {"judge": str(judge_dir), "samples": samples, "new_tokens": new_tokens, "order": cfg.order,
-            "tau": tau, "temperature": temperature, "top_p": top_p, "judge_tokens": count,
-            "generative_perplexity": math.exp(min(total / count, 50.0)),
+            "tau": tau, "temperature": temperature, "top_p": top_p, "repetition_penalty": repetition_penalty,
+            "judge_tokens": count, "generative_perplexity": math.exp(min(total / count, 50.0)),
+            "unigram_entropy": entropies, "unigram_entropy_mean": sum(entropies) / len(entropies),
+            "samples_below_entropy_4": sum(e < 4.0 for e in entropies),
             "tokens_per_forward": result.stats.tokens_per_forward, "example": texts[0][:300]}
 
 
@@ -147,18 +154,24 @@ def main(argv=None) -> int:
     judge.add_argument("--tau", type=float, default=0.9)
     judge.add_argument("--temperature", type=float, default=1.0)
     judge.add_argument("--top-p", type=float, default=0.9)
+    judge.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--debug-log", type=pathlib.Path, default=None,
+                        help="where third-party log lines and warnings go (default: a file in the temp dir)")
     args = parser.parse_args(argv)
     if args.data is None and args.judge is None:
         parser.error("give --data (the likelihood bound), --judge (generative perplexity) or both")
     try:
         result = {}
-        if args.data is not None:
-            result = evaluate(args.model_dir, args.data, order=args.order, objective=args.objective,
-                              orders=args.orders, batches=args.batches, micro_batch=args.micro_batch, fmt=args.format)
-        if args.judge is not None:
-            result["generative"] = generative_perplexity(
-                args.model_dir, args.judge, samples=args.samples, new_tokens=args.new_tokens, tau=args.tau,
-                temperature=args.temperature, top_p=args.top_p, gguf_file=args.judge_gguf_file)
+        with third_party_output_to(args.debug_log or default_debug_log("setdiff-eval")):
+            if args.data is not None:
+                result = evaluate(args.model_dir, args.data, order=args.order, objective=args.objective,
+                                  orders=args.orders, batches=args.batches, micro_batch=args.micro_batch,
+                                  fmt=args.format)
+            if args.judge is not None:
+                result["generative"] = generative_perplexity(
+                    args.model_dir, args.judge, samples=args.samples, new_tokens=args.new_tokens, tau=args.tau,
+                    temperature=args.temperature, top_p=args.top_p, gguf_file=args.judge_gguf_file,
+                    repetition_penalty=args.repetition_penalty)
     except (FileNotFoundError, ValueError, KeyError) as err:
         print(f"setdiff-eval: error: {err}", file=sys.stderr)
         return 2

@@ -5,13 +5,22 @@ model.safetensors, tokenizer.json, generation_config.json). Prompts are batched
 (--batch-size), decoded with a KV cache (--no-cache recomputes every step from scratch) and
 printed with a line of throughput: tokens/s, forwards and tokens per forward (the
 parallelism factor). Set-mode models decode windows of masked tokens and unmask every token
-whose top probability is >= --tau (at least one a step); AR-baseline models decode one
-token a step.
+whose confidence is >= --tau (at least one a step); AR-baseline models decode one token a
+step. Block and MDLM models decode one set (block) at a time, as they trained.
+
+Confidence (--confidence): 'sampled' (the reference's rule, default) is the probability of
+the chosen token under the temperature- and top-p-renormalized distribution; 'max' is the
+top probability of the model's distribution. --repetition-penalty P > 1 divides positive
+logits (multiplies negative ones) of tokens already in the row, as transformers does.
 
 Infilling: --infill 'The <mask:5> sat on the <mask:3>.' decodes the masked spans; the
 marker <mask:N> stands for N masked tokens, everything else is given text that never changes.
 
-Generation stops at the model's EOS token (generation_config.json) or --max-new-tokens.
+Generation stops at the model's EOS token (generation_config.json) or --max-new-tokens, which
+may exceed the model's trained length: the KV cache is then cropped on the left to it.
+--json adds the unigram entropy of each row's generated tokens (nats; the reference rejects
+samples below 4).
+Only results are printed; third-party log lines and warnings go to --debug-log.
 """
 from __future__ import annotations
 
@@ -22,6 +31,8 @@ import re
 import sys
 
 import torch
+
+from pretrain.quiet import default_debug_log, third_party_output_to
 
 MASK_MARKER = re.compile(r"<mask:(\d+)>")
 
@@ -86,13 +97,14 @@ def read_prompts(args) -> list[str]:
 
 def decode_config(fields: dict, seq_len: int, longest: int, infill: bool, *, order: str | None = None,
                   window: int | None = None, any_order: bool = False, tau: float = 0.9, temperature: float = 0.0,
-                  top_p: float = 1.0, max_new_tokens: int | None = None, use_cache: bool = True):
-    """DecodeConfig for a converted model: its own order and window unless given, and a
-    length that fits its seq_len after the longest prompt."""
+                  top_p: float = 1.0, max_new_tokens: int | None = None, use_cache: bool = True,
+                  confidence: str = "sampled", repetition_penalty: float = 1.0, set_mode: bool = True):
+    """DecodeConfig for a converted model: its own order and window unless given; by default
+    as many new tokens as fit its seq_len after the longest prompt (at most 64)."""
     from model.sampling import DecodeConfig
 
     if order is None:  # the model's own order and window (setdiff.window, the set size d)
-        order = fields.get("order", "staggered:4")
+        order = fields.get("decode_order") or fields.get("order", "staggered:4")
         if not re.fullmatch(r"ar|mdlm|block:\d+|staggered:\d+", order):
             order = f"staggered:{fields.get('window', 4)}"  # a mixture or random order decodes with its window
         if order.startswith("staggered:") and window is None:
@@ -101,15 +113,16 @@ def decode_config(fields: dict, seq_len: int, longest: int, infill: bool, *, ord
         raise ValueError(f"a prompt has {longest} tokens, longer than the model's seq_len {seq_len}")
     room = seq_len - longest
     max_new = max_new_tokens if max_new_tokens is not None else max(1, min(64, room))
-    if not infill and max_new > room:
+    if not set_mode and not infill and max_new > room:  # set-mode decoding crops its cache instead
         raise ValueError(f"--max-new-tokens {max_new}: the longest prompt ({longest} tokens) leaves room for "
-                         f"{room} of the model's seq_len {seq_len}")
-    return DecodeConfig(order=order, window=window, any_order=any_order, tau=tau, temperature=temperature,
-                        top_p=top_p, max_new_tokens=max_new, use_cache=use_cache)
+                         f"{room} of the AR baseline's seq_len {seq_len}")
+    return DecodeConfig(order=order, window=window, any_order=any_order, tau=tau, confidence=confidence,
+                        temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty,
+                        max_new_tokens=max_new, use_cache=use_cache)
 
 
 def sample(args) -> dict:
-    from model.sampling import DecodeStats, decode_canvases, generate
+    from model.sampling import DecodeStats, decode_canvases, generate, unigram_entropy
 
     model, fields, tokenizer, eos_id = load_model(args.model_dir, args.device)
     texts = read_prompts(args)
@@ -125,7 +138,9 @@ def sample(args) -> dict:
             raise ValueError(f"prompt #{index} {texts[index - 1]!r} gives no token of context")
     cfg = decode_config(fields, model.cfg.seq_len, max(len(r) for r in rows), infill, order=args.order,
                         window=args.window, any_order=args.any_order, tau=args.tau, temperature=args.temperature,
-                        top_p=args.top_p, max_new_tokens=args.max_new_tokens, use_cache=not args.no_cache)
+                        top_p=args.top_p, max_new_tokens=args.max_new_tokens, use_cache=not args.no_cache,
+                        confidence=args.confidence, repetition_penalty=args.repetition_penalty,
+                        set_mode=model.set_mode)
     cfg.eos_id = None if infill else eos_id  # infilling decodes every masked position
     generator = torch.Generator().manual_seed(args.seed)
     outputs, generated, total = [], [], DecodeStats()
@@ -139,7 +154,10 @@ def sample(args) -> dict:
                             total.row_tokens + stats.row_tokens, total.seconds + stats.seconds)
     strip = [[t for t in seq if t != eos_id] for seq in outputs]
     return {"texts": [tokenizer.decode(seq) for seq in strip], "generated_ids": generated,
+            "unigram_entropy": [unigram_entropy([t for t in seq if t != eos_id]) for seq in generated],
             "mode": "set" if model.set_mode else "ar_baseline", "order": cfg.order, "tau": cfg.tau,
+            "confidence": cfg.confidence, "temperature": cfg.temperature, "top_p": cfg.top_p,
+            "repetition_penalty": cfg.repetition_penalty,
             "cache": cfg.use_cache, "max_new_tokens": None if infill else cfg.max_new_tokens, "stats": total.as_dict()}
 
 
@@ -164,7 +182,12 @@ def main(argv=None) -> int:
                         help="text with masked spans written <mask:N> (N masked tokens); repeat for a batch")
     parser.add_argument("--max-new-tokens", type=int, help="tokens to generate (default: min(64, room left))")
     parser.add_argument("--tau", type=_unit_interval("--tau"), default=0.9,
-                        help="unmask active tokens with top probability >= tau, at least one a step")
+                        help="unmask active tokens with confidence >= tau, at least one a step")
+    parser.add_argument("--confidence", choices=("sampled", "max"), default="sampled",
+                        help="sampled: the chosen token's renormalized nucleus probability (the reference's); "
+                             "max: the top probability")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0,
+                        help="> 1 penalizes tokens already in the row (transformers' semantics)")
     parser.add_argument("--window", type=int, help="active window width (default: the model's set size)")
     parser.add_argument("--order", help="ar, block:S, mdlm or staggered:D (default: the model's)")
     parser.add_argument("--any-order", action="store_true",
@@ -176,11 +199,16 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--debug-log", type=pathlib.Path, default=None,
+                        help="where third-party log lines and warnings go (default: a file in the temp dir)")
     args = parser.parse_args(argv)
     try:
         if args.batch_size < 1:
             raise ValueError(f"--batch-size {args.batch_size} must be >= 1")
-        result = sample(args)
+        if not args.repetition_penalty > 0:
+            raise ValueError(f"--repetition-penalty {args.repetition_penalty} must be > 0")
+        with third_party_output_to(args.debug_log or default_debug_log("setdiff-sample")):
+            result = sample(args)
     except (FileNotFoundError, ValueError, KeyError) as err:
         print(f"setdiff-sample: error: {err}", file=sys.stderr)
         return 2

@@ -22,7 +22,7 @@ from data_pipeline.collator import CollatorConfig, SetDiffusionCollator
 from data_pipeline.loader import MicroBatches, ResumableLoader, check_tokenizer, open_sequences, read_manifest
 from data_pipeline.sampler import StepSampler
 from model.attention import make_backend
-from model.config import RunConfig, config_to_dict
+from model.config import RunConfig, config_to_dict, resolve_global_batch
 from model.objectives import attention_meta, forward_step
 from model.orders import parse_order_mixture
 from model.pipeline import build_pipeline_module, pipeline_name_to_flat
@@ -79,6 +79,7 @@ class Trainer:
         self.cfg = cfg
         init_distributed()
         self.layout = init_model_parallel(cfg.parallel.tensor, cfg.parallel.pipeline)
+        resolve_global_batch(cfg.train, self.layout.data)
         self.is_main = dist.get_rank() == 0
         torch.manual_seed(cfg.train.seed)
 
@@ -149,12 +150,14 @@ class Trainer:
                               + ("" if same_layout else " (new layout: weights carried over, optimizer restarted)"))
 
     def summary(self) -> str:
-        lay, m = self.layout, self.cfg.model
+        lay, m, t = self.layout, self.cfg.model, self.cfg.train
         mem = f"{self.num_params_local * 4 / 2**20:.1f} MiB fp32 weights, peak RSS {peak_rss_mib():.0f} MiB"
         if torch.cuda.is_available():
             mem += f", GPU {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB"
         return (f"setdiff: world {dist.get_world_size()} = TP {lay.tensor} x PP {lay.pipeline} x "
-                f"DP {lay.data}, ZeRO-{self.cfg.parallel.zero_stage} | {m.num_layers} layers, "
+                f"DP {lay.data}, ZeRO-{self.cfg.parallel.zero_stage} | global batch "
+                f"{t.micro_batch_size * t.grad_accum * lay.data} = micro {t.micro_batch_size} x accum "
+                f"{t.grad_accum} x DP {lay.data} | {m.num_layers} layers, "
                 f"hidden {m.hidden_size}, L {m.seq_len}, vocab {m.vocab_size} | "
                 f"{self.num_params_local / 1e6:.2f}M parameters per rank ({mem}) | "
                 f"{self.cfg.diffusion.mode} {self.cfg.diffusion.order} {self.cfg.diffusion.objective} | "

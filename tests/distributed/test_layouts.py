@@ -49,14 +49,19 @@ def assert_same_run(got, ref, rel=1e-5):
 
 @pytest.fixture(scope="module")
 def reference(tiny_corpus, tmp_path_factory):
-    """One process, global batch of 8 sequences as 2 micro-batches of 4."""
-    return train(tiny_corpus, tmp_path_factory.mktemp("ref"), 1, ["train.grad_accum=2"])
+    """One process, global batch of 8 sequences as 2 micro-batches of 4 (derived from the global batch)."""
+    result = train(tiny_corpus, tmp_path_factory.mktemp("ref"), 1, ["train.global_batch_size=8"])
+    assert "global batch 8 = micro 4 x accum 2 x DP 1" in result["summary"]
+    return result
 
 
 @pytest.fixture(scope="module")
 def reference_dp2(tiny_corpus, tmp_path_factory):
-    """Plain data parallelism (ZeRO-0) on 2 ranks, 4 sequences each."""
-    return train(tiny_corpus, tmp_path_factory.mktemp("dp2"), 2, ["parallel.zero_stage=0"])
+    """Plain data parallelism (ZeRO-0) on 2 ranks, 4 sequences each: the same global batch of 8."""
+    result = train(tiny_corpus, tmp_path_factory.mktemp("dp2"), 2, ["parallel.zero_stage=0",
+                                                                    "train.global_batch_size=8"])
+    assert "global batch 8 = micro 4 x accum 1 x DP 2" in result["summary"]
+    return result
 
 
 def test_reference_trains(reference):

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 
@@ -54,6 +56,26 @@ def test_sample_prints_texts_and_the_parallelism_factor(model_dir):
     assert plain.returncode == 0, plain.stderr[-3000:]
     assert "[1] A" in plain.stdout and "[2] The city" in plain.stdout and "[3]" not in plain.stdout
     assert "1.00 tokens per forward (parallelism factor)" in plain.stdout  # ar: one token a forward
+    assert plain.stderr == ""  # third-party chatter goes to the debug log, not the terminal
+    assert plain.stdout.splitlines()[0].startswith("[1] A") and len(plain.stdout.splitlines()) == 3
+
+
+def test_sample_past_the_trained_length_with_the_reference_options(model_dir, tmp_path):
+    # seq_len is 32: 50 new tokens crop the cache on the left and go on
+    log = tmp_path / "debug.log"
+    proc = sample_cli(str(model_dir), "--prompt", "The history of", "--max-new-tokens", "50", "--temperature", "1.0",
+                      "--top-p", "0.9", "--tau", "0.5", "--confidence", "max", "--repetition-penalty", "1.3",
+                      "--debug-log", str(log), "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)  # nothing but the JSON object on stdout
+    eos = json.loads((model_dir / "generation_config.json").read_text())["eos_token_id"]
+    generated = result["generated_ids"][0]
+    assert len(generated) == 50 or generated[-1] == eos
+    assert result["confidence"] == "max" and result["repetition_penalty"] == 1.3
+    counts = Counter(t for t in generated if t != eos)
+    total = sum(counts.values())
+    assert result["unigram_entropy"] == [pytest.approx(-sum(c / total * math.log(c / total) for c in counts.values()))]
+    assert log.is_file() and log.stat().st_size > 0  # the library output went here
 
 
 @pytest.mark.parametrize("args,named", [
@@ -63,6 +85,7 @@ def test_sample_prints_texts_and_the_parallelism_factor(model_dir):
     (["--infill", "no marker here"], "no <mask:N> marker"),
     (["--prompts-file", "/nonexistent/prompts.txt"], "--prompts-file /nonexistent/prompts.txt does not exist"),
     (["--prompt", "x", "--order", "random"], "order 'random' cannot decode"),
+    (["--prompt", "x", "--repetition-penalty", "0"], "--repetition-penalty 0.0 must be > 0"),
 ])
 def test_bad_input_exits_2_naming_it(model_dir, args, named):
     proc = sample_cli(str(model_dir), *args)
