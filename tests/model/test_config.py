@@ -30,6 +30,13 @@ def test_small_recipe_is_the_reference_setup():
     assert cfg.diffusion.order == "staggered:8"
 
 
+def test_new_orders_and_objectives_are_accepted_everywhere_a_spec_is():
+    cfg = load_config(None, ["diffusion.order=block_random:4@0.5,block:4@0.5", "diffusion.objective=masked_ce",
+                             "diffusion.keep_clean_bos=true"])
+    assert (cfg.diffusion.objective, cfg.diffusion.keep_clean_bos) == ("masked_ce", True)
+    assert load_config(None, ["diffusion.order=block_random:8"]).diffusion.objective == "ordered_ce"  # singletons
+
+
 def test_unknown_key_names_the_closest_valid_one(tmp_path):
     path = write(tmp_path, "model:\n  hiden_size: 64\n")
     with pytest.raises(ValueError, match=r"unknown key 'model.hiden_size'; did you mean 'hidden_size'"):
@@ -65,6 +72,9 @@ def test_overrides_change_one_field_with_its_type(tmp_path):
     ("model.attention_backend=flash", "attention_backend"),
     ("train.ema=1.5", "train.ema"),
     ("train.min_lr=1.0", "train.min_lr=1.0 must lie in [0, train.lr="),
+    ("diffusion.objective=masked", "diffusion.objective must be 'ordered_ce', 'set_nelbo', 'masked_ce' or 'auto'"),
+    ("diffusion.keep_clean_bos=maybe", "'diffusion.keep_clean_bos' must be true or false"),
+    ("diffusion.order=block_random:0", "diffusion.order='block_random:0'"),
 ])
 def test_impossible_values_stop_with_a_message(override, message):
     with pytest.raises(ValueError, match=re.escape(message)):
