@@ -16,6 +16,7 @@ Output (set mode, B sequences of length L; "set order" = positions sorted by set
     loss_normalizer  []    the count the weighted sum is divided by
     sequence_normalizer [B] each sequence's share of loss_normalizer (for per-family losses)
     family_id     [B]      index of the sequence's order family in the mixture
+    dropout_key   [B]      key of the sequence's dropout masks, from (seed, step, slot) (model/dropout.py)
 AR baseline mode: input_ids = x0 and targets = x0 shifted by one, positions 0..L-1.
 
 Objectives as weights (the loss is sum(weight * ce) / loss_normalizer per micro-batch, and
@@ -36,6 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from model.dropout import dropout_keys
 from model.layout import two_copy_layout
 from model.masks import dense_mask, pack_bits, two_copy_meta
 from model.noise import NoiseSchedule, parse_schedule
@@ -104,8 +106,9 @@ class SetDiffusionCollator:
                              "must both be [B, L]")
         B, L = tokens.shape
         global_batch = global_batch or B
+        keys = dropout_keys(self.cfg.seed, step, range(first_slot, first_slot + B))
         if self.cfg.mode == "ar_baseline":
-            return self._ar_batch(tokens, doc_id)
+            return {**self._ar_batch(tokens, doc_id), "dropout_key": keys}
         set_rank = torch.empty_like(tokens)
         masked = torch.zeros(B, L, dtype=torch.bool)
         weight = torch.zeros(B, L, dtype=torch.float64)
@@ -145,6 +148,7 @@ class SetDiffusionCollator:
             batch["loss_normalizer"] = loss_token.sum().clamp(min=1).float()
             batch["sequence_normalizer"] = loss_token.sum(dim=1).float()
         batch["family_id"] = family_id
+        batch["dropout_key"] = keys
         if self.cfg.mask_bits:
             batch["mask_bits"] = pack_bits(dense_mask(two_copy_meta(batch["set_rank"], batch["doc_id"])))
         return batch

@@ -41,6 +41,8 @@ class ModelConfig:
     attention_backend: str = "auto"
     """'tiled' (exact, skips forbidden key ranges; CPU training), 'sdpa' (dense boolean mask), 'flex'
     (BlockMask; GPU), or 'auto' (flex on CUDA, else tiled)."""
+    dropout: float = 0.0
+    """Dropout on the attention-output and MLP-output residual branches in training, in [0, 1)."""
 
     def resolved_ffn_hidden_size(self) -> int:
         if self.ffn_hidden_size:
@@ -193,6 +195,8 @@ def validate(cfg: RunConfig) -> RunConfig:
                          f"model.num_heads={m.num_heads}")
     if (m.hidden_size // m.num_heads) % 2:
         raise ValueError("config: the head size hidden_size/num_heads must be even for rotary embeddings")
+    if not 0.0 <= m.dropout < 1.0:
+        raise ValueError(f"config: model.dropout must lie in [0, 1), got {m.dropout}")
     if m.attention_backend not in ("auto", "sdpa", "tiled", "flex"):
         raise ValueError(f"config: model.attention_backend must be 'auto', 'sdpa', 'tiled' or 'flex', "
                          f"got {m.attention_backend!r}")

@@ -306,9 +306,11 @@ class Trainer:
         if self.cfg.train.resume_override:
             return
         problems = []
-        if saved["config"]["model"] != config_to_dict(self.cfg)["model"]:
-            diff = {k: (v, config_to_dict(self.cfg)["model"].get(k)) for k, v in saved["config"]["model"].items()
-                    if config_to_dict(self.cfg)["model"].get(k) != v}
+        # dropout is a training setting, not part of the network: it may change on resume
+        saved_model = {k: v for k, v in saved["config"]["model"].items() if k != "dropout"}
+        now_model = {k: v for k, v in config_to_dict(self.cfg)["model"].items() if k != "dropout"}
+        if saved_model != now_model:
+            diff = {k: (v, now_model.get(k)) for k, v in saved_model.items() if now_model.get(k) != v}
             problems.append(f"model config differs (checkpoint vs now: {diff})")
         if saved["fingerprints"]["tokenizer"] != self.fingerprints["tokenizer"]:
             problems.append("the tokenizer differs")

@@ -104,7 +104,7 @@ def test_draws_do_not_depend_on_how_the_batch_is_split(objective, order):
     whole = collate(tokens, doc, step=4, first_slot=0, global_batch=6)
     first = collate(tokens[:3], doc[:3], step=4, first_slot=0, global_batch=6)
     second = collate(tokens[3:], doc[3:], step=4, first_slot=3, global_batch=6)
-    for key in ("input_ids", "position_ids", "set_rank", "targets", "loss_weight"):
+    for key in ("input_ids", "position_ids", "set_rank", "targets", "loss_weight", "dropout_key"):
         assert torch.equal(whole[key], torch.cat([first[key], second[key]])), key
 
 
