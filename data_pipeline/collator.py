@@ -12,11 +12,23 @@ Output (set mode, B sequences of length L; "set order" = positions sorted by set
     set_rank      [B, L]   set rank per token, set order
     doc_id        [B, L]   document id per token, set order (-1: padding)
     targets       [B, L]   x0[perm]
-    loss_weight   [B, L]   NELBO weight of each noisy token (0: no loss), set order
+    loss_weight   [B, L]   weight of each noisy token's cross-entropy (0: no loss), set order
     loss_normalizer  []    the count the weighted sum is divided by
     sequence_normalizer [B] each sequence's share of loss_normalizer (for per-family losses)
     family_id     [B]      index of the sequence's order family in the mixture
+    dropout_key   [B]      key of the sequence's dropout masks, from (seed, step, slot) (model/dropout.py)
 AR baseline mode: input_ids = x0 and targets = x0 shifted by one, positions 0..L-1.
+
+Objectives as weights (the loss is sum(weight * ce) / loss_normalizer per micro-batch, and
+micro-batches and data-parallel ranks of equal size are averaged):
+  ordered_ce  1 on every loss token; normalizer = loss tokens
+  set_nelbo   -alpha'/(1-alpha) on masked tokens; normalizer = loss tokens
+  masked_ce   1/(masked tokens of the sequence) on its masked tokens; normalizer = sequences:
+              the mean over sequences of each sequence's mean masked cross-entropy. A set that
+              drew no mask is re-masked: a uniform count in 1..|set| of its tokens, chosen
+              uniformly (BD3-LM). Depends on the sequence alone, so any split of the
+              global batch into equal micro-batches gives the same loss.
+"Loss tokens" are the real (non-padding) positions, less position 0 under keep_clean_bos.
 """
 from __future__ import annotations
 
@@ -25,10 +37,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from model.dropout import dropout_keys
 from model.layout import two_copy_layout
 from model.masks import dense_mask, pack_bits, two_copy_meta
 from model.noise import NoiseSchedule, parse_schedule
 from model.orders import parse_order_mixture, sample_set_rank
+
+
+OBJECTIVES = ("ordered_ce", "set_nelbo", "masked_ce", "auto")
 
 
 def draw_generator(seed: int, step: int, slot: int) -> torch.Generator:
@@ -42,7 +58,7 @@ class CollatorConfig:
     order: str
     """Order family spec (ar, mdlm, block:S, staggered:D, random) or a mixture 'a@0.9,b@0.1'."""
     objective: str
-    """'ordered_ce', 'set_nelbo', or 'auto' (ordered_ce for singleton families, else set_nelbo)."""
+    """'ordered_ce', 'set_nelbo', 'masked_ce', or 'auto' (ordered_ce for singleton families, else set_nelbo)."""
     mask_id: int
     """Id of [MASK]."""
     schedule: str = "loglinear"
@@ -59,6 +75,15 @@ class CollatorConfig:
     """Base seed of all draws."""
     mask_bits: bool = False
     """Also emit the dense set-causal mask bit-packed, 8 keys per byte (for the sdpa backend)."""
+    keep_clean_bos: bool = False
+    """Position 0 is a set of its own at rank 0, never masked, without loss (the reference's keep_clean_bos)."""
+
+
+def evaluation_objective(objective: str) -> str:
+    """What validation and setdiff-eval report: a likelihood bound whatever the training loss.
+    masked_ce is a surrogate (no NELBO weights), so its models are evaluated on the NELBO
+    ('auto': ordered_ce, exact, for singleton families and set_nelbo for the others)."""
+    return "auto" if objective == "masked_ce" else objective
 
 
 class SetDiffusionCollator:
@@ -67,6 +92,8 @@ class SetDiffusionCollator:
         self.mixture = parse_order_mixture(cfg.order)
         self.cumulative = np.cumsum([w for _, w in self.mixture])
         self.schedule: NoiseSchedule = parse_schedule(cfg.schedule)
+        if cfg.objective not in OBJECTIVES:
+            raise ValueError(f"collator: objective must be one of {', '.join(OBJECTIVES)}, got {cfg.objective!r}")
         if cfg.objective == "ordered_ce" and cfg.mode == "set" and not all(f.singleton for f, _ in self.mixture):
             raise ValueError(f"objective 'ordered_ce' needs singleton sets; order {cfg.order!r} has larger sets")
 
@@ -77,14 +104,18 @@ class SetDiffusionCollator:
         if tokens.shape != doc_id.shape or tokens.dim() != 2:
             raise ValueError(f"collator: tokens {tuple(tokens.shape)} and doc_id {tuple(doc_id.shape)} "
                              "must both be [B, L]")
-        if self.cfg.mode == "ar_baseline":
-            return self._ar_batch(tokens, doc_id)
         B, L = tokens.shape
         global_batch = global_batch or B
+        keys = dropout_keys(self.cfg.seed, step, range(first_slot, first_slot + B))
+        if self.cfg.mode == "ar_baseline":
+            return {**self._ar_batch(tokens, doc_id), "dropout_key": keys}
         set_rank = torch.empty_like(tokens)
         masked = torch.zeros(B, L, dtype=torch.bool)
         weight = torch.zeros(B, L, dtype=torch.float64)
         real = doc_id >= 0
+        loss_token = real.clone()  # positions that may carry loss
+        if self.cfg.keep_clean_bos:
+            loss_token[:, 0] = False
         family_id = torch.zeros(B, dtype=torch.long)
         for b in range(B):
             slot = first_slot + b
@@ -93,22 +124,31 @@ class SetDiffusionCollator:
                 u = float(torch.rand((), generator=g, dtype=torch.float64))
                 family_id[b] = min(int(np.searchsorted(self.cumulative, u, side="right")), len(self.mixture) - 1)
             family = self.mixture[int(family_id[b])][0]
-            set_rank[b] = sample_set_rank(family, L, g, doc_id[b])
+            set_rank[b] = sample_set_rank(family, L, g, doc_id[b], keep_first=self.cfg.keep_clean_bos)
             objective = self.cfg.objective
             if objective == "auto":
                 objective = "ordered_ce" if family.singleton else "set_nelbo"
             if objective == "ordered_ce":
-                masked[b], weight[b] = real[b], real[b].double()
-            else:
-                masked[b], weight[b] = self._noise(set_rank[b], real[b], g, slot, global_batch)
+                masked[b], weight[b] = loss_token[b], loss_token[b].double()
+            elif objective == "set_nelbo":
+                masked[b], weight[b] = self._noise(set_rank[b], loss_token[b], g, slot, global_batch)
+            else:  # masked_ce
+                masked[b], _ = self._noise(set_rank[b], loss_token[b], g, slot, global_batch)
+                masked[b] = remask_empty_sets(masked[b], set_rank[b], loss_token[b], g)
+                weight[b] = masked[b].double() / masked[b].sum().clamp(min=1)
         noisy = torch.where(masked | ~real, torch.full_like(tokens, self.cfg.mask_id), tokens)
         batch = two_copy_layout(tokens, noisy, set_rank, doc_id)
         perm = batch.pop("perm")
         batch["targets"] = torch.gather(tokens, 1, perm)
         batch["loss_weight"] = torch.gather(weight, 1, perm).float()
-        batch["loss_normalizer"] = real.sum().clamp(min=1).float()
-        batch["sequence_normalizer"] = real.sum(dim=1).float()
+        if self.cfg.objective == "masked_ce":
+            batch["loss_normalizer"] = torch.tensor(float(B))
+            batch["sequence_normalizer"] = torch.ones(B)
+        else:
+            batch["loss_normalizer"] = loss_token.sum().clamp(min=1).float()
+            batch["sequence_normalizer"] = loss_token.sum(dim=1).float()
         batch["family_id"] = family_id
+        batch["dropout_key"] = keys
         if self.cfg.mask_bits:
             batch["mask_bits"] = pack_bits(dense_mask(two_copy_meta(batch["set_rank"], batch["doc_id"])))
         return batch
@@ -135,6 +175,7 @@ class SetDiffusionCollator:
         return masked, torch.where(masked, weight, torch.zeros_like(weight))
 
     def _ar_batch(self, tokens: torch.Tensor, doc_id: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One copy; position 0 is never a target, so keep_clean_bos holds by construction."""
         B, L = tokens.shape
         targets = torch.roll(tokens, -1, dims=1)
         has_next = torch.zeros_like(doc_id, dtype=torch.bool)
@@ -150,3 +191,25 @@ class SetDiffusionCollator:
             "sequence_normalizer": has_next.sum(dim=1).float(),
             "family_id": torch.zeros(B, dtype=torch.long),
         }
+
+
+def remask_empty_sets(masked: torch.Tensor, set_rank: torch.Tensor, loss_token: torch.Tensor,
+                      g: torch.Generator) -> torch.Tensor:
+    """BD3-LM's rule for masked_ce: each set with loss tokens but no mask gets a uniform count
+    c in 1..(its loss tokens) of them masked, a uniformly chosen subset. masked, set_rank,
+    loss_token: [L] in position order."""
+    K = int(set_rank.max()) + 1
+    size = torch.zeros(K, dtype=torch.long).index_add_(0, set_rank, loss_token.long())
+    hits = torch.zeros(K, dtype=torch.long).index_add_(0, set_rank, (masked & loss_token).long())
+    empty = (size > 0) & (hits == 0)
+    if not bool(empty.any()):
+        return masked
+    count = (torch.rand(K, generator=g, dtype=torch.float64) * size).long() + 1  # uniform in 1..size
+    u = torch.rand(set_rank.numel(), generator=g, dtype=torch.float64)
+    # sort by set, loss tokens first in a random order: a token's place inside its set
+    key = 3.0 * set_rank.double() + torch.where(loss_token, u, 1.0 + u)
+    order = torch.argsort(key)
+    sorted_rank = set_rank[order]
+    place = torch.empty_like(set_rank)
+    place[order] = torch.arange(set_rank.numel()) - torch.searchsorted(sorted_rank, sorted_rank)
+    return masked | (empty[set_rank] & loss_token & (place < count[set_rank]))

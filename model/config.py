@@ -41,6 +41,8 @@ class ModelConfig:
     attention_backend: str = "auto"
     """'tiled' (exact, skips forbidden key ranges; CPU training), 'sdpa' (dense boolean mask), 'flex'
     (BlockMask; GPU), or 'auto' (flex on CUDA, else tiled)."""
+    dropout: float = 0.0
+    """Dropout on the attention-output and MLP-output residual branches in training, in [0, 1)."""
 
     def resolved_ffn_hidden_size(self) -> int:
         if self.ffn_hidden_size:
@@ -53,9 +55,12 @@ class DiffusionConfig:
     mode: str = "set"
     """'set' (two-copy set diffusion) or 'ar_baseline' (one copy, plain causal LM)."""
     order: str = "staggered:8"
-    """Order family: ar, mdlm, block:S, staggered:D, random; or a mixture 'staggered:8@0.9,mdlm@0.1'."""
+    """Order family: ar, mdlm, block:S, block_random:S, staggered:D, random; or a mixture 'staggered:8@0.9,mdlm@0.1'."""
     objective: str = "ordered_ce"
-    """'ordered_ce' (singleton-set families), 'set_nelbo' (any family), or 'auto' (each family its own)."""
+    """'ordered_ce' (singleton-set families), 'set_nelbo' (any family), 'masked_ce' (the reference's MDLM/BD3-LM
+    training loss: per sequence, mean cross-entropy over masked tokens), or 'auto' (each family its own)."""
+    keep_clean_bos: bool = False
+    """Position 0 of every sequence is a set of its own, first in the order, never masked, without loss."""
     schedule: str = "loglinear"
     """Noise schedule for set_nelbo: 'loglinear' or 'staggered:D' (SetDLM's per-position windows)."""
     t_min: float = 1e-3
@@ -193,6 +198,8 @@ def validate(cfg: RunConfig) -> RunConfig:
                          f"model.num_heads={m.num_heads}")
     if (m.hidden_size // m.num_heads) % 2:
         raise ValueError("config: the head size hidden_size/num_heads must be even for rotary embeddings")
+    if not 0.0 <= m.dropout < 1.0:
+        raise ValueError(f"config: model.dropout must lie in [0, 1), got {m.dropout}")
     if m.attention_backend not in ("auto", "sdpa", "tiled", "flex"):
         raise ValueError(f"config: model.attention_backend must be 'auto', 'sdpa', 'tiled' or 'flex', "
                          f"got {m.attention_backend!r}")
@@ -204,8 +211,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         mixture = parse_order_mixture(d.order)
     except ValueError as err:
         raise ValueError(f"config: diffusion.order={d.order!r}: {err}") from None
-    if d.objective not in ("ordered_ce", "set_nelbo", "auto"):
-        raise ValueError(f"config: diffusion.objective must be 'ordered_ce', 'set_nelbo' or 'auto', "
+    if d.objective not in ("ordered_ce", "set_nelbo", "masked_ce", "auto"):
+        raise ValueError(f"config: diffusion.objective must be 'ordered_ce', 'set_nelbo', 'masked_ce' or 'auto', "
                          f"got {d.objective!r}")
     if d.mode == "set" and d.objective == "ordered_ce" and not all(f.singleton for f, _ in mixture):
         raise ValueError(f"config: diffusion.objective='ordered_ce' needs singleton sets, but "

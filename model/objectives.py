@@ -34,5 +34,5 @@ def loss_fn(batch: dict[str, torch.Tensor], logits: torch.Tensor):
 
 def forward_step(batch: dict[str, torch.Tensor], model, set_mode: bool):
     meta = attention_meta(batch, set_mode)
-    logits = model(batch["input_ids"], batch["position_ids"], meta)
+    logits = model(batch["input_ids"], batch["position_ids"], meta, dropout_key=batch.get("dropout_key"))
     return logits, partial(loss_fn, batch)

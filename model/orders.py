@@ -14,25 +14,28 @@ import torch
 @dataclass(frozen=True)
 class OrderFamily:
     name: str
-    """ar, mdlm, block, staggered or random."""
+    """ar, mdlm, block, block_random, staggered or random."""
     size: int = 1
-    """Block size s for block:s, desired set size d for staggered:d."""
+    """Block size s for block:s and block_random:s, desired set size d for staggered:d."""
 
     @property
     def singleton(self) -> bool:
-        return self.name in ("ar", "random", "staggered") or (self.name == "block" and self.size == 1)
+        return self.name in ("ar", "random", "staggered", "block_random") or (self.name == "block" and self.size == 1)
 
     def __str__(self) -> str:
-        return f"{self.name}:{self.size}" if self.name in ("block", "staggered") else self.name
+        return f"{self.name}:{self.size}" if self.name in SIZED_FAMILIES else self.name
+
+
+SIZED_FAMILIES = ("block", "block_random", "staggered")
 
 
 def parse_order(spec: str) -> OrderFamily:
     name, _, arg = spec.partition(":")
     if name in ("ar", "mdlm", "random") and not arg:
         return OrderFamily(name)
-    if name in ("block", "staggered") and arg.isdigit() and int(arg) > 0:
+    if name in SIZED_FAMILIES and arg.isdigit() and int(arg) > 0:
         return OrderFamily(name, int(arg))
-    raise ValueError(f"unknown order family {spec!r}: use ar, mdlm, block:S, staggered:D or random")
+    raise ValueError(f"unknown order family {spec!r}: use ar, mdlm, block:S, block_random:S, staggered:D or random")
 
 
 def parse_order_mixture(spec: str) -> list[tuple[OrderFamily, float]]:
@@ -99,8 +102,12 @@ def _ranks_from_order(order: torch.Tensor) -> torch.Tensor:
 
 
 def sample_set_rank(family: OrderFamily, L: int, generator: torch.Generator,
-                    doc_id: torch.Tensor | None = None) -> torch.Tensor:
-    """Draw one partition of L positions; returns set_rank [L] (int64)."""
+                    doc_id: torch.Tensor | None = None, keep_first: bool = False) -> torch.Tensor:
+    """Draw one partition of L positions; returns set_rank [L] (int64).
+
+    ``keep_first``: position 0 becomes a set of its own at rank 0 (the reference's
+    keep_clean_bos); the other positions keep the family's relative order.
+    """
     pos = torch.arange(L)
     if family.name == "ar":
         rank = pos.clone()
@@ -108,6 +115,10 @@ def sample_set_rank(family: OrderFamily, L: int, generator: torch.Generator,
         rank = torch.zeros(L, dtype=torch.long)
     elif family.name == "block":
         rank = pos // family.size
+    elif family.name == "block_random":
+        # block index + U[0, 1): sorting keeps the blocks left to right and shuffles inside each
+        u = torch.rand(L, generator=generator, dtype=torch.float64)
+        rank = _ranks_from_order(torch.argsort((pos // family.size).double() + u, stable=True))
     elif family.name == "random":
         rank = _ranks_from_order(torch.randperm(L, generator=generator))
     elif family.name == "staggered":
@@ -116,9 +127,16 @@ def sample_set_rank(family: OrderFamily, L: int, generator: torch.Generator,
         rank = _ranks_from_order(torch.sort(-t, stable=True).indices)
     else:  # parse_order admits nothing else
         raise AssertionError(family)
+    if keep_first and L > 1:
+        rank = _dense(torch.where(pos == 0, 0, rank + 1))
     if doc_id is not None:
         rank = _padding_last(rank, doc_id < 0)
     return rank
+
+
+def _dense(rank: torch.Tensor) -> torch.Tensor:
+    """Renumber ranks 0, 1, 2, ... keeping their order (closes the gap an emptied set leaves)."""
+    return torch.searchsorted(torch.unique(rank), rank)
 
 
 def _padding_last(rank: torch.Tensor, is_pad: torch.Tensor) -> torch.Tensor:

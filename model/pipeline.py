@@ -8,8 +8,9 @@ and allocate on ``device="cuda"`` literally (see ../shared/STACK_NOTES.md). Deep
 refuses ZeRO-2/3 with pipeline parallelism; config validation says so up front.
 
 Between stages travels one tuple: (hidden [T, B, H], position_ids [B, T], set_rank [B, L],
-doc_id [B, L]). Every block rebuilds the rotary tables and the mask from it: the mask
-costs about 1/(heads x head_dim) of the attention it serves.
+doc_id [B, L], dropout_key [B]). Every block rebuilds the rotary tables and the mask from it:
+the mask costs about 1/(heads x head_dim) of the attention it serves. The dropout keys make
+each block draw the masks the flat model draws (model/dropout.py).
 """
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ import torch
 
 from model.attention import make_backend
 from model.masks import causal_meta, two_copy_meta
-from model.transformer import (Block, Embedding, Head, ModelParts, component_seed, rotary_cos_sin, seeded,
-                               vocab_parallel_token_loss)
+from model.transformer import (Block, Embedding, Head, ModelParts, branch_dropout, component_seed, rotary_cos_sin,
+                               seeded, vocab_parallel_token_loss)
 
 
 class EmbeddingPipe(Embedding):
@@ -29,26 +30,28 @@ class EmbeddingPipe(Embedding):
             super().__init__(parts.cfg, parts.mp_config, parts.parallel.tp_group, parts.padded_vocab)
 
     def forward(self, inputs):
-        input_ids, position_ids, set_rank, doc_id = inputs
-        return super().forward(input_ids), position_ids, set_rank, doc_id
+        input_ids, position_ids, set_rank, doc_id, dropout_key = inputs
+        return super().forward(input_ids), position_ids, set_rank, doc_id, dropout_key
 
 
 class BlockPipe(Block):
     def __init__(self, parts: ModelParts, layer: int):
         with seeded(component_seed(parts.init_seed, 1 + layer)):
-            super().__init__(parts.cfg, parts.mp_config, parts.parallel.tp_group)
+            super().__init__(parts.cfg, parts.mp_config, parts.parallel.tp_group, layer_index=layer)
         cfg = parts.cfg
+        self.cfg = cfg
         self.set_mode = parts.set_mode
         self.head_dim = cfg.hidden_size // cfg.num_heads
         self.rope_theta = cfg.rope_theta
         self.backend = make_backend(cfg.attention_backend)
 
     def forward(self, inputs):
-        x_SBH, position_ids, set_rank, doc_id = inputs
+        x_SBH, position_ids, set_rank, doc_id, dropout_key = inputs
         meta = two_copy_meta(set_rank, doc_id) if self.set_mode else causal_meta(doc_id)
         cos, sin = rotary_cos_sin(position_ids, self.head_dim, self.rope_theta, x_SBH.dtype)
-        x_SBH = super().forward(x_SBH, cos, sin, self.backend, self.backend.prepare(meta))
-        return x_SBH, position_ids, set_rank, doc_id
+        dropout = branch_dropout(self.cfg, self.training, dropout_key)
+        x_SBH = super().forward(x_SBH, cos, sin, self.backend, self.backend.prepare(meta), dropout)
+        return x_SBH, position_ids, set_rank, doc_id, dropout_key
 
 
 class HeadPipe(Head):

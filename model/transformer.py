@@ -28,6 +28,7 @@ from torch import nn
 from model import cpu_compat
 from model.attention import AttentionBackend, make_backend
 from model.config import ModelConfig
+from model.dropout import ATTENTION, MLP, BranchDropout
 from model.masks import AttentionMeta
 
 
@@ -169,8 +170,9 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, mp_config, tp_group):
+    def __init__(self, cfg: ModelConfig, mp_config, tp_group, layer_index: int = 0):
         super().__init__()
+        self.layer_index = layer_index  # keys this block's dropout masks
         # residual-branch outputs scaled by 1/sqrt(2 * layers), as in GPT-2 / Megatron
         std = cfg.init_std / math.sqrt(2.0 * cfg.num_layers)
         output_init = lambda w: nn.init.normal_(w, 0.0, std)  # noqa: E731
@@ -179,9 +181,16 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = SwiGLU(cfg, mp_config, tp_group, output_init)
 
-    def forward(self, x_SBH, cos, sin, backend, mask):
-        x_SBH = x_SBH + self.attn(self.attn_norm(x_SBH), cos, sin, backend, mask)
-        return x_SBH + self.mlp(self.mlp_norm(x_SBH))
+    def forward(self, x_SBH, cos, sin, backend, mask, dropout: BranchDropout | None = None):
+        """``dropout``: the micro-batch's keyed residual-branch dropout (training only), or None."""
+        attn_SBH = self.attn(self.attn_norm(x_SBH), cos, sin, backend, mask)
+        if dropout is not None:
+            attn_SBH = dropout.apply(attn_SBH, self.layer_index, ATTENTION)
+        x_SBH = x_SBH + attn_SBH
+        mlp_SBH = self.mlp(self.mlp_norm(x_SBH))
+        if dropout is not None:
+            mlp_SBH = dropout.apply(mlp_SBH, self.layer_index, MLP)
+        return x_SBH + mlp_SBH
 
 
 class Embedding(nn.Module):
@@ -269,7 +278,7 @@ class ModelParts:
 
     def block(self, i: int) -> Block:
         return build_seeded(component_seed(self.init_seed, 1 + i), lambda: Block(
-            self.cfg, self.mp_config, self.parallel.tp_group))
+            self.cfg, self.mp_config, self.parallel.tp_group, layer_index=i))
 
     def head(self) -> Head:
         return build_seeded(component_seed(self.init_seed, 1 + self.cfg.num_layers), lambda: Head(
@@ -307,18 +316,32 @@ class SetDiffusionTransformer(nn.Module):
         """Rows of the vocabulary-sized parameters that hold real ids and [MASK]."""
         return dict(self._vocab_rows)
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, meta: AttentionMeta):
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, meta: AttentionMeta,
+                dropout_key: torch.Tensor | None = None):
+        """``dropout_key`` [B]: the collator's per-sequence keys of the dropout masks; needed
+        in training mode when model.dropout > 0 (eval mode never drops)."""
         x_SBH = self.embedding(input_ids)
         head_dim = self.cfg.hidden_size // self.cfg.num_heads
         cos, sin = rotary_cos_sin(position_ids, head_dim, self.cfg.rope_theta, x_SBH.dtype)
         mask = self.backend.prepare(meta)  # built once per batch, shared by every layer
+        dropout = branch_dropout(self.cfg, self.training, dropout_key)
         for layer in self.layers:
             if self.activation_checkpointing and self.training:
-                x_SBH = torch.utils.checkpoint.checkpoint(layer, x_SBH, cos, sin, self.backend, mask,
+                x_SBH = torch.utils.checkpoint.checkpoint(layer, x_SBH, cos, sin, self.backend, mask, dropout,
                                                           use_reentrant=False)
             else:
-                x_SBH = layer(x_SBH, cos, sin, self.backend, mask)
+                x_SBH = layer(x_SBH, cos, sin, self.backend, mask, dropout)
         return self.head(x_SBH)
+
+
+def branch_dropout(cfg: ModelConfig, training: bool, dropout_key: torch.Tensor | None) -> BranchDropout | None:
+    """The keyed residual-branch dropout of one forward, or None (eval mode, or dropout 0)."""
+    if not training or cfg.dropout == 0.0:
+        return None
+    if dropout_key is None:
+        raise ValueError(f"model.dropout={cfg.dropout} in training mode needs the batch's dropout_key "
+                         "(the collator writes it): masks never come from the global RNG")
+    return BranchDropout(cfg.dropout, dropout_key)
 
 
 def vocab_parallel_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

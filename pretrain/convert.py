@@ -107,7 +107,7 @@ def hf_config(run: dict, eos_id: int) -> dict:
         "attention_bias": False, "mlp_bias": False, "initializer_range": cfg.init_std, "torch_dtype": "float32",
         "eos_token_id": eos_id, "bos_token_id": None, "pad_token_id": eos_id,
         "setdiff": {"mask_token_id": cfg.vocab_size, "mode": d["mode"], "order": order, "set_size": size,
-                    "window": size, "objective": d["objective"],
+                    "window": size, "objective": d["objective"], "keep_clean_bos": bool(d.get("keep_clean_bos", False)),
                     "layout": "two copies in set order: [x0[perm]; xt[perm]], position_ids [perm; perm], "
                               "set-causal 4D mask; logits from the noisy half; [MASK] logit is -inf"},
     }

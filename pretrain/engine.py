@@ -151,7 +151,7 @@ class Engine:
 
     @staticmethod
     def _pipe_tuple(batch: dict) -> tuple:
-        return ((batch["input_ids"], batch["position_ids"], batch["set_rank"], batch["doc_id"]),
+        return ((batch["input_ids"], batch["position_ids"], batch["set_rank"], batch["doc_id"], batch["dropout_key"]),
                 (batch["targets"], batch["loss_weight"], batch["loss_normalizer"], batch["set_rank"],
                  batch["family_id"], batch["sequence_normalizer"]))
 

@@ -42,7 +42,7 @@ def read_model_dir(model_dir: pathlib.Path) -> tuple[ModelConfig, dict, dict[str
 @torch.no_grad()
 def evaluate(model_dir: pathlib.Path, data: pathlib.Path, *, order: str | None = None, objective: str | None = None,
              orders: int = 4, batches: int = 8, micro_batch: int = 4, fmt: str = "mds", seed: int = 0) -> dict:
-    from data_pipeline.collator import CollatorConfig, SetDiffusionCollator
+    from data_pipeline.collator import CollatorConfig, SetDiffusionCollator, evaluation_objective
     from data_pipeline.loader import open_sequences
     from model.objectives import forward_step
     from model.transformer import SetDiffusionTransformer
@@ -56,7 +56,8 @@ def evaluate(model_dir: pathlib.Path, data: pathlib.Path, *, order: str | None =
     model = SetDiffusionTransformer(cfg, layout.parallel, set_mode=set_mode).eval()
     load_full_state(model, full, layout.parallel.tp_group)
     order = order or fields["order"]
-    objective = objective or ("auto" if fields.get("objective") == "auto" else fields["objective"])
+    # a likelihood bound whatever the training loss (masked_ce models report the NELBO)
+    objective = evaluation_objective(objective or fields["objective"])
     sequences = open_sequences(str(data), "val", fmt, cfg.seq_len, True)
     count = min(batches, len(sequences) // micro_batch)
     if count == 0:
@@ -64,6 +65,7 @@ def evaluate(model_dir: pathlib.Path, data: pathlib.Path, *, order: str | None =
     losses = []
     for k in range(orders):
         collate = SetDiffusionCollator(CollatorConfig(order=order, objective=objective, mask_id=cfg.vocab_size,
+                                                      keep_clean_bos=bool(fields.get("keep_clean_bos", False)),
                                                       seed=seed + k, mode="set" if set_mode else "ar_baseline"))
         for b in range(count):
             pairs = [sequences.sequence(b * micro_batch + i) for i in range(micro_batch)]
@@ -141,7 +143,8 @@ def main(argv=None) -> int:
     parser.add_argument("model_dir", type=pathlib.Path)
     parser.add_argument("--data", type=pathlib.Path, help="a setdiff-prepare directory: the likelihood bound")
     parser.add_argument("--order", help="order family (default: the model's)")
-    parser.add_argument("--objective", help="ordered_ce, set_nelbo or auto (default: the model's)")
+    parser.add_argument("--objective", help="ordered_ce, set_nelbo or auto (default: the model's; "
+                        "masked_ce models report the NELBO, as auto)")
     parser.add_argument("--orders", type=int, default=4, help="sampled orders per sequence")
     parser.add_argument("--batches", type=int, default=8)
     parser.add_argument("--micro-batch", type=int, default=4)

@@ -5,6 +5,7 @@ another layout) -> DeepSpeed engine -> EMA -> checkpoint restore -> monitoring -
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -18,7 +19,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from data_pipeline.collator import CollatorConfig, SetDiffusionCollator
+from data_pipeline.collator import CollatorConfig, SetDiffusionCollator, evaluation_objective
 from data_pipeline.loader import MicroBatches, ResumableLoader, check_tokenizer, open_sequences, read_manifest
 from data_pipeline.sampler import StepSampler
 from model.attention import make_backend
@@ -97,11 +98,16 @@ class Trainer:
         self.set_mode = d.mode == "set"
         families = [str(f) for f, _ in parse_order_mixture(d.order)] if self.set_mode else ["ar_baseline"]
         self.breakdown = LossBreakdown(families, cfg.model.seq_len)
-        self.collator = SetDiffusionCollator(CollatorConfig(
+        collator_cfg = CollatorConfig(
             order=d.order, objective=d.objective, mask_id=vocab, schedule=d.schedule,
             t_min=d.t_min, t_max=d.t_max, antithetic=d.antithetic, mode=d.mode, seed=t.seed,
+            keep_clean_bos=d.keep_clean_bos,
             mask_bits=self.set_mode and make_backend(cfg.model.attention_backend).name == "sdpa"
-            and cfg.parallel.pipeline == 1))
+            and cfg.parallel.pipeline == 1)
+        self.collator = SetDiffusionCollator(collator_cfg)
+        # validation reports a likelihood bound whatever the training loss (masked_ce: the NELBO)
+        val_collator = SetDiffusionCollator(dataclasses.replace(collator_cfg,
+                                                                objective=evaluation_objective(d.objective)))
         opened = {split: open_sequences(data.path, split, data.format, cfg.model.seq_len, data.pack,
                                         data.remote, data.cache_dir) for split in ("train", "val")}
         train_seq = opened["train"]
@@ -112,7 +118,7 @@ class Trainer:
         # validation: fixed order, the training micro-batch layout (a pipeline runs grad_accum of them)
         self.val_batches = MicroBatches(opened["val"], StepSampler(
             len(opened["val"]), t.micro_batch_size, t.grad_accum, self.layout.data, t.seed, shuffle=False),
-            self.collator, self.layout.dp_rank)
+            val_collator, self.layout.dp_rank)
 
         if cfg.parallel.pipeline > 1:
             parts = ModelParts(cfg.model, self.layout.parallel, set_mode=self.set_mode, init_seed=t.seed)
@@ -303,9 +309,11 @@ class Trainer:
         if self.cfg.train.resume_override:
             return
         problems = []
-        if saved["config"]["model"] != config_to_dict(self.cfg)["model"]:
-            diff = {k: (v, config_to_dict(self.cfg)["model"].get(k)) for k, v in saved["config"]["model"].items()
-                    if config_to_dict(self.cfg)["model"].get(k) != v}
+        # dropout is a training setting, not part of the network: it may change on resume
+        saved_model = {k: v for k, v in saved["config"]["model"].items() if k != "dropout"}
+        now_model = {k: v for k, v in config_to_dict(self.cfg)["model"].items() if k != "dropout"}
+        if saved_model != now_model:
+            diff = {k: (v, now_model.get(k)) for k, v in saved_model.items() if now_model.get(k) != v}
             problems.append(f"model config differs (checkpoint vs now: {diff})")
         if saved["fingerprints"]["tokenizer"] != self.fingerprints["tokenizer"]:
             problems.append("the tokenizer differs")

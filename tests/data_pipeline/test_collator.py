@@ -88,3 +88,26 @@ def test_shape_errors_are_clear():
     c = SetDiffusionCollator(CollatorConfig(order="ar", objective="ordered_ce", mask_id=MASK))
     with pytest.raises(ValueError, match=r"must both be \[B, L\]"):
         c(torch.zeros(2, 4, dtype=torch.long), torch.zeros(2, 5, dtype=torch.long), step=0)
+
+
+@pytest.mark.parametrize("order,objective", [("staggered:4", "ordered_ce"), ("block:4", "set_nelbo"),
+                                             ("mdlm", "masked_ce"), ("block_random:4", "ordered_ce")])
+def test_keep_clean_bos_puts_position_zero_first_clean_and_out_of_the_loss(order, objective):
+    tokens, doc = data()
+    L = tokens.shape[1]
+    kw = {"t_min": 1.0, "t_max": 1.0}  # every other token of a noised set is masked
+    plain = collate(order, objective, tokens, doc, **kw)
+    b = collate(order, objective, tokens, doc, keep_clean_bos=True, **kw)
+    assert (plain["input_ids"][:, L:] == MASK).all(), "without the option position 0 is masked too"
+    assert (b["position_ids"][:, 0] == 0).all() and (b["position_ids"][:, L] == 0).all()
+    assert (b["set_rank"][:, 0] == 0).all() and (b["set_rank"][:, 1] == 1).all(), "a set of its own, first"
+    assert torch.equal(b["input_ids"][:, L], tokens[:, 0]), "its noisy copy is the clean token"
+    assert (b["input_ids"][:, L + 1:][b["doc_id"][:, 1:] >= 0] == MASK).all()
+    assert (b["loss_weight"][:, 0] == 0).all() and (b["loss_weight"][:, 1:][b["doc_id"][:, 1:] >= 0] > 0).all()
+    if objective != "masked_ce":
+        assert b["loss_normalizer"] == (doc >= 0).sum() - tokens.shape[0]
+
+
+def test_objectives_are_checked():
+    with pytest.raises(ValueError, match="objective must be one of"):
+        SetDiffusionCollator(CollatorConfig(order="mdlm", objective="masked", mask_id=MASK))

@@ -15,11 +15,14 @@ def train(corpus, out_dir, world, overrides):
     return run_distributed(WORKER, world, data_path=str(corpus), out_dir=str(out_dir), overrides=STEPS + overrides)[0]
 
 
-def test_tp2_dp2_stop_and_resume_is_bit_exact(tiny_corpus, tmp_path):
-    layout = ["parallel.tensor=2", "parallel.zero_stage=1", "data.num_workers=2"]
-    straight = train(tiny_corpus, tmp_path / "straight", 4, layout)
-    first = train(tiny_corpus, tmp_path / "resumed", 4, layout + ["train.stop_at_step=3"])
-    second = train(tiny_corpus, tmp_path / "resumed", 4, layout + ["train.resume=auto"])
+@pytest.mark.parametrize("world,layout", [
+    (4, ["parallel.tensor=2", "parallel.zero_stage=1", "data.num_workers=2"]),
+    (1, ["model.dropout=0.1", "data.num_workers=2"]),  # the keyed dropout masks are drawn again alike
+], ids=["tp2_dp2", "dropout"])
+def test_stop_and_resume_is_bit_exact(tiny_corpus, tmp_path, world, layout):
+    straight = train(tiny_corpus, tmp_path / "straight", world, layout)
+    first = train(tiny_corpus, tmp_path / "resumed", world, layout + ["train.stop_at_step=3"])
+    second = train(tiny_corpus, tmp_path / "resumed", world, layout + ["train.resume=auto"])
     assert len(first["losses"]) == 3 and len(second["losses"]) == 3
     assert first["losses"] + second["losses"] == straight["losses"]
     assert first["grad_norms"] + second["grad_norms"] == straight["grad_norms"]

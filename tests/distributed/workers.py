@@ -32,7 +32,7 @@ def train_layout(data_path: str, out_dir: str, overrides: list[str]) -> dict:
     trainer = Trainer(cfg)
     result = trainer.train()
     state = trainer.full_state()
-    return {"losses": result["losses"], "grad_norms": result["grad_norms"],
+    return {"losses": result["losses"], "grad_norms": result["grad_norms"], "val_loss": result["val_loss"],
             "state": state if dist.get_rank() == 0 else None, "summary": trainer.summary(),
             "breakdown": breakdown_scalars(result["tensorboard"]) if dist.get_rank() == 0 else None,
             "world": dist.get_world_size(), "run_dir": str(pathlib.Path(out_dir) / "run")}

@@ -28,6 +28,16 @@ def test_small_recipe_is_the_reference_setup():
     m = cfg.model
     assert (m.num_layers, m.hidden_size, m.num_heads, m.seq_len) == (12, 768, 12, 1024)
     assert cfg.diffusion.order == "staggered:8"
+    assert cfg.model.dropout == 0.1  # the reference OWT recipe
+    assert load_config(pathlib.Path(CONFIGS[0]).parent / "350m.yaml").model.dropout == 0.1
+    assert load_config(pathlib.Path(CONFIGS[0]).parent / "demo_cpu.yaml").model.dropout == 0.0
+
+
+def test_new_orders_and_objectives_are_accepted_everywhere_a_spec_is():
+    cfg = load_config(None, ["diffusion.order=block_random:4@0.5,block:4@0.5", "diffusion.objective=masked_ce",
+                             "diffusion.keep_clean_bos=true", "model.dropout=0.1"])
+    assert (cfg.diffusion.objective, cfg.diffusion.keep_clean_bos, cfg.model.dropout) == ("masked_ce", True, 0.1)
+    assert load_config(None, ["diffusion.order=block_random:8"]).diffusion.objective == "ordered_ce"  # singletons
 
 
 def test_unknown_key_names_the_closest_valid_one(tmp_path):
@@ -65,6 +75,11 @@ def test_overrides_change_one_field_with_its_type(tmp_path):
     ("model.attention_backend=flash", "attention_backend"),
     ("train.ema=1.5", "train.ema"),
     ("train.min_lr=1.0", "train.min_lr=1.0 must lie in [0, train.lr="),
+    ("model.dropout=1.0", "model.dropout must lie in [0, 1), got 1.0"),
+    ("model.dropout=-0.1", "model.dropout must lie in [0, 1), got -0.1"),
+    ("diffusion.objective=masked", "diffusion.objective must be 'ordered_ce', 'set_nelbo', 'masked_ce' or 'auto'"),
+    ("diffusion.keep_clean_bos=maybe", "'diffusion.keep_clean_bos' must be true or false"),
+    ("diffusion.order=block_random:0", "diffusion.order='block_random:0'"),
 ])
 def test_impossible_values_stop_with_a_message(override, message):
     with pytest.raises(ValueError, match=re.escape(message)):

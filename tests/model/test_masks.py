@@ -10,7 +10,9 @@ from model.masks import (_pack_bits_torch, block_mask_to_dense, causal_meta, den
                          flex_block_mask, pack_bits, two_copy_meta, unpack_bits)
 from model.orders import parse_order, sample_set_rank, set_order
 
-FAMILIES = ["ar", "mdlm", "block:3", "block:1", "staggered:2", "staggered:4", "random"]
+# "+bos": position 0 kept first and alone (diffusion.keep_clean_bos)
+FAMILIES = ["ar", "mdlm", "block:3", "block:1", "staggered:2", "staggered:4", "random", "block_random:3",
+            "block:3+bos", "staggered:2+bos"]
 
 
 def brute_force_mask(set_rank_perm: list[int], doc_perm: list[int]) -> torch.Tensor:
@@ -47,7 +49,8 @@ def random_layout(family: str, L: int, seed: int, packed: bool, padding: int):
             doc[c:] += 1
     if padding:
         doc[L - padding:] = -1
-    rank = sample_set_rank(parse_order(family), L, g, doc)
+    name, _, bos = family.partition("+")
+    rank = sample_set_rank(parse_order(name), L, g, doc, keep_first=bos == "bos")
     perm = set_order(rank)
     return rank[perm], doc[perm]
 

@@ -104,5 +104,61 @@ def test_draws_do_not_depend_on_how_the_batch_is_split(objective, order):
     whole = collate(tokens, doc, step=4, first_slot=0, global_batch=6)
     first = collate(tokens[:3], doc[:3], step=4, first_slot=0, global_batch=6)
     second = collate(tokens[3:], doc[3:], step=4, first_slot=3, global_batch=6)
-    for key in ("input_ids", "position_ids", "set_rank", "targets", "loss_weight"):
+    for key in ("input_ids", "position_ids", "set_rank", "targets", "loss_weight", "dropout_key"):
         assert torch.equal(whole[key], torch.cat([first[key], second[key]])), key
+
+
+def test_block_random_is_parsed_as_a_singleton_family():
+    family = parse_order("block_random:4")
+    assert (family.name, family.size, family.singleton, str(family)) == ("block_random", 4, True, "block_random:4")
+    for bad in ("block_random", "block_random:0", "block_random:x"):
+        with pytest.raises(ValueError, match="order family"):
+            parse_order(bad)
+
+
+@pytest.mark.parametrize("L,S", [(1, 3), (7, 3), (16, 4), (17, 4), (9, 1), (5, 8)])
+def test_block_random_shuffles_inside_blocks_left_to_right(L, S):
+    """Brute force: block k's positions hold exactly the ranks kS .. min((k+1)S, L) - 1."""
+    g = torch.Generator().manual_seed(L * 31 + S)
+    for _ in range(20):
+        rank = sample_set_rank(parse_order(f"block_random:{S}"), L, g).tolist()
+        for start in range(0, L, S):
+            stop = min(start + S, L)
+            assert sorted(rank[start:stop]) == list(range(start, stop)), (rank, start)
+
+
+def test_block_random_is_uniform_over_the_permutations_of_each_block():
+    """L = 6, S = 3: the pair (pattern of block 0, pattern of block 1) covers its 36 values about
+    equally often (uniform and independent blocks)."""
+    import collections
+    import itertools
+
+    g = torch.Generator().manual_seed(0)
+    draws = 7200
+    counts = collections.Counter()
+    for _ in range(draws):
+        rank = sample_set_rank(parse_order("block_random:3"), 6, g).tolist()
+        counts[(tuple(rank[:3]), tuple(r - 3 for r in rank[3:]))] += 1
+    patterns = list(itertools.permutations(range(3)))
+    assert set(counts) == set(itertools.product(patterns, patterns))
+    expected = draws / 36  # 200, standard deviation about 14
+    assert all(abs(c - expected) < 60 for c in counts.values()), counts
+
+
+@pytest.mark.parametrize("family", ["ar", "mdlm", "block:4", "block_random:4", "staggered:2", "random"])
+def test_keep_first_puts_position_zero_alone_first_and_keeps_the_rest(family):
+    """Position 0 is the only member of set 0; the other positions keep the order (and the set
+    sharing) of the same draw without keep_first, compared pair by pair; ranks stay dense."""
+    L = 13
+    doc = torch.tensor([0] * 6 + [1] * 4 + [-1] * 3)
+    for seed in range(5):
+        plain = sample_set_rank(parse_order(family), L, torch.Generator().manual_seed(seed), doc).tolist()
+        kept = sample_set_rank(parse_order(family), L, torch.Generator().manual_seed(seed), doc,
+                               keep_first=True).tolist()
+        assert kept[0] == 0 and all(r > 0 for r in kept[1:])
+        assert sorted(set(kept)) == list(range(max(kept) + 1))
+        for i in range(1, L):
+            for j in range(1, L):
+                assert (kept[i] < kept[j]) == (plain[i] < plain[j]), (i, j, plain, kept)
+                assert (kept[i] == kept[j]) == (plain[i] == plain[j]), (i, j, plain, kept)
+        assert kept[-1] == max(kept) and len({kept[-1], kept[-2], kept[-3]}) == 1, "padding stays the last set"
