@@ -8,10 +8,11 @@ spans between given text. Each step runs one forward over
 
 and unmasks every active token whose confidence >= tau, and at least the most confident.
 
-Singleton-set families (staggered:D, ar): the active tokens are the still-masked positions
-whose order key is below the smallest still-masked key + w (key = position, or the rank in
-a sampled staggered order for any-order decoding); each is a set of its own, so a token
-joins the clean cache the step after it is decoded. The given tokens are the first step's
+Singleton-set families (staggered:D, ar, block_random:S): the active tokens are the
+still-masked positions whose order key is below the smallest still-masked key + w (key =
+position, the block for block_random, or the rank in a sampled staggered order for
+any-order decoding); each is a set of its own, so a token joins the clean cache the step
+after it is decoded. The given tokens are the first step's
 clean tokens (the prefill), in position order.
 
 Families with larger sets (block:S, mdlm) decode as they train: the canvas is partitioned
@@ -55,15 +56,16 @@ from model.orders import parse_order, staggered_hitting_times
 from model.sampling_reference import ar_recompute_logits, pack_positions, recompute_logits
 from model.transformer import SetDiffusionTransformer
 
-DECODE_ORDERS = "ar, block:S, mdlm or staggered:D"
+DECODE_ORDERS = "ar, block:S, block_random:S, mdlm or staggered:D"
 
 
 @dataclass
 class DecodeConfig:
     order: str = "staggered:4"
     """ar (w = 1), block:S (blocks of S positions aligned at position 0, each one set, decoded
-    left to right), mdlm (the whole canvas one set) or staggered:D (a sliding window of w
-    singleton sets)."""
+    left to right), block_random:S (the same blocks, each a window of singleton sets decoded in
+    any order), mdlm (the whole canvas one set) or staggered:D (a sliding window of w singleton
+    sets)."""
     window: int | None = None
     """Width w of a staggered window; None takes D. ar, block and mdlm fix their own window."""
     any_order: bool = False
@@ -92,7 +94,7 @@ class DecodeConfig:
 
     def validate(self) -> None:
         family = parse_order(self.order)  # raises on an unknown family
-        if family.name not in ("ar", "block", "mdlm", "staggered"):
+        if family.name not in ("ar", "block", "block_random", "mdlm", "staggered"):
             raise ValueError(f"order {self.order!r} cannot decode: use {DECODE_ORDERS}")
         if self.window is not None and (family.name != "staggered" or self.window < 1):
             raise ValueError(f"window={self.window} needs order staggered:D and a value >= 1 "
@@ -250,6 +252,8 @@ def _window(cfg: DecodeConfig, to_decode_BL: torch.Tensor, generator: torch.Gene
         return _Window(block_BL.double(), 1.0, block_BL)
     if family.name == "ar":
         key, width = pos_BL.double(), 1.0
+    elif family.name == "block_random":  # one block a window; its tokens are singleton sets
+        key, width = (pos_BL // family.size).double(), 1.0
     elif cfg.any_order:
         key = torch.zeros(B, L, dtype=torch.float64)
         for b in range(B):

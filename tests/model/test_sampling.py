@@ -391,3 +391,36 @@ def test_unigram_entropy():
     assert unigram_entropy(tokens) == pytest.approx(float(-(p * np.log(p)).sum()))
     assert unigram_entropy([3] * 10) == 0.0 and unigram_entropy([]) == 0.0
     assert unigram_entropy(list(range(64))) == pytest.approx(np.log(64))
+
+
+@pytest.mark.parametrize("order,tau", [("block_random:4", 1.0), ("block_random:4", 0.5), ("staggered:4", 0.5),
+                                       ("ar", 1.0)])
+def test_singleton_families_decode_as_the_training_forward(peaked, order, tau):
+    """Each decoded token is a set of its own: an active token's logits are the training
+    forward's for the partition [clean tokens in the order they became clean ; that token ;
+    everything else later] (clean copy = the canvas, noisy copy = [MASK] where undecoded)."""
+    model = peaked
+    result = run(model, order=order, tau=tau, record_logits=True)
+    lengths = [len(p) + 12 for p in PROMPTS]
+    entry_order = [[] for _ in PROMPTS]
+    for step in result.trace:
+        for b, n in enumerate(lengths):
+            entry_order[b] += step.entered[b].nonzero().flatten().tolist()  # position order within a step
+            candidates = step.positions[b][step.valid[b]].tolist()
+            if order.startswith("block_random"):
+                assert len({p // 4 for p in candidates}) <= 1  # one block at a time
+            canvas = step.canvas[b, :n]
+            for slot, position in enumerate(candidates):
+                later = [p for p in range(n) if p not in entry_order[b] and p != position]
+                rank = torch.empty(n, dtype=torch.long)
+                rank[torch.tensor(entry_order[b] + [position] + later)] = torch.arange(n)
+                row = canvas[None]
+                layout = two_copy_layout(row, row, rank[None], torch.zeros(1, n, dtype=torch.long))
+                with torch.no_grad():
+                    logits = model(layout["input_ids"], layout["position_ids"],
+                                   two_copy_meta(layout["set_rank"], layout["doc_id"]))
+                expected = logits[0, len(entry_order[b])]  # the token's own set comes right after the clean ones
+                got = step.logits[b][step.valid[b]][slot]
+                torch.testing.assert_close(got[:V], expected[:V], atol=1e-4, rtol=1e-4)
+    if tau < 1.0:
+        assert result.stats.tokens_per_forward > 1.5
