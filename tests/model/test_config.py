@@ -125,3 +125,30 @@ def test_global_batch_size_derives_the_accumulation_for_any_data_parallel_size()
     untouched = load_config(None, ["train.grad_accum=3"])
     resolve_global_batch(untouched.train, 4)
     assert untouched.train.grad_accum == 3
+
+
+REFERENCE_OWT = {  # SET_DIFFUSION.md §6, the reference's OWT scripts
+    "model.num_layers": 12, "model.hidden_size": 768, "model.num_heads": 12, "model.seq_len": 1024,
+    "model.dropout": 0.1, "model.rope_theta": 1e4, "train.lr": 3e-4, "train.beta1": 0.9, "train.beta2": 0.999,
+    "train.weight_decay": 0.0, "train.warmup_steps": 2500, "train.lr_schedule": "constant", "train.grad_clip": 1.0,
+    "train.ema": 0.9999, "train.global_batch_size": 512, "train.steps": 1_000_000, "train.eval_interval": 10_000,
+    "train.save_interval": 10_000, "train.keep_last": 0, "diffusion.t_min": 1e-3, "diffusion.t_max": 1.0,
+}
+
+
+@pytest.mark.parametrize("recipe,fields", [
+    ("owt_setdlm", {"diffusion.mode": "set", "diffusion.order": "staggered:8", "diffusion.objective": "ordered_ce",
+                    "diffusion.keep_clean_bos": True, "diffusion.antithetic": False}),
+    ("owt_bd3lm", {"diffusion.mode": "set", "diffusion.order": "block:8", "diffusion.objective": "masked_ce",
+                   "diffusion.keep_clean_bos": True, "diffusion.antithetic": False}),
+    ("owt_mdlm", {"diffusion.mode": "set", "diffusion.order": "mdlm", "diffusion.objective": "masked_ce",
+                  "diffusion.keep_clean_bos": False, "diffusion.antithetic": False}),
+    ("owt_ar", {"diffusion.mode": "ar_baseline"}),
+])
+def test_reference_recipes_hold_the_reference_values(recipe, fields):
+    cfg = config_to_dict(load_config(pathlib.Path(CONFIGS[0]).parent / f"{recipe}.yaml"))
+    for dotted, value in {**REFERENCE_OWT, **fields}.items():
+        section, key = dotted.split(".")
+        assert cfg[section][key] == value, f"{recipe}: {dotted} = {cfg[section][key]!r}, reference {value!r}"
+    # SwiGLU (3 matrices) of the reference's GELU MLP parameter count (2 matrices of 3072)
+    assert 3 * cfg["model"]["ffn_hidden_size"] == 2 * 3072
