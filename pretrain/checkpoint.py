@@ -6,8 +6,9 @@ Layout under ``<run>/checkpoints``:
         <DeepSpeed files>         model, optimizer and ZeRO partitions, LR scheduler
         trainer.json              step, tokens seen, resolved config, layout, tokenizer and data
                                   fingerprints, the data reader state of every rank
-        rank_00000.safetensors    per rank: EMA shard and RNG state (tensors only)
+        rank_00000.safetensors    per rank: RNG state (tensors only)
         model.safetensors         the whole model, unsharded (layout-independent weights)
+        ema.safetensors           the EMA of the weights, unsharded the same way (train.ema > 0)
         tokenizer.json
     latest                        the tag of the newest complete checkpoint
     .partial/                     saves in progress
@@ -30,6 +31,7 @@ import sys
 import torch
 
 TAG = re.compile(r"^step_(\d{7,})$")
+EMA_FILE = "ema.safetensors"
 
 
 def _fsync_tree(path: pathlib.Path) -> None:

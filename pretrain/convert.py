@@ -7,8 +7,12 @@ network is Llama-shaped already (pre-norm RMSNorm, SwiGLU, rotate-half rotary em
 position ids, no biases, untied output), so conversion renames tensors and splits the fused
 [q; k; v] and [gate; up] weights. The vocabulary is the tokenizer's plus [MASK] (id =
 vocab_size - 1 of the converted model); ``config.json`` keeps the set-diffusion fields under
-``setdiff``. A set-diffusion forward needs the two-copy layout, its position ids and the
-set-causal 4D mask (SET_DIFFUSION.md §3); `transformers` runs that forward unchanged.
+``setdiff``, among them the training ``order`` spec, the family to decode with
+(``decode_order``, its ``set_size`` and ``window``; see decoding_fields) and which weights
+were written (``weights``: the EMA of the weights by default when the run kept one,
+``--weights raw`` the trained weights). A set-diffusion forward needs the two-copy layout,
+its position ids and the set-causal 4D mask (SET_DIFFUSION.md §3); `transformers` runs that
+forward unchanged.
 """
 from __future__ import annotations
 
@@ -21,7 +25,8 @@ import sys
 import torch
 
 from model.config import ModelConfig, config_from_dict
-from pretrain.checkpoint import read_trainer_state
+from model.orders import parse_order_mixture
+from pretrain.checkpoint import EMA_FILE, read_trainer_state
 
 
 def hf_state_dict(full: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -92,11 +97,28 @@ def read_llama_dir(model_dir: pathlib.Path) -> tuple[dict, dict[str, torch.Tenso
     return hf, {name: tensor.float() for name, tensor in full.items()}
 
 
-def hf_config(run: dict, eos_id: int) -> dict:
-    cfg = config_from_dict(run).model
-    d = run["diffusion"]
-    order = d["order"]
-    size = int(order.split(":")[1]) if order.startswith(("staggered:", "block:")) else 1
+def decoding_fields(mode: str, order: str, seq_len: int) -> dict:
+    """How to decode a model trained with ``order``: ``decode_order`` is the family to decode
+    with (of a mixture, the highest-weight family, the first listed among equal weights;
+    ``random`` decodes left to right, one of the orders it trained on; an AR baseline is
+    ``ar``), ``set_size`` its set size (mdlm: one set of ``seq_len``) and ``window`` the
+    active window (the set size)."""
+    if mode != "set":
+        return {"decode_order": "ar", "set_size": 1, "window": 1}
+    mixture = parse_order_mixture(order)
+    family = max(mixture, key=lambda pair: pair[1])[0]  # max keeps the first of equal weights
+    if family.name == "mdlm":
+        decode, size = "mdlm", seq_len
+    elif family.name == "random":
+        decode, size = "ar", 1
+    else:
+        decode, size = str(family), family.size
+    return {"decode_order": decode, "set_size": size, "window": size}
+
+
+def hf_config(run: dict, eos_id: int, weights: str = "raw") -> dict:
+    resolved = config_from_dict(run)
+    cfg, d = resolved.model, run["diffusion"]
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "vocab_size": cfg.vocab_size + 1, "hidden_size": cfg.hidden_size,
@@ -106,14 +128,33 @@ def hf_config(run: dict, eos_id: int) -> dict:
         "rope_theta": cfg.rope_theta, "max_position_embeddings": cfg.seq_len, "tie_word_embeddings": False,
         "attention_bias": False, "mlp_bias": False, "initializer_range": cfg.init_std, "torch_dtype": "float32",
         "eos_token_id": eos_id, "bos_token_id": None, "pad_token_id": eos_id,
-        "setdiff": {"mask_token_id": cfg.vocab_size, "mode": d["mode"], "order": order, "set_size": size,
-                    "window": size, "objective": d["objective"], "keep_clean_bos": bool(d.get("keep_clean_bos", False)),
+        "setdiff": {"mask_token_id": cfg.vocab_size, "mode": d["mode"], "order": d["order"],
+                    **decoding_fields(d["mode"], d["order"], cfg.seq_len), "objective": d["objective"],
+                    "keep_clean_bos": bool(d.get("keep_clean_bos", False)),
+                    "weights": weights, "ema_decay": resolved.train.ema if weights == "ema" else None,
                     "layout": "two copies in set order: [x0[perm]; xt[perm]], position_ids [perm; perm], "
                               "set-causal 4D mask; logits from the noisy half; [MASK] logit is -inf"},
     }
 
 
-def convert(checkpoint: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
+def choose_weights(checkpoint: pathlib.Path, weights: str | None) -> pathlib.Path:
+    """The weights file to convert: the EMA when the checkpoint has it (or ``weights='ema'``
+    demands it), else the raw weights."""
+    ema = checkpoint / EMA_FILE
+    if weights is None:
+        weights = "ema" if ema.is_file() else "raw"
+    if weights == "raw":
+        return checkpoint / "model.safetensors"
+    if weights != "ema":
+        raise ValueError(f"--weights {weights!r}: use 'ema' or 'raw'")
+    if not ema.is_file():
+        raise FileNotFoundError(f"--weights ema: checkpoint {checkpoint} has no EMA weights ({ema} not found; "
+                                "it was trained with train.ema=0). Use --weights raw.")
+    return ema
+
+
+def convert(checkpoint: pathlib.Path, out: pathlib.Path, weights: str | None = None) -> pathlib.Path:
+    """Write the inference directory; ``weights`` is 'ema', 'raw' or None (EMA when present)."""
     from safetensors.torch import load_file, save_file
     from tokenizers import Tokenizer
 
@@ -122,12 +163,14 @@ def convert(checkpoint: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
                                 "(needs trainer.json and model.safetensors)")
     run = read_trainer_state(checkpoint)["config"]
     cfg = config_from_dict(run).model
-    full = load_file(str(checkpoint / "model.safetensors"))
+    source = choose_weights(checkpoint, weights)
+    full = load_file(str(source))
     tokenizer = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
     eos_id = tokenizer.token_to_id("<|endoftext|>")
     out.mkdir(parents=True, exist_ok=True)
     save_file(hf_state_dict(full, cfg), str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(hf_config(run, eos_id), indent=2))
+    chosen = "ema" if source.name == EMA_FILE else "raw"
+    (out / "config.json").write_text(json.dumps(hf_config(run, eos_id, chosen), indent=2))
     (out / "generation_config.json").write_text(json.dumps(
         {"eos_token_id": eos_id, "pad_token_id": eos_id, "max_length": cfg.seq_len}, indent=2))
     shutil.copyfile(checkpoint / "tokenizer.json", out / "tokenizer.json")
@@ -142,9 +185,12 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", type=pathlib.Path, help="runs/<name>/checkpoints/step_NNNNNNN")
     parser.add_argument("out_dir", type=pathlib.Path)
+    parser.add_argument("--weights", choices=["ema", "raw"],
+                        help="ema: the EMA of the weights (the default when the checkpoint has it); raw: the "
+                             "trained weights (the default otherwise)")
     args = parser.parse_args(argv)
     try:
-        out = convert(args.checkpoint, args.out_dir)
+        out = convert(args.checkpoint, args.out_dir, args.weights)
     except (FileNotFoundError, KeyError, ValueError) as err:
         print(f"setdiff-convert: error: {err}", file=sys.stderr)
         return 2

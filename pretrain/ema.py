@@ -1,32 +1,55 @@
 """Exponential moving average of the weights, kept in fp32 beside the optimizer.
 
-Under ZeRO-3 a parameter's ``.data`` is an empty placeholder and each rank owns the
-partition ``ds_tensor``; the EMA then tracks that partition, so it is sharded exactly like
-the weights and costs no gather.
+The shadow holds, per parameter, a copy of what this rank holds (state.local_piece): the
+tensor-parallel shard, or under ZeRO-3 the partition ``ds_tensor``. It is sharded exactly
+like the weights and its update costs no communication. A checkpoint stores it unsharded
+(``ema.safetensors``, gathered like ``model.safetensors``), so any layout can continue it.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
+from pretrain.state import local_piece
 
-def _local_tensor(p: torch.nn.Parameter) -> torch.Tensor:
-    return p.ds_tensor if hasattr(p, "ds_tensor") else p.data
+
+def _refresh_zero3_gathered(params: list[torch.nn.Parameter]) -> None:
+    """After the ZeRO-3 partitions changed: re-gather the parameters DeepSpeed holds whole
+    (the persistent small ones) from them, so the next forward sees the new values."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    whole = [p for p in params if hasattr(p, "ds_id") and p.ds_status == ZeroParamStatus.AVAILABLE]
+    if whole:
+        whole[0].partition(param_list=whole)  # drop the stale whole copies (the partitions stay)
+        whole[0].all_gather(param_list=whole)
 
 
 class EMA:
     def __init__(self, module: torch.nn.Module, decay: float):
         self.decay = decay
-        self.names = [n for n, p in module.named_parameters() if p.requires_grad]
-        self.params = [p for p in module.parameters() if p.requires_grad]
-        self.shadow = [_local_tensor(p).detach().float().clone() for p in self.params]
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        self.shadow = [local_piece(p).detach().float().clone() for p in self.params]
 
     @torch.no_grad()
     def update(self) -> None:
         for s, p in zip(self.shadow, self.params):
-            s.lerp_(_local_tensor(p).float(), 1.0 - self.decay)
+            s.lerp_(local_piece(p).float(), 1.0 - self.decay)
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Start again from the current weights."""
+        for s, p in zip(self.shadow, self.params):
+            s.copy_(local_piece(p))
+
+    def pieces(self) -> dict[str, torch.Tensor]:
+        """The shadow by parameter name, laid out like the parameters' local pieces."""
+        return dict(zip(self.names, self.shadow))
 
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "shadow": dict(zip(self.names, self.shadow))}
+        return {"decay": self.decay, "shadow": self.pieces()}
 
     def load_state_dict(self, state: dict) -> None:
         missing = set(self.names) - set(state["shadow"])
@@ -34,3 +57,21 @@ class EMA:
             raise ValueError(f"EMA state lacks parameters: {sorted(missing)[:5]}")
         for i, name in enumerate(self.names):
             self.shadow[i].copy_(state["shadow"][name])
+
+    @torch.no_grad()
+    def _write(self, tensors: list[torch.Tensor]) -> None:
+        for p, tensor in zip(self.params, tensors):
+            local_piece(p).copy_(tensor)
+        _refresh_zero3_gathered(self.params)
+
+    @contextlib.contextmanager
+    def swapped_in(self):
+        """Inside, the module computes with the EMA weights (cast to the weights' dtype);
+        afterwards the raw weights are back bit for bit. The optimizer's own copies are not
+        touched. All ranks must enter together under ZeRO-3 (it re-gathers)."""
+        raw = [local_piece(p).detach().clone() for p in self.params]
+        self._write(self.shadow)
+        try:
+            yield self
+        finally:
+            self._write(raw)

@@ -104,9 +104,9 @@ def decode_config(fields: dict, seq_len: int, longest: int, infill: bool, *, ord
     from model.sampling import DecodeConfig
 
     if order is None:  # the model's own order and window (setdiff.window, the set size d)
-        order = fields.get("decode_order") or fields.get("order", "staggered:4")
-        if not re.fullmatch(r"ar|mdlm|block:\d+|staggered:\d+", order):
-            order = f"staggered:{fields.get('window', 4)}"  # a mixture or random order decodes with its window
+        order = fields.get("decode_order") or fields.get("order", "staggered:4")  # older dirs lack decode_order
+        if not re.fullmatch(r"ar|mdlm|block:\d+|block_random:\d+|staggered:\d+", order):
+            order = f"staggered:{fields.get('window', 4)}"  # older dirs: a mixture or random order
         if order.startswith("staggered:") and window is None:
             window = fields.get("window")
     if longest > seq_len:

@@ -7,8 +7,6 @@ chunks per rank, interleaved as chunk j of rank r = global chunk j * world + r.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.distributed as dist
 
@@ -23,34 +21,82 @@ def gather_tensor_parallel(local: torch.Tensor, dim: int, stride: int, tp_group)
     return torch.cat([chunks[r][j] for j in range(stride) for r in range(world)], dim=dim)
 
 
-def _zero3_gathered(params):
-    if any(hasattr(p, "ds_id") for p in params):
-        import deepspeed
+def local_piece(p: torch.nn.Parameter) -> torch.Tensor:
+    """The part of ``p`` this rank holds: under ZeRO-3 its partition ``ds_tensor`` (a flat slice
+    of the tensor-parallel shard, ``.data`` being an empty placeholder), else the shard itself."""
+    return p.ds_tensor if hasattr(p, "ds_tensor") else p.data
 
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-    return contextlib.nullcontext()
+
+def _shard_shape(p: torch.nn.Parameter) -> torch.Size:
+    return p.ds_shape if hasattr(p, "ds_shape") else p.shape
+
+
+def _zero3_unpartition(piece: torch.Tensor, p) -> torch.Tensor:
+    """All ranks' ZeRO-3 partitions of ``p`` (or of a tensor laid out like it) -> the shard.
+    Rank r of ``p.ds_process_group`` holds flat elements [r * n, (r + 1) * n), the last one padded."""
+    pieces = [torch.empty_like(piece) for _ in range(dist.get_world_size(p.ds_process_group))]
+    dist.all_gather(pieces, piece.contiguous(), group=p.ds_process_group)
+    return torch.cat(pieces)[: p.ds_numel].view(p.ds_shape)
+
+
+def _zero3_partition(shard: torch.Tensor, p) -> torch.Tensor:
+    """This rank's ZeRO-3 partition of a tensor shaped like ``p``'s shard (the inverse above)."""
+    size = p.ds_tensor.ds_numel
+    start = size * dist.get_rank(group=p.ds_process_group)
+    piece = shard.reshape(-1)[start:start + size]
+    return torch.cat([piece, piece.new_zeros(size - piece.numel())])
 
 
 @torch.no_grad()
-def full_state_dict(module: torch.nn.Module, tp_group,
-                    trim_rows: dict[str, int] | None = None) -> dict[str, torch.Tensor]:
-    """Every parameter at its full shape (fp32, CPU), on every rank.
+def full_state_dict(module: torch.nn.Module, tp_group, trim_rows: dict[str, int] | None = None,
+                    pieces: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Every parameter at its full shape (fp32, CPU), on every rank (a collective).
 
     ``trim_rows`` cuts named parameters to their first rows (the vocabulary padding, whose
-    size depends on the TP size), giving a TP-size-independent state.
+    size depends on the TP size), giving a TP-size-independent state. ``pieces`` gathers
+    tensors laid out like the parameters' local pieces (see local_piece; e.g. an EMA shadow)
+    instead of the parameters, for the names it holds.
     """
     trim_rows = trim_rows or {}
-    named = list(module.named_parameters())
     out = {}
-    with _zero3_gathered([p for _, p in named]):
-        for name, p in named:
-            tensor = p.detach()
-            if getattr(p, "tensor_model_parallel", False):
-                tensor = gather_tensor_parallel(tensor, p.partition_dim, p.partition_stride, tp_group)
-            if name in trim_rows:
-                tensor = tensor[: trim_rows[name]]
-            out[name] = tensor.float().cpu().clone()
+    for name, p in module.named_parameters():
+        if pieces is not None and name not in pieces:
+            continue
+        tensor = (local_piece(p) if pieces is None else pieces[name]).detach()
+        if hasattr(p, "ds_id"):
+            tensor = _zero3_unpartition(tensor, p)
+        if getattr(p, "tensor_model_parallel", False):
+            tensor = gather_tensor_parallel(tensor, p.partition_dim, p.partition_stride, tp_group)
+        if name in trim_rows:
+            tensor = tensor[: trim_rows[name]]
+        out[name] = tensor.float().cpu().clone()
     return out
+
+
+def _tensor_parallel_shard(key: str, tensor: torch.Tensor, p, tp_group) -> torch.Tensor:
+    """This TP rank's shard of the full tensor ``key`` for parameter ``p``; vocabulary rows
+    missing from it (padding, which depends on the TP size) are zero."""
+    world = tp_group.size() if tp_group is not None else 1
+    rank = tp_group.rank() if tp_group is not None else 0
+    if getattr(p, "tensor_model_parallel", False):
+        dim, stride = p.partition_dim, p.partition_stride
+        global_size = _shard_shape(p)[dim] * world
+        if tensor.shape[dim] < global_size:  # vocabulary padding
+            pad_shape = list(tensor.shape)
+            pad_shape[dim] = global_size - tensor.shape[dim]
+            tensor = torch.cat([tensor, tensor.new_zeros(pad_shape)], dim=dim)
+        chunks = tensor.chunk(world * stride, dim=dim)
+        tensor = torch.cat([chunks[j * world + rank] for j in range(stride)], dim=dim)
+    if tensor.shape != _shard_shape(p):
+        raise ValueError(f"checkpoint weight {key} has shape {tuple(tensor.shape)}, the model "
+                         f"{tuple(_shard_shape(p))}")
+    return tensor
+
+
+def _full_tensor(full: dict[str, torch.Tensor], key: str) -> torch.Tensor:
+    if key not in full:
+        raise KeyError(f"checkpoint weights lack {key}")
+    return full[key]
 
 
 @torch.no_grad()
@@ -59,23 +105,20 @@ def load_full_state(module: torch.nn.Module, full: dict[str, torch.Tensor], tp_g
     """Inverse of full_state_dict: copy each full tensor's shard for this TP rank into the
     module (before DeepSpeed wraps it). Vocabulary rows missing from ``full`` (padding,
     which depends on the TP size) are zero."""
-    world = tp_group.size() if tp_group is not None else 1
-    rank = tp_group.rank() if tp_group is not None else 0
     for name, p in module.named_parameters():
         key = rename(name)
-        if key not in full:
-            raise KeyError(f"checkpoint weights lack {key}")
-        tensor = full[key].to(p.dtype)
-        if getattr(p, "tensor_model_parallel", False):
-            dim, stride = p.partition_dim, p.partition_stride
-            global_size = p.shape[dim] * world
-            if tensor.shape[dim] < global_size:  # vocabulary padding
-                pad_shape = list(tensor.shape)
-                pad_shape[dim] = global_size - tensor.shape[dim]
-                tensor = torch.cat([tensor, tensor.new_zeros(pad_shape)], dim=dim)
-            chunks = tensor.chunk(world * stride, dim=dim)
-            tensor = torch.cat([chunks[j * world + rank] for j in range(stride)], dim=dim)
-        if tensor.shape != p.shape:
-            raise ValueError(f"checkpoint weight {key} has shape {tuple(tensor.shape)}, the model "
-                             f"{tuple(p.shape)}")
-        p.copy_(tensor)
+        p.copy_(_tensor_parallel_shard(key, _full_tensor(full, key).to(p.dtype), p, tp_group))
+
+
+@torch.no_grad()
+def local_pieces(module: torch.nn.Module, full: dict[str, torch.Tensor], tp_group, names: list[str],
+                 rename=lambda name: name) -> dict[str, torch.Tensor]:
+    """Inverse of full_state_dict(pieces=...): this rank's piece (fp32) of each full tensor,
+    laid out like local_piece of the named parameters of the (possibly DeepSpeed-wrapped) module."""
+    params = dict(module.named_parameters())
+    out = {}
+    for name in names:
+        p, key = params[name], rename(name)
+        shard = _tensor_parallel_shard(key, _full_tensor(full, key).float(), p, tp_group)
+        out[name] = _zero3_partition(shard, p) if hasattr(p, "ds_id") else shard
+    return out

@@ -28,14 +28,14 @@ from model.objectives import attention_meta, forward_step
 from model.orders import parse_order_mixture
 from model.pipeline import build_pipeline_module, pipeline_name_to_flat
 from model.transformer import ModelParts, SetDiffusionTransformer, padded_vocab_size
-from pretrain.checkpoint import (find_resume_checkpoint, load_rank_state, publish, read_trainer_state,
+from pretrain.checkpoint import (EMA_FILE, find_resume_checkpoint, load_rank_state, publish, read_trainer_state,
                                  save_rank_state, tag_of)
 from pretrain.distributed import init_distributed, init_model_parallel
 from pretrain.ema import EMA
 from pretrain.engine import Engine
 from pretrain.flops import allowed_pairs_per_sequence, device_peak, step_flops
 from pretrain.metrics import LossBreakdown, Monitor
-from pretrain.state import full_state_dict, load_full_state
+from pretrain.state import full_state_dict, load_full_state, local_pieces
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "saved after a signal, start me again" (the Slurm script requeues)
 
@@ -236,16 +236,17 @@ class Trainer:
                   for i in range(batches)]
         return self._dp_mean(sum(losses) / len(losses))
 
-    def full_state(self) -> dict[str, torch.Tensor]:
-        """The whole model's weights under the flat model's names, on every rank."""
+    def full_state(self, pieces: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The whole model's weights (or, given ``pieces``, tensors laid out like them: the EMA)
+        under the flat model's names, on every rank."""
         from megatron.core import parallel_state
 
         module, tp_group = self.engine.module, self.layout.parallel.tp_group
         if not self.engine.pipelined:
-            return full_state_dict(module, tp_group, module.vocab_parameter_rows())
+            return full_state_dict(module, tp_group, module.vocab_parameter_rows(), pieces)
         n = self.cfg.model.num_layers
         rows = {name: self.cfg.model.vocab_size + 1 for name in ("0.word.weight", f"{n + 1}.output.weight")}
-        local = {pipeline_name_to_flat(k, n): v for k, v in full_state_dict(module, tp_group, rows).items()}
+        local = {pipeline_name_to_flat(k, n): v for k, v in full_state_dict(module, tp_group, rows, pieces).items()}
         stages = [None] * self.layout.pipeline
         dist.all_gather_object(stages, local, group=parallel_state.get_pipeline_model_parallel_group())
         return {k: v for stage in stages for k, v in stage.items()}
@@ -267,17 +268,17 @@ class Trainer:
         dist.barrier()
         self.engine.save(str(partial.parent), tag, {"step": self.step,
                                                     "universal_checkpoint_info": {"universal_checkpoint_version": 0.2}})
-        rank_state = {"rng_cpu": torch.get_rng_state()}
-        if self.ema is not None:
-            rank_state.update({f"ema.{name}": tensor for name, tensor in self.ema.state_dict()["shadow"].items()})
-        save_rank_state(partial, dist.get_rank(), rank_state)
+        save_rank_state(partial, dist.get_rank(), {"rng_cpu": torch.get_rng_state()})
         data_states = [None] * dist.get_world_size()
         dist.all_gather_object(data_states, {"dp_rank": self.layout.dp_rank, **self.train_loader.state_dict()})
         weights = self.full_state()
+        ema_weights = None if self.ema is None else self.full_state(self.ema.pieces())
         if self.is_main:
             from safetensors.torch import save_file
 
             save_file(weights, str(partial / "model.safetensors"))
+            if ema_weights is not None:
+                save_file(ema_weights, str(partial / EMA_FILE))
             shutil.copyfile(self.tokenizer_path, partial / "tokenizer.json")
             tokens_seen = self.step * self.sampler.global_batch * self.cfg.model.seq_len
             trainer_state = {"step": self.step, "tokens_seen": tokens_seen, "config": config_to_dict(self.cfg),
@@ -374,12 +375,33 @@ class Trainer:
             rank_state = load_rank_state(directory, dist.get_rank())
             if rank_state is not None:
                 torch.set_rng_state(rank_state["rng_cpu"])
-                if self.ema is not None and any(k.startswith("ema.") for k in rank_state):
-                    self.ema.load_state_dict({"shadow": {k[4:]: v for k, v in rank_state.items()
-                                                         if k.startswith("ema.")}})
         else:
             self.engine.set_step(self.step)
+        if self.ema is not None:
+            self._restore_ema(directory, saved)
         self.train_loader.load_state_dict({"next_micro_batch": self.step * self.cfg.train.grad_accum})
+
+    def _restore_ema(self, directory: pathlib.Path, saved: dict) -> None:
+        """The EMA from the checkpoint's unsharded copy, cut for this layout; a run trained
+        without EMA starts it from the weights."""
+        from safetensors.torch import load_file
+
+        path = directory / EMA_FILE
+        if path.is_file():
+            pieces = local_pieces(self.engine.module, load_file(str(path)), self.layout.parallel.tp_group,
+                                  self.ema.names, self._flat_name)
+            self.ema.load_state_dict({"shadow": pieces})
+            return
+        trained_without = float(saved["config"]["train"].get("ema", 0.0)) == 0.0
+        if not trained_without and not self.cfg.train.resume_override:
+            raise FileNotFoundError(f"train.ema={self.cfg.train.ema}: {path} not found, though checkpoint {directory} "
+                                    f"was trained with train.ema={saved['config']['train']['ema']}. Set "
+                                    "train.resume_override=true to restart the EMA from the weights.")
+        self.ema.reset()
+        if self.is_main:
+            why = "was trained without EMA" if trained_without else f"has no {EMA_FILE}"
+            print(f"setdiff: warning: checkpoint {directory} {why}: the EMA (train.ema={self.cfg.train.ema}) "
+                  "starts from its weights", file=sys.stderr, flush=True)
 
     def _stop_requested(self) -> bool:
         """True on every rank once any rank got SIGTERM/SIGUSR1 (one small all-reduce per step)."""
@@ -426,9 +448,10 @@ class Trainer:
                 self._log_eval()
             if t.save_interval and self.step % t.save_interval == 0 and self.step < t.steps:
                 self.save()
-        val_loss = None if stopped else self._log_eval()
+        val_loss, val_loss_ema = (None, None) if stopped else self._log_eval()
         checkpoint = self.save()
         result = {"first_step": first_step, "steps": self.step, "stopped": stopped, "val_loss": val_loss,
+                  "val_loss_ema": val_loss_ema,
                   "checkpoint": str(checkpoint), "tensorboard": str(self.run_dir / "tensorboard"),
                   "losses": history, "grad_norms": grad_norms}
         if self.is_main:
@@ -443,9 +466,15 @@ class Trainer:
             raise Preempted(checkpoint)
         return result
 
-    def _log_eval(self) -> float:
-        val_loss = self.evaluate()
-        self.monitor.scalars(self.step, {"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 50.0))})
-        self.monitor.info(f"step {self.step:>6} | validation loss {val_loss:.4f} | "
-                          f"ppl {math.exp(min(val_loss, 50.0)):.2f}")
-        return val_loss
+    def _log_eval(self) -> tuple[float, float | None]:
+        """Validation loss of the raw weights and, with train.ema > 0, of the EMA weights."""
+        val_loss, ema_loss = self.evaluate(), None
+        if self.ema is not None:
+            with self.ema.swapped_in():
+                ema_loss = self.evaluate()
+        ppl, ema_ppl = (None if loss is None else math.exp(min(loss, 50.0)) for loss in (val_loss, ema_loss))
+        self.monitor.scalars(self.step, {"val/loss": val_loss, "val/ppl": ppl,
+                                         "val/loss_ema": ema_loss, "val/ppl_ema": ema_ppl})
+        self.monitor.info(f"step {self.step:>6} | validation loss {val_loss:.4f} | ppl {ppl:.2f}"
+                          + ("" if ema_loss is None else f" | EMA loss {ema_loss:.4f} | EMA ppl {ema_ppl:.2f}"))
+        return val_loss, ema_loss

@@ -1,10 +1,11 @@
 """Every parallel layout computes the same training steps as one process (fp32, gloo).
 
 Three steps with a small clip norm (0.05) so that gradient clipping is active and a wrong
-global norm shows up in the weights. Compared: per-step losses, gradient norms and the
-TensorBoard loss breakdown (by family, by set size, NELBO weights; reduced over all ranks) to
-1e-5 relative, and each full (gathered) parameter after the steps to 1e-5 in relative
-Frobenius norm. (Elementwise relative error is the wrong yardstick for weights after Adam steps: an
+global norm shows up in the weights, and an EMA validated after every step (its weights
+swapped in and out). Compared: per-step losses, gradient norms, the EMA's validation loss and
+the TensorBoard loss breakdown (by family, by set size, NELBO weights; reduced over all ranks)
+to 1e-5 relative, and each full (gathered) parameter and EMA tensor after the steps to 1e-5
+in relative Frobenius norm. (Elementwise relative error is the wrong yardstick for weights after Adam steps: an
 entry whose gradient is near zero gets an update of about lr * sign(g), so float rounding
 in a different reduction order moves it by far more than its own size.)
 """
@@ -40,11 +41,13 @@ def assert_same_run(got, ref, rel=1e-5):
             "train/loss_by_set_size/4-7", "train/nelbo_weight_mean"} <= ref["breakdown"].keys()
     for tag, values in ref["breakdown"].items():
         assert got["breakdown"][tag] == pytest.approx(values, rel=rel), tag
-    assert got["state"].keys() == ref["state"].keys()
-    for name, tensor in ref["state"].items():
-        assert got["state"][name].shape == tensor.shape, name
-        error = (got["state"][name] - tensor).norm() / tensor.norm()
-        assert error <= rel, f"{name}: relative error {error:.2e}"
+    assert got["val_loss_ema"] == pytest.approx(ref["val_loss_ema"], rel=rel)
+    for key in ("state", "ema"):  # the weights, and their EMA gathered from its shards
+        assert got[key].keys() == ref[key].keys()
+        for name, tensor in ref[key].items():
+            assert got[key][name].shape == tensor.shape, name
+            error = (got[key][name] - tensor).norm() / tensor.norm()
+            assert error <= rel, f"{key} {name}: relative error {error:.2e}"
 
 
 @pytest.fixture(scope="module")

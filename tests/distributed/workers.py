@@ -27,12 +27,16 @@ def train_layout(data_path: str, out_dir: str, overrides: list[str]) -> dict:
             "train.grad_clip=0.05", "train.precision=fp32", "data.num_workers=0", f"data.path={data_path}",
             f"out_dir={out_dir}", "name=run",
             # two families, so the loss breakdown (by family, set size, NELBO weight) has content
-            "diffusion.order=staggered:4@0.5,block:4@0.5", "diffusion.objective=auto"]
+            "diffusion.order=staggered:4@0.5,block:4@0.5", "diffusion.objective=auto",
+            # an EMA, validated (swapped in and out) after every step, must not disturb training
+            "train.ema=0.9", "train.eval_interval=1"]
     cfg = load_config(None, base + overrides)
     trainer = Trainer(cfg)
     result = trainer.train()
     state = trainer.full_state()
+    ema = trainer.full_state(trainer.ema.pieces()) if trainer.ema is not None else None
     return {"losses": result["losses"], "grad_norms": result["grad_norms"], "val_loss": result["val_loss"],
-            "state": state if dist.get_rank() == 0 else None, "summary": trainer.summary(),
+            "state": state if dist.get_rank() == 0 else None, "ema": ema if dist.get_rank() == 0 else None,
+            "val_loss_ema": result["val_loss_ema"], "summary": trainer.summary(),
             "breakdown": breakdown_scalars(result["tensorboard"]) if dist.get_rank() == 0 else None,
             "world": dist.get_world_size(), "run_dir": str(pathlib.Path(out_dir) / "run")}

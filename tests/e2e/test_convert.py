@@ -49,7 +49,8 @@ def test_transformers_loads_it_and_matches_our_logits(single_process_layout, tin
 
     cfg = config_from_dict(read_trainer_state(checkpoint)["config"]).model
     ours = SetDiffusionTransformer(cfg, single_process_layout.parallel, init_seed=0).eval()
-    load_full_state(ours, load_file(str(checkpoint / "model.safetensors")), single_process_layout.parallel.tp_group)
+    # the recipe keeps an EMA, which convert writes by default (gathered over TP ranks like the weights)
+    load_full_state(ours, load_file(str(checkpoint / "ema.safetensors")), single_process_layout.parallel.tp_group)
 
     V, L = cfg.vocab_size, cfg.seq_len
     collate = SetDiffusionCollator(CollatorConfig(order="staggered:4", objective="ordered_ce", mask_id=V, seed=1))
@@ -77,7 +78,7 @@ def test_reverse_mapping_and_eval(tiny_corpus, tmp_path):
     out = tmp_path / "hf"
     assert convert_main([str(checkpoint), str(out)]) == 0
     cfg, fields, full = read_model_dir(out)
-    original = load_file(str(checkpoint / "model.safetensors"))
+    original = load_file(str(checkpoint / "ema.safetensors"))  # convert's default when the run kept an EMA
     assert full.keys() == original.keys() and all(torch.equal(full[k], original[k]) for k in full)
     assert fields["mask_token_id"] == cfg.vocab_size and fields["order"] == "staggered:4"
     env = fresh_env()
