@@ -239,10 +239,10 @@ def prepare(out: pathlib.Path, inputs: list[pathlib.Path], *, embedded: bool = F
     """Build (or find up to date) the prepared corpus in ``out``; returns the manifest."""
     if docs_per_shard < 1:
         raise BadInput(f"--docs-per-shard must be at least 1, got {docs_per_shard}")
-    check_out_dir(out)
     files = list_inputs(inputs) if inputs else []
     if not files and not embedded:
         raise BadInput("nothing to prepare: give --input files/directories or --embedded")
+    check_out_dir(out)
     sources = [str(locate_corpus())] if embedded else []
     hasher = hashlib.sha256()
     for path in [*files, *map(pathlib.Path, sources)]:
@@ -258,7 +258,7 @@ def prepare(out: pathlib.Path, inputs: list[pathlib.Path], *, embedded: bool = F
         print(f"prepare: {out} is up to date ({old['splits']['train']['tokens']:,} train tokens)")
         return old
     if damage:
-        print(f"prepare: {out} is incomplete or damaged ({damage}); rebuilding it")
+        print(f"prepare: {out} is incomplete, damaged or from another version ({damage}); rebuilding it")
 
     skipped = Skipped()
     documents = embedded_documents() if embedded else []
