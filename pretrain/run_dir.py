@@ -4,8 +4,8 @@
 (atomic, NFS included); a second trainer finds it and stops, naming the owner. A lock whose
 PID is dead on this host is stale (a killed run) and is taken over with a message; a lock from
 another host is never taken over automatically, since its PID cannot be checked from here.
-The check-and-take-over runs under an ``flock`` on ``<run>/.lock.guard`` so two trainers on one
-host cannot both take over the same stale lock.
+The check-and-take-over runs under an ``flock`` on the run directory itself so two trainers on
+one host cannot both take over the same stale lock.
 
 Only global rank 0 touches the directory; the trainer broadcasts its verdict to the others.
 """
@@ -59,7 +59,8 @@ class RunLock:
 
     def acquire(self) -> "RunLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_name(LOCK_FILE + ".guard"), "a") as guard:
+        guard = os.open(self.path.parent, os.O_RDONLY)
+        try:
             fcntl.flock(guard, fcntl.LOCK_EX)
             try:
                 if not self._create():
@@ -76,6 +77,8 @@ class RunLock:
                         raise RunDirError(f"run directory {self.path.parent}: lost the race for {self.path}")
             finally:
                 fcntl.flock(guard, fcntl.LOCK_UN)
+        finally:
+            os.close(guard)
         self.held = True
         atexit.register(self.release)
         return self
@@ -137,7 +140,7 @@ def check_fresh_start(run_dir: pathlib.Path, resume: str, overwrite: bool, say=p
         aside, n = run_dir.with_name(f"{run_dir.name}.old-{stamp}-{n}"), n + 1
     aside.mkdir()
     for entry in sorted(run_dir.iterdir()):
-        if entry.name not in (LOCK_FILE, LOCK_FILE + ".guard"):
+        if entry.name != LOCK_FILE:
             os.rename(entry, aside / entry.name)
     say(f"setdiff: train.overwrite=true: moved the previous run (newest checkpoint {existing[-1].name}) "
         f"to {aside}")
@@ -175,7 +178,7 @@ def claim(run_dir: pathlib.Path, train, layout: dict, say=print) -> tuple[RunLoc
         ranks = saved["world_size"] if saved["layout"] == layout else 0  # another layout restarts the RNG
         missing = required_state_problems(resume_from, saved, ranks, train.ema > 0)
         if missing:
-            raise RunDirError(f"checkpoint {resume_from} lacks {', '.join(missing)} (the EMA or RNG state it was "
-                              "saved with). Set train.resume_override=true to resume anyway: the EMA restarts "
+            raise RunDirError(f"checkpoint {resume_from}: {', '.join(missing)} not found (the EMA or RNG state it "
+                              "was saved with). Set train.resume_override=true to resume anyway: the EMA restarts "
                               "from the weights, the RNG from the seed.")
     return lock, resume_from

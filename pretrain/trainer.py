@@ -491,6 +491,8 @@ class Trainer:
                           f" (tensorboard --logdir {self.run_dir / 'tensorboard'})")
         self.monitor.close()
         self.train_loader.close()
+        if self.lock is not None:
+            self.lock.release()
         if stopped == "preempted":
             raise Preempted(checkpoint)
         return result
