@@ -42,7 +42,7 @@ $(VENV)/.deps-$(DEPS_HASH): $(DEPS_ENV)/.complete setup.cfg
 
 demo: env
 	$(VENV)/bin/setdiff-prepare --embedded --out data/wiki
-	$(VENV)/bin/setdiff-pretrain --config $(DEMO_CONFIG)
+	$(VENV)/bin/setdiff-pretrain --config $(DEMO_CONFIG) --resume auto
 
 test: env
 	$(VPY) -m pytest $(PYTEST_ARGS)

@@ -145,7 +145,10 @@ class TrainConfig:
     resume: str = "none"
     """'none', 'auto' (the newest complete checkpoint of this run, if any) or a checkpoint directory."""
     resume_override: bool = False
-    """Resume even if the model config, tokenizer or data fingerprint differ from the checkpoint's."""
+    """Resume even if the model config, tokenizer or data fingerprint differ from the checkpoint's,
+    or without its EMA or RNG file (the EMA restarts from the weights, the RNG from the seed)."""
+    overwrite: bool = False
+    """Start over in a run directory that holds checkpoints: the old run moves to <name>.old-<UTC time>."""
     init_from: str = ""
     """A Llama-architecture directory (setdiff-convert output or a public Llama-style checkpoint with the
     corpus's tokenizer) whose weights start a new run: fine-tuning; step and optimizer start fresh."""
@@ -192,6 +195,9 @@ def validate(cfg: RunConfig) -> RunConfig:
     for name in ("steps", "micro_batch_size", "grad_accum", "lr", "log_interval"):
         positive(f"train.{name}", getattr(t, name))
     positive("parallel.tensor", p.tensor)
+    if t.overwrite and t.resume != "none":
+        raise ValueError(f"config: train.overwrite=true starts the run over; it cannot go with "
+                         f"train.resume={t.resume} (--resume)")
     positive("parallel.pipeline", p.pipeline)
     if m.hidden_size % m.num_heads:
         raise ValueError(f"config: model.hidden_size={m.hidden_size} is not divisible by "

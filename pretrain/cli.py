@@ -21,6 +21,7 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"setdiff-pretrain: error: {err}", file=sys.stderr)
         return 2
+    from pretrain.checkpoint import NoSpaceError
     from pretrain.trainer import REQUEUE_EXIT_CODE, NonFiniteError, Preempted, Trainer
 
     try:
@@ -34,6 +35,9 @@ def main(argv=None) -> int:
     except NonFiniteError as err:
         print(f"setdiff-pretrain: error: {err}", file=sys.stderr)
         return 3
+    except NoSpaceError as err:
+        print(f"setdiff-pretrain: error: {err}", file=sys.stderr)
+        return 2
     except Preempted as saved:
         print(f"setdiff-pretrain: preempted; saved {saved}; exit {REQUEUE_EXIT_CODE} asks for a requeue",
               file=sys.stderr)

@@ -28,16 +28,22 @@ from model.objectives import attention_meta, forward_step
 from model.orders import parse_order_mixture
 from model.pipeline import build_pipeline_module, pipeline_name_to_flat
 from model.transformer import ModelParts, SetDiffusionTransformer, padded_vocab_size
-from pretrain.checkpoint import (EMA_FILE, find_resume_checkpoint, load_rank_state, publish, read_trainer_state,
+from pretrain.checkpoint import (EMA_FILE, CheckpointWriter, free_bytes_at, load_rank_state, read_trainer_state,
                                  save_rank_state, tag_of)
 from pretrain.distributed import init_distributed, init_model_parallel
 from pretrain.ema import EMA
 from pretrain.engine import Engine
 from pretrain.flops import allowed_pairs_per_sequence, device_peak, step_flops
 from pretrain.metrics import LossBreakdown, Monitor
+from pretrain.run_dir import RunDirError, claim
 from pretrain.state import full_state_dict, load_full_state, local_pieces
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "saved after a signal, start me again" (the Slurm script requeues)
+INTERRUPTED_EXIT_CODE = 130  # a second Ctrl-C: out at once, no save (the shell's code for SIGINT)
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 class Preempted(Exception):
@@ -76,12 +82,16 @@ def peak_rss_mib() -> float:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, free_bytes=free_bytes_at):
         self.cfg = cfg
         init_distributed()
         self.layout = init_model_parallel(cfg.parallel.tensor, cfg.parallel.pipeline)
         resolve_global_batch(cfg.train, self.layout.data)
         self.is_main = dist.get_rank() == 0
+        self.run_dir, self.lock = cfg.run_dir, None
+        resume_from = self._claim_run_dir()
+        self.writer = CheckpointWriter(self.run_dir / "checkpoints", cfg.train.keep_last, free_bytes,
+                                       is_main=self.is_main, barrier=dist.barrier, agree=self._from_rank0)
         torch.manual_seed(cfg.train.seed)
 
         data, t, d = cfg.data, cfg.train, cfg.diffusion
@@ -132,9 +142,7 @@ class Trainer:
         self.padded_vocab = padded_vocab_size(cfg.model.vocab_size, cfg.model.make_vocab_size_divisible_by,
                                               cfg.parallel.tensor)
         self.step = 0
-        self.run_dir = cfg.run_dir
         self.fingerprints = {"data": manifest["fingerprint"], "tokenizer": manifest["tokenizer_sha256"]}
-        resume_from = self._find_resume(t.resume)
         same_layout = resume_from is not None and read_trainer_state(resume_from)["layout"] == self._layout_record()
         if resume_from is not None and not same_layout:  # weights only, before DeepSpeed copies them
             self._load_weights(model, resume_from)
@@ -260,16 +268,15 @@ class Trainer:
         return {"tensor": p.tensor, "pipeline": p.pipeline, "data": self.layout.data, "zero_stage": p.zero_stage}
 
     def save(self) -> pathlib.Path:
-        """All ranks: write into checkpoints/.partial/<tag>, then rank 0 publishes it atomically."""
-        root = self.run_dir / "checkpoints"
-        tag = tag_of(self.step)
-        partial = root / ".partial" / tag
-        if self.is_main:
-            shutil.rmtree(partial, ignore_errors=True)
-            partial.mkdir(parents=True)
-        dist.barrier()
-        self.engine.save(str(partial.parent), tag, {"step": self.step,
-                                                    "universal_checkpoint_info": {"universal_checkpoint_version": 0.2}})
+        """All ranks: checked for space, written into checkpoints/.partial/<tag>, published atomically
+        by rank 0; a failed save leaves no .partial and the previous checkpoint the newest."""
+        weights_bytes = 4 * self.num_params_local * self.cfg.parallel.tensor * self.cfg.parallel.pipeline
+        copies = 4 + (self.ema is not None) + (self.engine.device.type != "cpu")  # +EMA, +fp32 master of bf16
+        return self.writer.save(tag_of(self.step), self._write_checkpoint, copies * weights_bytes)
+
+    def _write_checkpoint(self, partial: pathlib.Path) -> None:
+        self.engine.save(str(partial.parent), partial.name,
+                         {"step": self.step, "universal_checkpoint_info": {"universal_checkpoint_version": 0.2}})
         save_rank_state(partial, dist.get_rank(), {"rng_cpu": torch.get_rng_state()})
         data_states = [None] * dist.get_world_size()
         dist.all_gather_object(data_states, {"dp_rank": self.layout.dp_rank, **self.train_loader.state_dict()})
@@ -290,23 +297,26 @@ class Trainer:
             pause = os.environ.get("SETDIFF_SAVE_PAUSE", "")  # "STEP:SECONDS", for crash-safety tests
             if pause and int(pause.split(":")[0]) == self.step:
                 time.sleep(float(pause.split(":")[1]))
-        dist.barrier()
-        final = root / tag
-        if self.is_main:
-            final = publish(partial, root, self.cfg.train.keep_last)
-        dist.barrier()
-        return final
 
-    def _find_resume(self, resume: str) -> pathlib.Path | None:
-        if resume == "none":
-            return None
-        if resume == "auto":
-            return find_resume_checkpoint(self.run_dir / "checkpoints",
-                                          warn=lambda message: print(message, file=sys.stderr) if self.is_main else None)
-        path = pathlib.Path(resume)
-        if not (path / "trainer.json").is_file():
-            raise FileNotFoundError(f"train.resume: {path} is not a complete checkpoint (no trainer.json)")
-        return path
+    def _from_rank0(self, value):
+        """Rank 0's ``value`` on every rank."""
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def _claim_run_dir(self) -> pathlib.Path | None:
+        """Rank 0 claims the run directory (``run_dir.claim``); every rank gets the verdict."""
+        verdict = {}
+        if self.is_main:
+            try:
+                self.lock, resume_from = claim(self.run_dir, self.cfg.train, self._layout_record(), say=_stderr)
+                verdict = {"resume": None if resume_from is None else str(resume_from)}
+            except (ValueError, FileNotFoundError) as err:
+                verdict = {"error": str(err)}
+        verdict = self._from_rank0(verdict)
+        if "error" in verdict:
+            raise RunDirError(verdict["error"])
+        return None if verdict["resume"] is None else pathlib.Path(verdict["resume"])
 
     def _check_compatible(self, saved: dict, directory: pathlib.Path) -> None:
         if self.cfg.train.resume_override:
@@ -377,6 +387,9 @@ class Trainer:
             rank_state = load_rank_state(directory, dist.get_rank())
             if rank_state is not None:
                 torch.set_rng_state(rank_state["rng_cpu"])
+            else:  # only with train.resume_override=true (checked in _claim_run_dir)
+                _stderr(f"setdiff: warning: rank {dist.get_rank()}: no RNG state in {directory}; "
+                        "the RNG continues from the seed")
         else:
             self.engine.set_step(self.step)
         if self.ema is not None:
@@ -394,28 +407,44 @@ class Trainer:
                                   self.ema.names, self._flat_name)
             self.ema.load_state_dict({"shadow": pieces})
             return
-        trained_without = float(saved["config"]["train"].get("ema", 0.0)) == 0.0
-        if not trained_without and not self.cfg.train.resume_override:
-            raise FileNotFoundError(f"train.ema={self.cfg.train.ema}: {path} not found, though checkpoint {directory} "
-                                    f"was trained with train.ema={saved['config']['train']['ema']}. Set "
-                                    "train.resume_override=true to restart the EMA from the weights.")
+        # a checkpoint trained with EMA but without its file gets here only with train.resume_override=true
         self.ema.reset()
         if self.is_main:
+            trained_without = float(saved["config"]["train"].get("ema", 0.0)) == 0.0
             why = "was trained without EMA" if trained_without else f"has no {EMA_FILE}"
             print(f"setdiff: warning: checkpoint {directory} {why}: the EMA (train.ema={self.cfg.train.ema}) "
                   "starts from its weights", file=sys.stderr, flush=True)
 
+    def _install_signal_handlers(self) -> None:
+        """SIGTERM, SIGUSR1 and a first SIGINT (Ctrl-C) ask for a save at the end of the step; a
+        second SIGINT exits at once. Data workers forked later inherit the handler and ignore it."""
+        self._signal, owner = None, os.getpid()
+
+        def on_signal(number, frame):
+            if os.getpid() != owner:
+                return
+            if number == signal.SIGINT and self._signal == signal.SIGINT:
+                _stderr("setdiff: second Ctrl-C: exiting now without saving; the last complete checkpoint is "
+                        "intact")
+                if self.lock is not None:
+                    self.lock.release()
+                os._exit(INTERRUPTED_EXIT_CODE)
+            if number == signal.SIGINT:
+                _stderr("setdiff: Ctrl-C: saving at the end of this step (press Ctrl-C again to exit at once)")
+            self._signal = number
+
+        for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+            signal.signal(signum, on_signal)
+
     def _stop_requested(self) -> bool:
-        """True on every rank once any rank got SIGTERM/SIGUSR1 (one small all-reduce per step)."""
+        """True on every rank once any rank got SIGTERM/SIGUSR1/SIGINT (one small all-reduce per step)."""
         flag = torch.tensor([1.0 if self._signal else 0.0], device=self.engine.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
     def train(self) -> dict:
         t = self.cfg.train
-        self._signal = None
-        for signum in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(signum, lambda number, frame: setattr(self, "_signal", number))
+        self._install_signal_handlers()
         tokens_per_step = self.sampler.global_batch * self.cfg.model.seq_len
         first_step = self.step
         guard = NonFiniteGuard(t.max_nonfinite_steps)
@@ -464,6 +493,8 @@ class Trainer:
                           f" (tensorboard --logdir {self.run_dir / 'tensorboard'})")
         self.monitor.close()
         self.train_loader.close()
+        if self.lock is not None:
+            self.lock.release()
         if stopped == "preempted":
             raise Preempted(checkpoint)
         return result

@@ -14,12 +14,14 @@ def fresh_env(base: dict | None = None, **extra: str) -> dict:
     return env
 
 
-def signal_after_step(proc, step: int, signum: int) -> int:
-    """Send ``signum`` once ``proc`` prints the progress line of ``step``; return its exit code."""
+def signal_after_step(proc, step: int, signum: int, group: bool = False) -> int:
+    """Send ``signum`` once ``proc`` prints the progress line of ``step``; return its exit code.
+    ``group``: to its whole process group, as a terminal's Ctrl-C does (start it with
+    ``start_new_session=True``)."""
     prefix = f"step {step:>6}/"
     for line in proc.stdout:
         if line.startswith(prefix):
-            proc.send_signal(signum)
+            os.killpg(proc.pid, signum) if group else proc.send_signal(signum)
             break
     proc.stdout.read()
     return proc.wait(timeout=300)

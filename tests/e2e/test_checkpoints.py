@@ -128,6 +128,7 @@ def test_checkpoint_loading_never_runs_code(tiny_corpus, tmp_path):
         f"        return (os.system, ('touch {marker}',))\n"
         f"torch.save({{'module': Evil()}}, '{states}')\n")
     subprocess.run([sys.executable, str(payload)], check=True)
+    (states.parent / "files.json").unlink()  # else its new size alone gets the checkpoint skipped, unread
     proc = run(tiny_corpus, tmp_path, "--resume", "auto", expect=1)
     assert not marker.exists(), "loading the checkpoint ran code from it"
     assert "Weights only load failed" in proc.stderr or "weights_only" in proc.stderr
@@ -141,3 +142,105 @@ def test_other_tokenizer_or_corpus_is_refused(tiny_corpus, tmp_path):
     run(tiny_corpus, tmp_path, "train.stop_at_step=2")
     proc = run(other, tmp_path, "--resume", "auto", expect=2)
     assert "the tokenizer differs" in proc.stderr and "the data fingerprint differs" in proc.stderr
+
+
+def digest(directory: pathlib.Path) -> dict[str, str]:
+    import hashlib
+
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_a_second_trainer_on_a_run_stops_and_the_first_finishes_untouched(tiny_corpus, tmp_path, straight):
+    first = subprocess.Popen(command(tiny_corpus, tmp_path), cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True, env=environment(SETDIFF_SAVE_PAUSE=f"{STEPS}:15"))
+    for line in first.stdout:
+        if line.startswith("step      1/"):
+            break
+    started = time.time()
+    second = run(tiny_corpus, tmp_path, expect=2)
+    assert time.time() - started < 90 and first.poll() is None, "the second must stop while the first runs"
+    assert "in use by another trainer" in second.stderr and f"PID {first.pid}" in second.stderr
+    assert str(tmp_path / "run" / ".lock") in second.stderr and "Traceback" not in second.stderr
+    first.stdout.read()
+    assert first.wait(timeout=600) == 0
+    assert result(tmp_path)["losses"] == straight and not (tmp_path / "run" / ".lock").exists()
+
+
+def test_a_rerun_without_resume_stops_and_overwrite_moves_the_old_run_aside(tiny_corpus, tmp_path, straight):
+    run(tiny_corpus, tmp_path, "train.stop_at_step=2")
+    before = digest(tmp_path / "run")
+    proc = run(tiny_corpus, tmp_path, "train.stop_at_step=3", expect=2)
+    assert "already holds 1 checkpoint(s) (newest step_0000002)" in proc.stderr
+    assert "--resume auto" in proc.stderr and "train.overwrite=true" in proc.stderr
+    assert digest(tmp_path / "run") == before
+    proc = run(tiny_corpus, tmp_path, "train.stop_at_step=3", "train.overwrite=true")
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
+    assert len(aside) == 1 and digest(aside[0]) == before and str(aside[0]) in proc.stderr
+    assert result(tmp_path)["first_step"] == 0 and result(tmp_path)["losses"] == straight[:3]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*")) == ["step_0000003"]
+
+
+def test_ctrl_c_saves_like_sigterm_and_a_second_one_exits_at_once(tiny_corpus, tmp_path, straight):
+    proc = subprocess.Popen(command(tiny_corpus, tmp_path), cwd=ROOT, env=environment(), start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert signal_after_step(proc, 2, signal.SIGINT, group=True) == 75  # the data workers get it too
+    first = result(tmp_path)
+    assert first["stopped"] == "preempted" and 2 <= first["steps"] <= 3
+    proc = run(tiny_corpus, tmp_path, "--resume", "auto")
+    assert first["losses"] + result(tmp_path)["losses"] == straight
+    # twice: out at once, without a save, the last checkpoint and the lock as they should be
+    again = tmp_path / "again"
+    fresh = run(tiny_corpus, again, "--resume", "auto", "train.stop_at_step=1")
+    assert "no loadable checkpoint" in fresh.stderr and "starting fresh at step 0" in fresh.stderr
+    saved = digest(again / "run" / "checkpoints" / "step_0000001")
+    proc = subprocess.Popen(command(tiny_corpus, again, "--resume", "auto", "train.save_interval=3"), cwd=ROOT,
+                            env=environment(SETDIFF_SAVE_PAUSE="3:60"), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    partial = again / "run" / "checkpoints" / ".partial" / "step_0000003" / "trainer.json"
+    deadline = time.time() + 300
+    while not partial.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert partial.exists(), "the run never reached its save at step 3"
+    os.killpg(proc.pid, signal.SIGINT)  # during a (60 s) save: the first asks to stop after it
+    for line in proc.stderr:
+        if "Ctrl-C: saving" in line:
+            os.killpg(proc.pid, signal.SIGINT)
+            sent = time.time()
+            break
+    rest = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 130 and time.time() - sent < 10
+    assert (again / "run" / "checkpoints" / "latest").read_text() == "step_0000001"
+    assert "second Ctrl-C: exiting now" in rest
+    assert digest(again / "run" / "checkpoints" / "step_0000001") == saved and not (again / "run" / ".lock").exists()
+
+
+def test_resume_falls_back_past_an_unloadable_checkpoint_bit_exact(tiny_corpus, tmp_path, straight):
+    run(tiny_corpus, tmp_path, "train.save_interval=10", "train.stop_at_step=20")
+    checkpoints = tmp_path / "run" / "checkpoints"
+    step10 = digest(checkpoints / "step_0000010")
+    states = checkpoints / "step_0000020" / "mp_rank_00_model_states.pt"
+    states.write_bytes(states.read_bytes()[:states.stat().st_size // 2])  # e.g. a disk that filled up
+    leftover = checkpoints / ".partial" / "step_0000025"  # a killed save's leftovers
+    leftover.mkdir(parents=True)
+    (leftover / "mp_rank_00_model_states.pt").write_bytes(b"\0" * 2**20)
+    proc = run(tiny_corpus, tmp_path, "train.save_interval=10", "--resume", "auto")
+    assert f"skipping checkpoint {checkpoints / 'step_0000020'}: mp_rank_00_model_states.pt has" in proc.stderr
+    assert "(truncated)" in proc.stderr and "step_0000025 (removed)" in proc.stderr and not leftover.exists()
+    assert f"resumed from {checkpoints / 'step_0000010'}" in proc.stdout
+    final = result(tmp_path)
+    assert final["first_step"] == 10 and final["losses"] == straight[10:]
+    assert digest(checkpoints / "step_0000010") == step10 and (checkpoints / "latest").read_text() == "step_0000030"
+
+
+def test_a_missing_rng_or_ema_file_is_an_error_not_a_reset(tiny_corpus, tmp_path):
+    run(tiny_corpus, tmp_path, "train.stop_at_step=2")
+    step2 = tmp_path / "run" / "checkpoints" / "step_0000002"
+    (step2 / "rank_00000.safetensors").unlink()
+    (step2 / "ema.safetensors").unlink()
+    proc = run(tiny_corpus, tmp_path, "--resume", "auto", expect=2)
+    assert str(step2 / "rank_00000.safetensors") in proc.stderr and str(step2 / "ema.safetensors") in proc.stderr
+    assert "train.resume_override=true" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run(tiny_corpus, tmp_path, "--resume", "auto", "train.resume_override=true", "train.stop_at_step=3")
+    assert "no RNG state" in proc.stderr and "has no ema.safetensors" in proc.stderr
+    assert result(tmp_path)["first_step"] == 2
