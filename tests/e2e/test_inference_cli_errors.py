@@ -131,3 +131,102 @@ def test_convert_into_an_empty_directory_needs_no_force(trained, tmp_path):
     proc = cli("pretrain.convert", checkpoint, out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert tree(out) == tree(fresh)
+
+
+@pytest.fixture(scope="module")
+def other_corpus(tmp_path_factory) -> pathlib.Path:
+    """The embedded corpus prepared with another tokenizer (a smaller vocabulary: its ids all
+    fit the model's, so nothing but the tokenizer check tells them apart)."""
+    from data_pipeline.prepare import prepare
+
+    out = tmp_path_factory.mktemp("other") / "wiki"
+    prepare(out, [], embedded=True, vocab_size=384, docs_per_shard=1024)
+    return out
+
+
+def test_eval_refuses_a_corpus_of_another_tokenizer(trained, tiny_corpus, other_corpus):
+    model_dir = trained[1]
+    proc = cli("pretrain.evaluate", model_dir, "--data", other_corpus, "--orders", "1", "--batches", "1")
+    assert_one_line_error(proc, "setdiff-eval", str(model_dir / "tokenizer.json"),
+                          str(other_corpus / "manifest.json"), "--tokenizer")
+    assert proc.stdout == ""  # no perplexity printed
+    # the hashes it compares, computed here
+    model_hash = hashlib.sha256((model_dir / "tokenizer.json").read_bytes()).hexdigest()
+    corpus_hash = json.loads((other_corpus / "manifest.json").read_text())["tokenizer_sha256"]
+    assert model_hash != corpus_hash and model_hash[:12] in proc.stderr and corpus_hash[:12] in proc.stderr
+    # the corpus the model was trained on passes the same check
+    same = cli("pretrain.evaluate", model_dir, "--data", tiny_corpus, "--orders", "1", "--batches", "1")
+    assert same.returncode == 0, same.stderr[-3000:]
+    assert json.loads(same.stdout)["perplexity"] > 1.0
+
+
+def damaged_model_dir(model_dir: pathlib.Path, tmp: pathlib.Path, breakage) -> pathlib.Path:
+    copy = tmp / "hf"
+    shutil.copytree(model_dir, copy)
+    breakage(copy)
+    return copy
+
+
+# damage to a converted directory: (breakage, what the message names, {m} = the damaged directory)
+MODEL_DIR_CASES = {
+    "truncated model.safetensors": (lambda d: truncate(d / "model.safetensors"),
+                                    "{m}/model.safetensors: not a complete safetensors file"),
+    "invalid config.json": (lambda d: (d / "config.json").write_text('{"model_type": '),
+                            "{m}/config.json: not valid JSON"),
+    "config.json without a field": (lambda d: edit_json(d / "config.json", lambda c: c.pop("num_hidden_layers")),
+                                    "{m}/config.json lacks num_hidden_layers"),
+    "damaged tokenizer.json": (lambda d: (d / "tokenizer.json").write_text("not json"),
+                               "{m}/tokenizer.json: not a tokenizers tokenizer.json"),
+    "invalid generation_config.json": (lambda d: (d / "generation_config.json").write_text("{"),
+                                       "{m}/generation_config.json: not valid JSON"),
+}
+
+
+@pytest.mark.parametrize("program,case", [("setdiff-sample", case) for case in MODEL_DIR_CASES] +
+                         # the likelihood bound does not read generation_config.json
+                         [("setdiff-eval", case) for case in MODEL_DIR_CASES if "generation" not in case])
+def test_a_damaged_model_directory_is_named(trained, tiny_corpus, tmp_path, program, case):
+    breakage, named = MODEL_DIR_CASES[case]
+    model_dir = damaged_model_dir(trained[1], tmp_path, breakage)
+    before = tree(model_dir)
+    if program == "setdiff-sample":
+        proc = cli("pretrain.sample", model_dir, "--prompt", "The", "--max-new-tokens", "2")
+    else:
+        if case == "damaged tokenizer.json":  # --data compares its hash; the sampler for --judge parses it
+            proc = cli("pretrain.evaluate", model_dir, "--judge", trained[1], "--samples", "1", "--new-tokens", "2")
+        else:
+            proc = cli("pretrain.evaluate", model_dir, "--data", tiny_corpus, "--orders", "1", "--batches", "1")
+    assert_one_line_error(proc, program, named.format(m=model_dir))
+    assert tree(model_dir) == before
+
+
+# flags no run can use: (program, flags, the message); eval's judge flags are checked before any
+# judge loads, so the model directory itself stands in as the judge
+FLAG_CASES = [
+    ("setdiff-eval", ["--data", "{corpus}", "--orders", "0"], "--orders 0 must be >= 1"),
+    ("setdiff-eval", ["--data", "{corpus}", "--orders", "-2"], "--orders -2 must be >= 1"),
+    ("setdiff-eval", ["--data", "{corpus}", "--batches", "0"], "--batches 0 must be >= 1"),
+    ("setdiff-eval", ["--data", "{corpus}", "--micro-batch", "0"], "--micro-batch 0 must be >= 1"),
+    ("setdiff-eval", ["--judge", "{model}", "--samples", "0"], "--samples 0 must be >= 1"),
+    ("setdiff-eval", ["--judge", "{model}", "--new-tokens", "0"], "--new-tokens 0 must be >= 1"),
+    ("setdiff-eval", ["--judge", "{model}", "--tau", "0"], "--tau 0.0 must be in (0, 1]"),
+    ("setdiff-eval", ["--judge", "{model}", "--top-p", "1.5"], "--top-p 1.5 must be in (0, 1]"),
+    ("setdiff-eval", ["--judge", "{model}", "--temperature", "-1"], "--temperature -1.0 must be >= 0"),
+    ("setdiff-eval", ["--judge", "{model}", "--repetition-penalty", "0"], "--repetition-penalty 0.0 must be > 0"),
+    ("setdiff-sample", ["--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens 0 must be >= 1"),
+    ("setdiff-sample", ["--prompt", "x", "--window", "0"], "--window 0 must be >= 1"),
+    ("setdiff-sample", ["--prompt", "x", "--batch-size", "0"], "--batch-size 0 must be >= 1"),
+    ("setdiff-sample", ["--prompt", "x", "--temperature", "-1"], "--temperature -1.0 must be >= 0"),
+    ("setdiff-sample", ["--prompt", "x", "--top-p", "0"], "--top-p 0.0 must be in (0, 1]"),
+    ("setdiff-sample", ["--prompt", "x", "--device", "bogus"], "--device bogus: not a device"),
+    ("setdiff-sample", ["--prompt", "x", "--device", "cuda:99"], "--device cuda:99: "),
+]
+
+
+@pytest.mark.parametrize("program,flags,named", FLAG_CASES, ids=[" ".join(c[1][-2:]) for c in FLAG_CASES])
+def test_a_value_no_run_can_use_is_named_by_its_flag(trained, tiny_corpus, program, flags, named):
+    module = {"setdiff-eval": "pretrain.evaluate", "setdiff-sample": "pretrain.sample"}[program]
+    args = [f.format(corpus=tiny_corpus, model=trained[1]) for f in flags]
+    proc = cli(module, trained[1], *args)
+    assert_one_line_error(proc, program, named)
+    assert proc.stdout == ""
