@@ -18,15 +18,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import shutil
 import sys
+import tempfile
 
 import torch
 
 from model.config import ModelConfig, config_from_dict
 from model.orders import parse_order_mixture
-from pretrain.checkpoint import EMA_FILE, read_trainer_state
+from pretrain.checkpoint import EMA_FILE
+from pretrain.cli_errors import EXPECTED, error_line, error_text, load_tokenizer, load_weights, read_json
 
 
 def hf_state_dict(full: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -52,13 +55,13 @@ def hf_state_dict(full: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, 
 def read_llama_dir(model_dir: pathlib.Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(config.json, full state dict in our names) of a Llama-architecture directory: one
     setdiff-convert wrote, or a public Llama-style checkpoint (the reverse direction)."""
-    from safetensors.torch import load_file
-
     model_dir = pathlib.Path(model_dir)
     config_path = model_dir / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} not found (is {model_dir} a setdiff-convert or Llama directory?)")
-    hf = json.loads(config_path.read_text())
+    hf = read_json(config_path)
+    if "num_hidden_layers" not in hf:
+        raise ValueError(f"{config_path} lacks num_hidden_layers")
     problems = []
     if hf.get("model_type") != "llama":
         problems.append(f"model_type is {hf.get('model_type')!r}, not 'llama'")
@@ -77,7 +80,7 @@ def read_llama_dir(model_dir: pathlib.Path) -> tuple[dict, dict[str, torch.Tenso
         raise FileNotFoundError(f"{model_dir}: no *.safetensors weights")
     weights = {}
     for path in files:
-        weights.update(load_file(str(path)))
+        weights.update(load_weights(path))
     if "lm_head.weight" not in weights and hf.get("tie_word_embeddings", False):
         weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
     try:
@@ -153,23 +156,38 @@ def choose_weights(checkpoint: pathlib.Path, weights: str | None) -> pathlib.Pat
     return ema
 
 
-def convert(checkpoint: pathlib.Path, out: pathlib.Path, weights: str | None = None) -> pathlib.Path:
-    """Write the inference directory; ``weights`` is 'ema', 'raw' or None (EMA when present)."""
-    from safetensors.torch import load_file, save_file
-    from tokenizers import Tokenizer
+def check_out_dir(out: pathlib.Path, force: bool) -> None:
+    """OUT_DIR is new, an empty directory, or (with ``force``) a directory to replace."""
+    for path in (out, *out.parents):
+        if path.exists() and not path.is_dir():
+            where = f"output {out}" if path == out else f"output {out}: {path}"
+            raise ValueError(f"{where} is a file, not a directory")
+    if out.is_dir() and not force:
+        entries = sorted(p.name for p in out.iterdir())
+        if entries:
+            raise ValueError(f"output {out} is not empty ({len(entries)} entries: {', '.join(entries[:3])}"
+                             f"{', ...' if len(entries) > 3 else ''}); pass --force to replace it")
 
-    if not (checkpoint / "trainer.json").is_file() or not (checkpoint / "model.safetensors").is_file():
-        raise FileNotFoundError(f"{checkpoint} is not a complete setdiff checkpoint "
-                                "(needs trainer.json and model.safetensors)")
-    run = read_trainer_state(checkpoint)["config"]
+
+def replace_dir(staging: pathlib.Path, out: pathlib.Path) -> None:
+    """Put the complete ``staging`` directory at ``out``; an old ``out`` is moved aside first and
+    removed only once the new one is in place, so no file of it survives in the new one."""
+    if not out.exists():
+        staging.rename(out)
+        return
+    old = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    old.rmdir()
+    out.rename(old)
+    staging.rename(out)
+    shutil.rmtree(old)
+
+
+def write_inference_dir(out: pathlib.Path, checkpoint: pathlib.Path, run: dict, full: dict, chosen: str,
+                        eos_id: int) -> None:
+    from safetensors.torch import save_file
+
     cfg = config_from_dict(run).model
-    source = choose_weights(checkpoint, weights)
-    full = load_file(str(source))
-    tokenizer = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
-    eos_id = tokenizer.token_to_id("<|endoftext|>")
-    out.mkdir(parents=True, exist_ok=True)
     save_file(hf_state_dict(full, cfg), str(out / "model.safetensors"), metadata={"format": "pt"})
-    chosen = "ema" if source.name == EMA_FILE else "raw"
     (out / "config.json").write_text(json.dumps(hf_config(run, eos_id, chosen), indent=2))
     (out / "generation_config.json").write_text(json.dumps(
         {"eos_token_id": eos_id, "pad_token_id": eos_id, "max_length": cfg.seq_len}, indent=2))
@@ -177,6 +195,41 @@ def convert(checkpoint: pathlib.Path, out: pathlib.Path, weights: str | None = N
     (out / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
          "pad_token": "<|endoftext|>", "model_max_length": cfg.seq_len}, indent=2))
+
+
+def convert(checkpoint: pathlib.Path, out: pathlib.Path, weights: str | None = None,
+            force: bool = False) -> pathlib.Path:
+    """Write the inference directory; ``weights`` is 'ema', 'raw' or None (EMA when present).
+    A non-empty ``out`` is refused unless ``force``, then replaced as a whole. Everything is
+    read and checked first and written into a directory beside ``out`` that takes its place
+    when complete: a failure leaves ``out`` as it was."""
+    checkpoint, out = pathlib.Path(checkpoint), pathlib.Path(out)
+    if not (checkpoint / "trainer.json").is_file() or not (checkpoint / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{checkpoint} is not a complete setdiff checkpoint "
+                                "(needs trainer.json and model.safetensors)")
+    check_out_dir(out, force)
+    state = read_json(checkpoint / "trainer.json")
+    if "config" not in state:
+        raise ValueError(f"{checkpoint / 'trainer.json'} has no 'config' section")
+    run = state["config"]
+    try:
+        config_from_dict(run)
+    except (KeyError, ValueError) as err:
+        raise ValueError(f"{checkpoint / 'trainer.json'}: {error_text(err)}") from None
+    source = choose_weights(checkpoint, weights)
+    full = load_weights(source)
+    eos_id = load_tokenizer(checkpoint / "tokenizer.json").token_to_id("<|endoftext|>")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary directory
+        write_inference_dir(staging, checkpoint, run, full, "ema" if source.name == EMA_FILE else "raw", eos_id)
+        replace_dir(staging, out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
     return out
 
 
@@ -188,11 +241,13 @@ def main(argv=None) -> int:
     parser.add_argument("--weights", choices=["ema", "raw"],
                         help="ema: the EMA of the weights (the default when the checkpoint has it); raw: the "
                              "trained weights (the default otherwise)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace a non-empty OUT_DIR (its old files are removed once the new ones are in place)")
     args = parser.parse_args(argv)
     try:
-        out = convert(args.checkpoint, args.out_dir, args.weights)
-    except (FileNotFoundError, KeyError, ValueError) as err:
-        print(f"setdiff-convert: error: {err}", file=sys.stderr)
+        out = convert(args.checkpoint, args.out_dir, args.weights, args.force)
+    except EXPECTED as err:
+        print(error_line("setdiff-convert", err), file=sys.stderr)
         return 2
     print(f"setdiff-convert: wrote {out} (transformers.AutoModelForCausalLM.from_pretrained('{out}'))")
     return 0

@@ -22,6 +22,7 @@ import sys
 import torch
 
 from model.config import ModelConfig
+from pretrain.cli_errors import EXPECTED, at_least, check_decoding_flags, error_line, read_json
 from pretrain.quiet import default_debug_log, third_party_output_to
 
 
@@ -32,11 +33,44 @@ def read_model_dir(model_dir: pathlib.Path) -> tuple[ModelConfig, dict, dict[str
     hf, full = read_llama_dir(model_dir)
     if "setdiff" not in hf:
         raise ValueError(f"{model_dir / 'config.json'} has no 'setdiff' section: not a set-diffusion model")
+    missing = [key for key in ("hidden_size", "num_attention_heads", "intermediate_size",
+                               "max_position_embeddings", "rope_theta", "rms_norm_eps") if key not in hf]
+    missing += [f"setdiff.{key}" for key in ("mask_token_id", "order", "objective") if key not in hf["setdiff"]]
+    if missing:
+        raise ValueError(f"{model_dir / 'config.json'} lacks {', '.join(missing)}")
     cfg = ModelConfig(num_layers=hf["num_hidden_layers"], hidden_size=hf["hidden_size"],
                       num_heads=hf["num_attention_heads"], ffn_hidden_size=hf["intermediate_size"],
                       vocab_size=hf["setdiff"]["mask_token_id"], seq_len=hf["max_position_embeddings"],
                       rope_theta=hf["rope_theta"], norm_eps=hf["rms_norm_eps"], attention_backend="auto")
     return cfg, hf["setdiff"], full
+
+
+def check_corpus_tokenizer(model_dir: pathlib.Path, data: pathlib.Path) -> None:
+    """The corpus was prepared with the model's tokenizer (as resuming a run checks): the
+    hash of MODEL_DIR/tokenizer.json is the manifest's tokenizer_sha256. Token ids of another
+    tokenizer mean other text, and a perplexity of them means nothing."""
+    from data_pipeline.prepare import sha256_file
+
+    model_tokenizer = pathlib.Path(model_dir) / "tokenizer.json"
+    manifest_path = pathlib.Path(data) / "manifest.json"
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"--data: {manifest_path} not found (prepare the corpus with setdiff-prepare)")
+    if not model_tokenizer.is_file():
+        raise FileNotFoundError(f"{model_tokenizer} not found: cannot check the tokenizer {data} was prepared with")
+    manifest = read_json(manifest_path)
+    corpus_tokenizer = pathlib.Path(data) / "tokenizer.json"
+    expected = manifest.get("tokenizer_sha256")
+    if expected is None:  # a manifest without the hash: the corpus's own copy of its tokenizer
+        if not corpus_tokenizer.is_file():
+            raise ValueError(f"{manifest_path} has no tokenizer_sha256 and {corpus_tokenizer} is missing: "
+                             "cannot check which tokenizer the corpus was prepared with")
+        expected = sha256_file(corpus_tokenizer)
+    digest = sha256_file(model_tokenizer)
+    if digest != expected:
+        raise ValueError(f"{data} was prepared with another tokenizer than the model's: {model_tokenizer} "
+                         f"(sha256 {digest[:12]}) vs {manifest_path} (tokenizer_sha256 {expected[:12]}, the "
+                         f"corpus's {corpus_tokenizer}); prepare the corpus with setdiff-prepare --tokenizer "
+                         f"{model_tokenizer}")
 
 
 @torch.no_grad()
@@ -50,6 +84,7 @@ def evaluate(model_dir: pathlib.Path, data: pathlib.Path, *, order: str | None =
     from pretrain.state import load_full_state
 
     cfg, fields, full = read_model_dir(model_dir)
+    check_corpus_tokenizer(model_dir, data)
     init_distributed()
     layout = init_model_parallel(1, 1)
     set_mode = fields.get("mode", "set") == "set"
@@ -137,6 +172,13 @@ def generative_perplexity(model_dir: pathlib.Path, judge_dir: pathlib.Path, *, s
             "tokens_per_forward": result.stats.tokens_per_forward, "example": texts[0][:300]}
 
 
+def check_flags(args) -> None:
+    """Values no evaluation can run with, named by their flag before anything loads."""
+    for flag in ("orders", "batches", "micro_batch", "samples", "new_tokens"):
+        at_least("--" + flag.replace("_", "-"), getattr(args, flag), 1)
+    check_decoding_flags(args)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="setdiff-eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -164,6 +206,7 @@ def main(argv=None) -> int:
     if args.data is None and args.judge is None:
         parser.error("give --data (the likelihood bound), --judge (generative perplexity) or both")
     try:
+        check_flags(args)
         result = {}
         with third_party_output_to(args.debug_log or default_debug_log("setdiff-eval")):
             if args.data is not None:
@@ -175,8 +218,8 @@ def main(argv=None) -> int:
                     args.model_dir, args.judge, samples=args.samples, new_tokens=args.new_tokens, tau=args.tau,
                     temperature=args.temperature, top_p=args.top_p, gguf_file=args.judge_gguf_file,
                     repetition_penalty=args.repetition_penalty)
-    except (FileNotFoundError, ValueError, KeyError) as err:
-        print(f"setdiff-eval: error: {err}", file=sys.stderr)
+    except EXPECTED as err:
+        print(error_line("setdiff-eval", err), file=sys.stderr)
         return 2
     print(json.dumps(result, indent=2))
     return 0

@@ -32,6 +32,7 @@ import sys
 
 import torch
 
+from pretrain.cli_errors import EXPECTED, at_least, check_decoding_flags, error_line, load_tokenizer, read_json
 from pretrain.quiet import default_debug_log, third_party_output_to
 
 MASK_MARKER = re.compile(r"<mask:(\d+)>")
@@ -40,8 +41,6 @@ MASK_MARKER = re.compile(r"<mask:(\d+)>")
 def load_model(model_dir: pathlib.Path, device: str = "auto"):
     """(model, setdiff fields, tokenizer, eos id or None) from a setdiff-convert directory, on
     ``device`` (auto: CUDA when present, else the CPU)."""
-    from tokenizers import Tokenizer
-
     from model.transformer import SetDiffusionTransformer
     from pretrain.distributed import init_distributed, init_model_parallel
     from pretrain.evaluate import read_model_dir
@@ -52,17 +51,34 @@ def load_model(model_dir: pathlib.Path, device: str = "auto"):
     tokenizer_path = model_dir / "tokenizer.json"
     if not tokenizer_path.is_file():
         raise FileNotFoundError(f"{tokenizer_path} not found (is {model_dir} a setdiff-convert directory?)")
+    tokenizer = load_tokenizer(tokenizer_path)
     cfg, fields, full = read_model_dir(model_dir)
     cfg.attention_backend = "sdpa"  # the recompute reference runs the model's dense-mask path
     init_distributed()
     layout = init_model_parallel(1, 1)
     model = SetDiffusionTransformer(cfg, layout.parallel, set_mode=fields.get("mode", "set") == "set").eval()
     load_full_state(model, full, layout.parallel.tp_group)
-    model = model.to("cuda" if device == "auto" and torch.cuda.is_available() else
-                     ("cpu" if device == "auto" else device))
+    model = model.to(resolve_device(device))
     generation = model_dir / "generation_config.json"
-    eos_id = json.loads(generation.read_text()).get("eos_token_id") if generation.is_file() else None
-    return model, fields, Tokenizer.from_file(str(tokenizer_path)), eos_id
+    eos_id = read_json(generation).get("eos_token_id") if generation.is_file() else None
+    return model, fields, tokenizer, eos_id
+
+
+def resolve_device(device: str) -> torch.device:
+    """--device as a torch.device that exists here (auto: CUDA when present, else the CPU)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device}: not a device (use auto, cpu, cuda or cuda:N)") from None
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device {device}: no CUDA device is available here")
+        if resolved.index is not None and resolved.index >= count:
+            raise ValueError(f"--device {device}: there are {count} CUDA devices (cuda:0 to cuda:{count - 1})")
+    return resolved
 
 
 def infill_canvas(text: str, tokenizer, mask_id: int) -> list[int]:
@@ -161,14 +177,13 @@ def sample(args) -> dict:
             "cache": cfg.use_cache, "max_new_tokens": None if infill else cfg.max_new_tokens, "stats": total.as_dict()}
 
 
-def _unit_interval(flag: str):
-    def parse(text: str) -> float:
-        value = float(text)
-        if not (0.0 < value <= 1.0):
-            raise argparse.ArgumentTypeError(f"{flag} {text} must be in (0, 1]")
-        return value
-
-    return parse
+def check_flags(args) -> None:
+    """Values no decoding can run with, named by their flag before anything loads."""
+    at_least("--batch-size", args.batch_size, 1)
+    at_least("--max-new-tokens", args.max_new_tokens, 1)
+    at_least("--window", args.window, 1)
+    check_decoding_flags(args)
+    resolve_device(args.device)
 
 
 def main(argv=None) -> int:
@@ -181,7 +196,7 @@ def main(argv=None) -> int:
     source.add_argument("--infill", action="append",
                         help="text with masked spans written <mask:N> (N masked tokens); repeat for a batch")
     parser.add_argument("--max-new-tokens", type=int, help="tokens to generate (default: min(64, room left))")
-    parser.add_argument("--tau", type=_unit_interval("--tau"), default=0.9,
+    parser.add_argument("--tau", type=float, default=0.9,
                         help="unmask active tokens with confidence >= tau, at least one a step")
     parser.add_argument("--confidence", choices=("sampled", "max"), default="sampled",
                         help="sampled: the chosen token's renormalized nucleus probability (the reference's); "
@@ -193,7 +208,7 @@ def main(argv=None) -> int:
     parser.add_argument("--any-order", action="store_true",
                         help="staggered:D: the window follows a sampled staggered order")
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
-    parser.add_argument("--top-p", type=_unit_interval("--top-p"), default=1.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--no-cache", action="store_true", help="recompute every step (the slow reference)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -203,14 +218,11 @@ def main(argv=None) -> int:
                         help="where third-party log lines and warnings go (default: a file in the temp dir)")
     args = parser.parse_args(argv)
     try:
-        if args.batch_size < 1:
-            raise ValueError(f"--batch-size {args.batch_size} must be >= 1")
-        if not args.repetition_penalty > 0:
-            raise ValueError(f"--repetition-penalty {args.repetition_penalty} must be > 0")
+        check_flags(args)
         with third_party_output_to(args.debug_log or default_debug_log("setdiff-sample")):
             result = sample(args)
-    except (FileNotFoundError, ValueError, KeyError) as err:
-        print(f"setdiff-sample: error: {err}", file=sys.stderr)
+    except EXPECTED as err:
+        print(error_line("setdiff-sample", err), file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(result, indent=2))
