@@ -330,6 +330,19 @@ class CheckpointWriter:
             final = publish(partial, self.root, self.keep_last, self.warn) if self.is_main else self.root / tag
             self.barrier()
             return final
+        except Exception as err:
+            if not self.is_main:
+                raise
+            written = checkpoint_bytes(partial) if partial.is_dir() else 0
+            shutil.rmtree(partial, ignore_errors=True)
+            if self.free_bytes(self.root) + written >= needed:
+                raise
+            # the disk filled up while writing (torch reports it as an inline_container.cc error)
+            latest = (self.root / "latest").read_text().strip() if (self.root / "latest").is_file() else "none"
+            raise NoSpaceError(f"saving checkpoint {tag} in {self.root} failed: the disk filled up during the save "
+                               f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). The partial "
+                               f"save is removed; the newest complete checkpoint is {latest}. Free at least "
+                               f"{needed} bytes and resume with --resume auto.") from err
         except BaseException:
             if self.is_main:
                 shutil.rmtree(partial, ignore_errors=True)

@@ -22,13 +22,16 @@ def main(argv=None) -> int:
         print(f"setdiff-pretrain: error: {err}", file=sys.stderr)
         return 2
     from pretrain.checkpoint import NoSpaceError
-    from pretrain.trainer import REQUEUE_EXIT_CODE, NonFiniteError, Preempted, Trainer
+    from pretrain.trainer import INTERRUPTED_EXIT_CODE, REQUEUE_EXIT_CODE, NonFiniteError, Preempted, Trainer
 
     try:
         trainer = Trainer(cfg)
     except (ValueError, FileNotFoundError) as err:
         print(f"setdiff-pretrain: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # during training Ctrl-C saves instead (Trainer.train)
+        print("setdiff-pretrain: interrupted while starting; nothing was trained or saved", file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE
     try:
         trainer.train()
         shutdown()

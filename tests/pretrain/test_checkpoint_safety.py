@@ -82,6 +82,29 @@ def test_a_save_that_raises_midway_leaves_no_partial_and_the_previous_checkpoint
     assert find_resume_checkpoint(root) == root / "step_0000010"
 
 
+def test_a_disk_that_fills_up_during_the_save_is_named_as_such(root):
+    before = digest(root / "step_0000010")
+    needed = math.ceil(size_of(root / "step_0000010") * 1.2)
+    free = iter([needed, 100])  # room when checked; 100 bytes left once the write failed
+
+    def fills_the_disk(partial):
+        write_fake(partial, seed=1)
+        raise RuntimeError("[enforce fail at inline_container.cc:783] . PytorchStreamWriter failed writing file "
+                           "data/0: file write failed")
+
+    with pytest.raises(NoSpaceError) as err:
+        CheckpointWriter(root, 3, free_bytes=lambda path: next(free)).save(tag_of(20), fills_the_disk, 0)
+    message = str(err.value)
+    assert f"saving checkpoint step_0000020 in {root} failed: the disk filled up" in message
+    assert "inline_container.cc" in message and "newest complete checkpoint is step_0000010" in message
+    assert f"Free at least {needed} bytes" in message
+    assert not (root / ".partial" / tag_of(20)).exists() and digest(root / "step_0000010") == before
+    # a failure with room to spare is a bug, not a full disk: it propagates as it is
+    with pytest.raises(RuntimeError, match="inline_container"):
+        CheckpointWriter(root, 3, free_bytes=lambda path: 10 * needed).save(tag_of(20), fills_the_disk, 0)
+    assert not (root / ".partial" / tag_of(20)).exists()
+
+
 def test_keep_last_never_removes_the_checkpoint_it_just_wrote(root):
     later = digest(root / "step_0000010")
     CheckpointWriter(root, keep_last=1).save(tag_of(3), write_fake, 0)  # e.g. a new run, over an old one
