@@ -12,6 +12,12 @@ import json
 import pathlib
 
 FORMAT_VERSION = 3
+
+
+class CorpusError(ValueError):
+    """A prepared corpus whose files do not match its manifest (missing, truncated, corrupt).
+    Raised where a file is read, possibly mid-run inside a data worker; the CLI turns it into
+    one line naming the file."""
 SPLITS = ("train", "val")
 
 

@@ -30,6 +30,8 @@ import tempfile
 
 import numpy as np
 
+from data_pipeline.manifest import CorpusError
+
 
 def cache_root(cache_dir: str | pathlib.Path | None = None) -> pathlib.Path:
     if cache_dir:
@@ -129,14 +131,14 @@ class MDSDocuments(_ShardedDocuments):
         try:
             CloudDownloader.direct_download(self._where(name), tmp)
         except Exception as err:  # the downloaders raise their SDKs' own errors
-            raise ValueError(f"{self._where(name)}: cannot download ({err})") from None
+            raise CorpusError(f"{self._where(name)}: cannot download ({err})") from None
         return pathlib.Path(tmp)
 
     def _read(self, name: str) -> bytes:
         if self.local is not None:
             path = self.local / name
             if not path.is_file():
-                raise ValueError(f"{path}: missing (is {self.local} a prepared MDS split?)")
+                raise CorpusError(f"{path}: missing (is {self.local} a prepared MDS split?)")
             return path.read_bytes()
         path = self._download(name)
         try:
@@ -148,7 +150,7 @@ class MDSDocuments(_ShardedDocuments):
         try:
             return json.loads(self._read("index.json"))["shards"]
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
-            raise ValueError(f"{self._where('index.json')}: not an MDS index ({err})") from None
+            raise CorpusError(f"{self._where('index.json')}: not an MDS index ({err})") from None
 
     def _check_index(self, infos: list[dict]) -> None:
         def fields(info):
@@ -159,7 +161,7 @@ class MDSDocuments(_ShardedDocuments):
         listed = [(pathlib.PurePosixPath(r["file"]).name, r["bytes"], r["xxh64"], r["raw"]["bytes"], r["raw"]["xxh64"],
                    r["documents"]) for r in self.rows]
         if [fields(i) for i in infos] != listed:
-            raise ValueError(f"{self._where('index.json')}: does not list the shards the corpus manifest lists "
+            raise CorpusError(f"{self._where('index.json')}: does not list the shards the corpus manifest lists "
                              f"(the MDS split was rewritten or damaged); re-run setdiff-prepare")
 
     def _claim_cache(self) -> None:
@@ -191,14 +193,14 @@ class MDSDocuments(_ShardedDocuments):
         where = self._where(name)
         data = self._read(name)
         if len(data) != row["bytes"]:
-            raise ValueError(f"{where}: truncated ({len(data)} of {row['bytes']} bytes)")
+            raise CorpusError(f"{where}: truncated ({len(data)} of {row['bytes']} bytes)")
         if _xxh64(data) != row["xxh64"]:
-            raise ValueError(f"{where}: corrupt (xxh64 does not match the manifest)")
+            raise CorpusError(f"{where}: corrupt (xxh64 does not match the manifest)")
         from streaming.base.compression import decompress
 
         data = decompress(info["compression"], data)
         if len(data) != row["raw"]["bytes"] or _xxh64(data) != row["raw"]["xxh64"]:
-            raise ValueError(f"{where}: corrupt (decompresses to other data than the manifest lists)")
+            raise CorpusError(f"{where}: corrupt (decompresses to other data than the manifest lists)")
         _atomic_write(path, data)
         return path
 
@@ -227,7 +229,7 @@ class WebDatasetDocuments(_ShardedDocuments):
         self._set_rows(tables)
         for table in tables:
             if not (self.root / table["file"]).is_file():
-                raise ValueError(f"{self.root / table['file']}: missing WebDataset shard")
+                raise CorpusError(f"{self.root / table['file']}: missing WebDataset shard")
         self._cache: collections.OrderedDict[int, list[np.ndarray]] = collections.OrderedDict()
         self._verified: set[int] = set()
         self.cache_shards = cache_shards
@@ -238,9 +240,9 @@ class WebDatasetDocuments(_ShardedDocuments):
             return
         table, data = self.tables[shard], path.read_bytes()
         if len(data) != table["bytes"]:
-            raise ValueError(f"{path}: truncated or corrupt: {len(data)} bytes, the manifest lists {table['bytes']}")
+            raise CorpusError(f"{path}: truncated or corrupt: {len(data)} bytes, the manifest lists {table['bytes']}")
         if hashlib.sha256(data).hexdigest() != table["sha256"]:
-            raise ValueError(f"{path}: corrupt (sha256 does not match the manifest)")
+            raise CorpusError(f"{path}: corrupt (sha256 does not match the manifest)")
         self._verified.add(shard)
 
     def _load(self, shard: int) -> list[np.ndarray]:
@@ -253,9 +255,9 @@ class WebDatasetDocuments(_ShardedDocuments):
         try:
             docs = [np.asarray(sample["tokens.npy"], dtype=np.int32) for sample in pipeline]
         except Exception as err:  # tarfile and decoders raise many kinds
-            raise ValueError(f"{path}: unreadable WebDataset shard ({type(err).__name__}: {err})") from None
+            raise CorpusError(f"{path}: unreadable WebDataset shard ({type(err).__name__}: {err})") from None
         if len(docs) != self.counts[shard]:
-            raise ValueError(f"{path}: truncated or corrupt: {len(docs)} documents, the manifest says "
+            raise CorpusError(f"{path}: truncated or corrupt: {len(docs)} documents, the manifest says "
                              f"{self.counts[shard]}")
         return docs
 

@@ -21,6 +21,7 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"setdiff-pretrain: error: {err}", file=sys.stderr)
         return 2
+    from data_pipeline.manifest import CorpusError
     from pretrain.checkpoint import NoSpaceError
     from pretrain.trainer import INTERRUPTED_EXIT_CODE, REQUEUE_EXIT_CODE, NonFiniteError, Preempted, Trainer
 
@@ -41,11 +42,23 @@ def main(argv=None) -> int:
     except NoSpaceError as err:
         print(f"setdiff-pretrain: error: {err}", file=sys.stderr)
         return 2
+    except CorpusError as err:  # a shard found damaged when first read; the last checkpoint is intact
+        print(f"setdiff-pretrain: error: {corpus_error_line(err)}", file=sys.stderr)
+        return 2
     except Preempted as saved:
         print(f"setdiff-pretrain: preempted; saved {saved}; exit {REQUEUE_EXIT_CODE} asks for a requeue",
               file=sys.stderr)
         return REQUEUE_EXIT_CODE
     return 0
+
+
+def corpus_error_line(err: Exception) -> str:
+    """The error's own message: raised in a DataLoader worker it comes back wrapped with the
+    worker's traceback, whose last line is 'data_pipeline.manifest.CorpusError: <message>'."""
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    last = lines[-1] if lines else repr(err)
+    name, sep, message = last.partition(": ")
+    return message if sep and name.endswith("CorpusError") else last
 
 
 def shutdown() -> None:

@@ -177,3 +177,21 @@ def test_prepare_rebuilds_a_corpus_whose_shards_were_deleted(tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     for row in manifest["splits"]["train"]["mds_shards"]:
         assert (out / row["file"]).stat().st_size == row["bytes"]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_shard_corrupted_in_place_stops_training_with_one_line(corpus, tmp_path, workers):
+    """Right size, wrong bytes: only the hash on first read can tell; the run stops there with
+    one line naming the shard (from a data worker too), the corpus untouched."""
+    shards = sorted((corpus / "mds" / "train").glob("*.mds.zstd"))
+    for shard in shards:  # every one, so the first read hits one whatever the sampler picks
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        shard.write_bytes(bytes(data))
+    before = snapshot(corpus)
+    proc = pretrain(corpus, tmp_path / "runs", tmp_path / "cache", f"data.num_workers={workers}")
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    error = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert len(error) == 1 and any(f"{shard}: corrupt" in error[0] for shard in shards), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert snapshot(corpus) == before
