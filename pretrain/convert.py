@@ -208,6 +208,8 @@ def convert(checkpoint: pathlib.Path, out: pathlib.Path, weights: str | None = N
         raise FileNotFoundError(f"{checkpoint} is not a complete setdiff checkpoint "
                                 "(needs trainer.json and model.safetensors)")
     check_out_dir(out, force)
+    if out.exists() and (out.resolve() == checkpoint.resolve() or out.resolve() in checkpoint.resolve().parents):
+        raise ValueError(f"output {out} holds the checkpoint {checkpoint}: choose another output directory")
     state = read_json(checkpoint / "trainer.json")
     if "config" not in state:
         raise ValueError(f"{checkpoint / 'trainer.json'} has no 'config' section")

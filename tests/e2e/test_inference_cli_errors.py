@@ -72,6 +72,8 @@ CONVERT_CASES = {
     "non-empty output": (lambda ck, out: (out.mkdir(), (out / "notes.txt").write_text("mine"),
                                           (out / "config.json").write_text("{}")),
                          ["{out}"], ["output {out} is not empty", "--force"]),
+    "--force on the directory holding the checkpoint": (lambda ck, out: None, ["{ck}/..", "--force"],
+                                                        ["holds the checkpoint {ck}"]),
     "output is a file": (lambda ck, out: out.write_text("a file"), ["{out}"], ["output {out} is a file"]),
     "output below a file": (lambda ck, out: out.write_text("a file"), ["{out}/sub"],
                             ["output {out}/sub: {out} is a file"]),
@@ -101,7 +103,7 @@ def test_convert_refuses_in_one_line_and_loses_nothing(trained, tmp_path, case):
     ck, out = copy_checkpoint(trained[0], work), work / "out"
     breakage(ck, out)
     before = tree(work)
-    proc = cli("pretrain.convert", ck, *(a.format(out=out) for a in args))
+    proc = cli("pretrain.convert", ck, *(a.format(out=out, ck=ck) for a in args))
     assert_one_line_error(proc, "setdiff-convert", *(n.format(ck=ck, out=out) for n in named))
     assert tree(work) == before  # the output as it was, the checkpoint as it was, no partial directory
     assert not [p.name for p in work.iterdir() if p.name.startswith(".")]  # nor an empty staging directory
@@ -223,7 +225,7 @@ FLAG_CASES = [
 ]
 
 
-@pytest.mark.parametrize("program,flags,named", FLAG_CASES, ids=[" ".join(c[1][-2:]) for c in FLAG_CASES])
+@pytest.mark.parametrize("program,flags,named", FLAG_CASES, ids=[" ".join([c[0], *c[1][-2:]]) for c in FLAG_CASES])
 def test_a_value_no_run_can_use_is_named_by_its_flag(trained, tiny_corpus, program, flags, named):
     module = {"setdiff-eval": "pretrain.evaluate", "setdiff-sample": "pretrain.sample"}[program]
     args = [f.format(corpus=tiny_corpus, model=trained[1]) for f in flags]
