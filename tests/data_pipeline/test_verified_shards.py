@@ -166,7 +166,7 @@ def test_manifest_eos_and_vocabulary_are_the_tokenizers(corpus, edit, message):
 
 @pytest.mark.parametrize("edit,message", [
     (lambda m: m["splits"]["train"].update(documents=m["splits"]["train"]["documents"] + 1),
-     "splits.train.mds_shards hold 6. documents, splits.train.documents says 6."),
+     r"splits.train.mds_shards hold \d+ documents, splits.train.documents says \d+"),
     (lambda m: m["splits"]["val"]["wds_shards"][0].update(first=3), r"splits.val.wds_shards\[0\] is not a shard"),
     (lambda m: m.update(eos_id="0"), "eos_id must be a non-negative integer"),
     (lambda m: m.update(format=2), "format 2 is not 3"),
