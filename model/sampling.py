@@ -383,8 +383,9 @@ def decode_canvases(model: SetDiffusionTransformer, canvases: Sequence[Sequence[
             trace.append(StepTrace(state.tokens_BL.clone(), pending_BL.clone(), active_pos_BA.clone(),
                                    candidate_BA, logits_BAV.clone()))
 
-        logits_BAV = repetition_penalty(logits_BAV, state.seen_tokens(logits_BAV.shape[-1]),
-                                        cfg.repetition_penalty)
+        if cfg.repetition_penalty != 1.0:  # the [B, V] table of seen ids is built only when used
+            logits_BAV = repetition_penalty(logits_BAV, state.seen_tokens(logits_BAV.shape[-1]),
+                                            cfg.repetition_penalty)
         tokens_BA, confidence_BA = choose_tokens(logits_BAV, cfg.temperature, cfg.top_p, generator, cfg.confidence)
         confidence_BA = confidence_BA.masked_fill(~candidate_BA, -1.0)
         unmask_BA = candidate_BA & (confidence_BA >= cfg.tau)
