@@ -50,13 +50,12 @@ step() {
         echo "tests/gpu/check.sh: '$name' failed (exit $rc)" >&2
         exit "$rc"
     fi
-    echo "   ('$name' took $((SECONDS - start))s; ${SECONDS}s of ${BUDGET_S}s used)"
+    echo "   ('$name' took $((SECONDS - start))s; ${SECONDS}s of ${BUDGET_S}s used)" >&2
 }
 
 echo "== 0. dependencies the image lacks (wheels from tests/gpu/wheels.sh)"
 if compgen -G "$WHEELS/*.whl" > /dev/null; then
-    SITE=${SITE:-/tmp/setdiff-gpu-site}
-    rm -rf "$SITE"
+    SITE=$(mktemp -d "${TMPDIR:-/tmp}/setdiff-gpu-site.XXXXXX")
     step "install wheels" 60 "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
         --disable-pip-version-check --target "$SITE" "$WHEELS"/*.whl
     export PYTHONPATH="$PYTHONPATH:$SITE"
