@@ -28,6 +28,10 @@ PYTHON=${PYTHON:-.venv/bin/python}
 DEST=${1:-tests/gpu/wheels}
 LIMIT_MIB=60  # a device call carries 64 MiB in all, the working tree (~1 MiB) included
 
+if [ -e "$DEST" ] && find "$DEST" -mindepth 1 ! -name '*.whl' | grep -q .; then
+    echo "tests/gpu/wheels.sh: $DEST holds more than wheels; not replacing it" >&2
+    exit 1
+fi
 if ! "$PYTHON" -c "import torch, deepspeed" 2>/dev/null; then
     echo "tests/gpu/wheels.sh: $PYTHON lacks torch or deepspeed; run 'make env' first" >&2
     exit 2
@@ -87,5 +91,5 @@ mv "$tmp" "$DEST"
 trap - EXIT
 chmod 755 "$DEST"
 ls -l "$DEST" | awk 'NR > 1 {printf "%10.1f KiB  %s\n", $5 / 1024, $NF}'
-printf 'tests/gpu/wheels.sh: %d wheels, %.1f MiB in %s\n' "$count" "$(echo "$total / 1048576" | bc -l)" "$DEST"
+awk -v n="$count" -v b="$total" -v d="$DEST" 'BEGIN {printf "tests/gpu/wheels.sh: %d wheels, %.1f MiB in %s\n", n, b / 1048576, d}'
 echo "carry it to the GPU machine: run(carry=[\"$DEST\"], command=\"bash tests/gpu/check.sh \$OUT\")"
