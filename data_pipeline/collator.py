@@ -13,21 +13,20 @@ Output (set mode, B sequences of length L; "set order" = positions sorted by set
     doc_id        [B, L]   document id per token, set order (-1: padding)
     targets       [B, L]   x0[perm]
     loss_weight   [B, L]   weight of each noisy token's cross-entropy (0: no loss), set order
-    loss_normalizer  []    the count the weighted sum is divided by
+    loss_normalizer  []    the batch's count (loss tokens or sequences; see share_step_normalizer)
     sequence_normalizer [B] each sequence's share of loss_normalizer (for per-family losses)
     family_id     [B]      index of the sequence's order family in the mixture
     dropout_key   [B]      key of the sequence's dropout masks, from (seed, step, slot) (model/dropout.py)
 AR baseline mode: input_ids = x0 and targets = x0 shifted by one, positions 0..L-1.
 
-Objectives as weights (the loss is sum(weight * ce) / loss_normalizer per micro-batch, and
-micro-batches and data-parallel ranks of equal size are averaged):
+Objectives as weights (the loss of a step is sum(weight * ce) over its whole global batch
+divided by the sum of its micro-batches' normalizers: ``share_step_normalizer``):
   ordered_ce  1 on every loss token; normalizer = loss tokens
   set_nelbo   -alpha'/(1-alpha) on masked tokens; normalizer = loss tokens
   masked_ce   1/(masked tokens of the sequence) on its masked tokens; normalizer = sequences:
               the mean over sequences of each sequence's mean masked cross-entropy. A set that
               drew no mask is re-masked: a uniform count in 1..|set| of its tokens, chosen
-              uniformly (BD3-LM). Depends on the sequence alone, so any split of the
-              global batch into equal micro-batches gives the same loss.
+              uniformly (BD3-LM).
 "Loss tokens" are the real (non-padding) positions, less position 0 under keep_clean_bos.
 """
 from __future__ import annotations
@@ -36,6 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from model.dropout import dropout_keys
 from model.layout import two_copy_layout
@@ -191,6 +191,22 @@ class SetDiffusionCollator:
             "sequence_normalizer": has_next.sum(dim=1).float(),
             "family_id": torch.zeros(B, dtype=torch.long),
         }
+
+
+def share_step_normalizer(micro_batches: list[dict[str, torch.Tensor]], dp_group) -> None:
+    """Give every micro-batch of a step the same ``loss_normalizer``: the step's count summed
+    over its micro-batches and ``dp_group``, divided by (micro-batches x DP ranks). DeepSpeed
+    divides each micro-batch's loss by the number of micro-batches and averages gradients over
+    the DP ranks, so the step's loss becomes sum(weight * ce) over the global batch / its global
+    count, whatever the layout and however much padding each micro-batch holds.
+
+    One all-reduce over the data-parallel group (TP/PP peers hold the same data); the result
+    stays on the device. Every rank of ``dp_group`` calls this with as many micro-batches."""
+    total = torch.stack([batch["loss_normalizer"] for batch in micro_batches]).sum()
+    dist.all_reduce(total, group=dp_group)
+    share = total / (len(micro_batches) * dist.get_world_size(group=dp_group))
+    for batch in micro_batches:
+        batch["loss_normalizer"] = share
 
 
 def remask_empty_sets(masked: torch.Tensor, set_rank: torch.Tensor, loss_token: torch.Tensor,

@@ -5,9 +5,15 @@ pipeline schedule stays swappable. The collator has already put the objective in
 batch as per-token weights:
   ordered_ce  weight 1 on every real token, normalizer = number of loss tokens: the mean
               cross-entropy over the order (an exact log-likelihood for singleton sets)
-  set_nelbo   weight -alpha'(t)/(1-alpha(t)) on masked tokens, normalizer = real tokens:
+  set_nelbo   weight -alpha'(t)/(1-alpha(t)) on masked tokens, normalizer = loss tokens:
               the masked-diffusion NELBO per token
-  AR baseline weight 1 on every position with a next token
+  AR baseline weight 1 on every position with a next token, normalizer = those positions
+  masked_ce   weight 1/(masked tokens of the sequence) on them, normalizer = sequences
+              (a training surrogate)
+Normalizers are global: before a step the trainer gives each micro-batch the step's count over
+all its micro-batches and data-parallel ranks, divided by their number (one all-reduce:
+data_pipeline/collator.py share_step_normalizer), so after DeepSpeed's averaging the step's loss
+is sum(weight * ce) / that count under any layout, padded or packed. Validation likewise.
 """
 from __future__ import annotations
 

@@ -43,6 +43,8 @@ class Layout:
     pipeline: int
     data: int
     dp_rank: int
+    dp_group: object
+    """The ranks holding other slices of the same global batch (this rank's TP/PP peers see its data)."""
     parallel: ParallelContext
 
 
@@ -62,6 +64,6 @@ def init_model_parallel(tensor: int, pipeline: int) -> Layout:
                                              pipeline_model_parallel_size=pipeline)
     return Layout(
         tensor=tensor, pipeline=pipeline, data=world // (tensor * pipeline),
-        dp_rank=parallel_state.get_data_parallel_rank(),
+        dp_rank=parallel_state.get_data_parallel_rank(), dp_group=parallel_state.get_data_parallel_group(),
         parallel=ParallelContext(tp_group=parallel_state.get_tensor_model_parallel_group()),
     )

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from data_pipeline.collator import CollatorConfig, SetDiffusionCollator, evaluation_objective
+from data_pipeline.collator import CollatorConfig, SetDiffusionCollator, evaluation_objective, share_step_normalizer
 from data_pipeline.loader import MicroBatches, ResumableLoader, check_tokenizer, open_sequences, read_manifest
 from data_pipeline.sampler import StepSampler
 from model.attention import make_backend
@@ -211,6 +211,7 @@ class Trainer:
         wait_start = time.perf_counter()
         micro_batches = [self._to_device(next(self.train_loader)) for _ in range(self.cfg.train.grad_accum)]
         self.data_wait_s += time.perf_counter() - wait_start
+        share_step_normalizer(micro_batches, self.layout.dp_group)
         self.step_flops += self._flops(micro_batches)
         loss = self.engine.train_batch(micro_batches, self._forward_step)
         if self.ema is not None:
@@ -241,9 +242,11 @@ class Trainer:
     def evaluate(self) -> float:
         sampler, gas = self.val_batches.sampler, self.cfg.train.grad_accum
         batches = max(1, min(self.cfg.train.eval_batches, sampler.n // sampler.global_batch))
-        losses = [self.engine.eval_batch([self._to_device(self.val_batches[i * gas + micro]) for micro in range(gas)],
-                                         self._forward_step)
-                  for i in range(batches)]
+        losses = []
+        for i in range(batches):  # each the global token mean of one global batch, like a training step
+            micro_batches = [self._to_device(self.val_batches[i * gas + micro]) for micro in range(gas)]
+            share_step_normalizer(micro_batches, self.layout.dp_group)
+            losses.append(self.engine.eval_batch(micro_batches, self._forward_step))
         return self._dp_mean(sum(losses) / len(losses))
 
     def full_state(self, pieces: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from data_pipeline.collator import CollatorConfig, SetDiffusionCollator
+from data_pipeline.collator import CollatorConfig, SetDiffusionCollator, share_step_normalizer
 from model.orders import set_order
 
 MASK = 50
@@ -111,3 +111,26 @@ def test_keep_clean_bos_puts_position_zero_first_clean_and_out_of_the_loss(order
 def test_objectives_are_checked():
     with pytest.raises(ValueError, match="objective must be one of"):
         SetDiffusionCollator(CollatorConfig(order="mdlm", objective="masked", mask_id=MASK))
+
+
+@pytest.mark.parametrize("order, objective", [("staggered:4", "ordered_ce"), ("block:4", "set_nelbo"),
+                                              ("block:4", "masked_ce")])
+def test_shared_normalizer_makes_a_split_step_the_whole_batch_loss(single_process_layout, order, objective):
+    """Two micro-batches with unequal padding, each loss divided by the shared normalizer and
+    by their number (as DeepSpeed does), give the loss of the whole batch collated at once."""
+    tokens, doc = data(B=4, L=16)
+    doc[0, 3:] = -1  # micro-batch 0 holds far fewer loss tokens than micro-batch 1
+    collator = SetDiffusionCollator(CollatorConfig(order=order, objective=objective, mask_id=MASK))
+    whole = collator(tokens, doc, step=3)
+    halves = [collator(tokens[i:i + 2], doc[i:i + 2], step=3, first_slot=i, global_batch=4) for i in (0, 2)]
+    token_ce = torch.rand(4, 16, generator=torch.Generator().manual_seed(2))
+    expected = float((token_ce * whole["loss_weight"]).sum() / whole["loss_normalizer"])
+
+    def step_loss():
+        return sum(float((token_ce[i:i + 2] * half["loss_weight"]).sum() / half["loss_normalizer"])
+                   for i, half in zip((0, 2), halves)) / len(halves)
+
+    if objective != "masked_ce":  # per micro-batch means weigh the sparse micro-batch's tokens more
+        assert step_loss() != pytest.approx(expected, rel=1e-3)
+    share_step_normalizer(halves, single_process_layout.dp_group)
+    assert step_loss() == pytest.approx(expected, rel=1e-6)

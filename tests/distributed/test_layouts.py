@@ -96,8 +96,8 @@ def test_tp2_dp2_equals_one_process(reference, tiny_corpus, tmp_path):
 
 
 def test_pp2_equals_one_process(reference, tiny_corpus, tmp_path):
-    """4 micro-batches of 2 through the pipeline = the reference's 2 of 4 (packed sequences
-    have no padding, so every micro-batch mean weighs its tokens alike)."""
+    """4 micro-batches of 2 through the pipeline = the reference's 2 of 4 (padded data:
+    test_padded_layouts.py)."""
     got = train(tiny_corpus, tmp_path, 2, ["parallel.pipeline=2", "parallel.zero_stage=1",
                                            "train.micro_batch_size=2", "train.grad_accum=4"])
     assert "TP 1 x PP 2 x DP 1" in got["summary"]
