@@ -17,6 +17,7 @@ same shards whatever the input format, the number of ranks or of workers.
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import multiprocessing
@@ -30,6 +31,7 @@ from data_pipeline.manifest import FORMAT_VERSION, SPLITS, validate_manifest
 from data_pipeline.readers import BadInput, content_hash
 
 ENCODE_BATCH = 256  # documents per encode_batch call: Encoding objects cost ~100 bytes a token
+OPEN_PARTS = 64  # part files a shard writer keeps open
 _worker: dict = {}
 
 
@@ -99,16 +101,27 @@ def read_rank_records(out: pathlib.Path, world: int) -> list[dict]:
     return records
 
 
-def _open_part(part: str) -> tuple[np.ndarray, np.ndarray]:
-    cache = _worker.setdefault("parts", {})
+def _read_document(part: str, index: int) -> np.ndarray:
+    """One document of a part, read with seek + read: a memory map would leave every page it touched
+    resident in this process, so memory would grow with the corpus."""
+    cache = _worker["parts"]
     if part not in cache:
+        if len(cache) >= OPEN_PARTS:
+            _, (old, _, _) = cache.popitem(last=False)
+            old.close()
         path = pathlib.Path(part)
-        cache[part] = (np.load(path / "tokens.npy", mmap_mode="r"), np.load(path / "offsets.npy"))
-    return cache[part]
+        handle = open(path / "tokens.npy", "rb")
+        version = np.lib.format.read_magic(handle)
+        (np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0)(handle)
+        cache[part] = (handle, handle.tell(), np.load(path / "offsets.npy"))
+    cache.move_to_end(part)
+    handle, start, offsets = cache[part]
+    handle.seek(start + 4 * int(offsets[index]))
+    return np.frombuffer(handle.read(4 * int(offsets[index + 1] - offsets[index])), dtype=np.int32)
 
 
 def _start_writer(out: str, parts: list[str]) -> None:
-    _worker.update(out=pathlib.Path(out), part_dirs=parts, parts={})
+    _worker.update(out=pathlib.Path(out), part_dirs=parts, parts=collections.OrderedDict())
 
 
 def write_shard(split: str, number: int, first: int, part_ids: np.ndarray, local_ids: np.ndarray):
@@ -119,8 +132,7 @@ def write_shard(split: str, number: int, first: int, part_ids: np.ndarray, local
     out = _worker["out"]
     docs = []
     for part_id, local in zip(part_ids.tolist(), local_ids.tolist()):
-        tokens, offsets = _open_part(_worker["part_dirs"][part_id])
-        docs.append(np.array(tokens[offsets[local]:offsets[local + 1]]))
+        docs.append(_read_document(_worker["part_dirs"][part_id], local))
     mds_dir, tmp = out / "mds" / split, out / "mds" / split / f".tmp-{number:05d}"
     shutil.rmtree(tmp, ignore_errors=True)
     size_limit = 2 * sum(d.nbytes + 64 for d in docs) + (1 << 20)  # one file per shard
