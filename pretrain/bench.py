@@ -3,6 +3,7 @@
     setdiff-bench collator [--seq-len 1024] [--workers 2] [--config configs/small.yaml]
     setdiff-bench train [--config configs/small.yaml] [--layers N] [--json OUT]   (pretrain/bench_train.py)
     setdiff-bench decode [--new-tokens 512] [--batches 1 8] [--json OUT]          (pretrain/bench_decode.py)
+    setdiff-bench prepare [--size-mb 500] [--workers 2] [--json OUT]              (pretrain/bench_prepare.py)
 
 collator: sequences/s of the data path (pack, draw partitions and noise, write the two-copy
 layout and the bit-packed mask) for each order family, with DataLoader workers, and the
@@ -19,7 +20,7 @@ import time
 import numpy as np
 import torch
 
-from pretrain import bench_decode, bench_train
+from pretrain import bench_decode, bench_prepare, bench_train
 
 FAMILIES = [("ar", "ordered_ce"), ("mdlm", "set_nelbo"), ("block:8", "set_nelbo"),
             ("staggered:8", "ordered_ce"), ("random", "ordered_ce")]
@@ -131,6 +132,7 @@ def main(argv=None) -> int:
     col.set_defaults(run=bench_collator)
     bench_train.add_parser(sub)
     bench_decode.add_parser(sub)
+    bench_prepare.add_parser(sub)
     args = parser.parse_args(argv)
     result = args.run(args)
     if args.json:

@@ -26,16 +26,17 @@ def write_jsonl(path: pathlib.Path, texts: list[str]) -> pathlib.Path:
 
 
 def encoded(corpus: pathlib.Path, texts: list[str]) -> list[list[int]]:
-    """The documents as the corpus's own tokenizer encodes them: what the shards must give back."""
+    """The documents as the corpus's own tokenizer encodes them: what the shards must give back
+    (sorted: the shards hold them in a seeded order of their own)."""
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(corpus / "tokenizer.json"))
-    return [tok.encode(t).ids for t in texts]
+    return sorted(tok.encode(t).ids for t in texts)
 
 
 def all_documents(corpus: pathlib.Path, cache: pathlib.Path, fmt: str = "mds") -> list[list[int]]:
     docs = open_documents(str(corpus), "train", fmt, read_manifest(corpus), cache_dir=str(cache))
-    return [docs.document(i).tolist() for i in range(len(docs))]
+    return sorted(docs.document(i).tolist() for i in range(len(docs)))
 
 
 def edit_manifest(corpus: pathlib.Path, edit) -> None:

@@ -1,0 +1,246 @@
+"""The two passes of setdiff-prepare behind the input readers: tokenized parts, then shards.
+
+Pass 1 (one per ``--rank``, its ``--workers`` processes each encoding a slice of documents):
+every slice is written as a *part*, four flat arrays under
+``parts/world-W/rank-R-<fingerprint>/slice-K/``::
+
+    tokens.npy   int32, the slice's documents end to end      offsets.npy  int64, n + 1
+    hashes.npy   uint64, content hash of each document         sources.npy  int32, input file index
+
+The part directory appears by one rename once its arrays are complete, so a killed run restarts
+with the slices it finished. ``rank-R.done.json`` marks a finished rank, with its fingerprint.
+
+Pass 2 (``merge``) indexes the parts of all ranks and writes the MDS and WebDataset shards.
+Shards are cut from one pseudo-random order of the documents, a seeded mix of their content
+hashes: a corpus sorted by title is spread over every shard, and the same documents give the
+same shards whatever the input format, the number of ranks or of workers.
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import multiprocessing
+import os
+import pathlib
+import shutil
+
+import numpy as np
+
+from data_pipeline.manifest import FORMAT_VERSION, SPLITS, validate_manifest
+from data_pipeline.readers import BadInput, content_hash
+
+ENCODE_BATCH = 256  # documents per encode_batch call: Encoding objects cost ~100 bytes a token
+OPEN_PARTS = 64  # part files a shard writer keeps open
+_worker: dict = {}
+
+
+def world_dir(out: pathlib.Path, world: int) -> pathlib.Path:
+    return out / "parts" / f"world-{world:05d}"
+
+
+def rank_done_file(out: pathlib.Path, rank: int, world: int) -> pathlib.Path:
+    return world_dir(out, world) / f"rank-{rank:05d}.done.json"
+
+
+def write_json_atomic(path: pathlib.Path, value) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(value, indent=2))
+    os.replace(tmp, path)
+
+
+def _start_encoder(tokenizer_path: str) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # --workers processes are the parallelism
+    from tokenizers import Tokenizer
+
+    _worker["tokenizer"] = Tokenizer.from_file(tokenizer_path)
+
+
+def encode_slice(rank_dir: str, index: int, texts: list[str], sources: list[int]) -> int:
+    """Tokenize one slice and write it as a part; returns its token count."""
+    tok = _worker["tokenizer"]
+    pieces = []
+    for start in range(0, len(texts), ENCODE_BATCH):
+        pieces += [np.asarray(e.ids, dtype=np.int32) for e in tok.encode_batch(texts[start:start + ENCODE_BATCH])]
+    offsets = np.zeros(len(pieces) + 1, dtype=np.int64)
+    np.cumsum([p.size for p in pieces], out=offsets[1:])
+    final = pathlib.Path(rank_dir) / f"slice-{index:06d}"
+    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    np.save(tmp / "tokens.npy", np.concatenate(pieces) if pieces else np.zeros(0, np.int32))
+    np.save(tmp / "offsets.npy", offsets)
+    np.save(tmp / "hashes.npy", np.asarray([content_hash(t) for t in texts], dtype=np.uint64))
+    np.save(tmp / "sources.npy", np.asarray(sources, dtype=np.int32))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return int(offsets[-1])
+
+
+def mix64(values: np.ndarray, seed: int) -> np.ndarray:
+    """splitmix64 of ``values ^ seed``: a seeded, well-spread reordering key."""
+    with np.errstate(over="ignore"):
+        z = values.astype(np.uint64) ^ np.uint64(seed & (2**64 - 1))
+        z = z + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def read_rank_records(out: pathlib.Path, world: int) -> list[dict]:
+    records, missing = [], []
+    for rank in range(world):
+        path = rank_done_file(out, rank, world)
+        if path.is_file():
+            records.append(json.loads(path.read_text()))
+        else:
+            missing.append(rank)
+    if missing:
+        raise FileNotFoundError(f"merge: ranks {missing} of --world {world} have not finished in "
+                                f"{world_dir(out, world)} (no rank-R.done.json); run them first")
+    return records
+
+
+def _read_document(part: str, index: int) -> np.ndarray:
+    """One document of a part, read with seek + read: a memory map would leave every page it touched
+    resident in this process, so memory would grow with the corpus."""
+    cache = _worker["parts"]
+    if part not in cache:
+        if len(cache) >= OPEN_PARTS:
+            _, (old, _, _) = cache.popitem(last=False)
+            old.close()
+        path = pathlib.Path(part)
+        handle = open(path / "tokens.npy", "rb")
+        version = np.lib.format.read_magic(handle)
+        (np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0)(handle)
+        cache[part] = (handle, handle.tell(), np.load(path / "offsets.npy"))
+    cache.move_to_end(part)
+    handle, start, offsets = cache[part]
+    handle.seek(start + 4 * int(offsets[index]))
+    return np.frombuffer(handle.read(4 * int(offsets[index + 1] - offsets[index])), dtype=np.int32)
+
+
+def _start_writer(out: str, parts: list[str]) -> None:
+    _worker.update(out=pathlib.Path(out), part_dirs=parts, parts=collections.OrderedDict())
+
+
+def write_shard(split: str, number: int, first: int, part_ids: np.ndarray, local_ids: np.ndarray):
+    """One MDS and one WebDataset shard of the documents (part, index) given, in that order."""
+    import webdataset as wds
+    from streaming import MDSWriter
+
+    out = _worker["out"]
+    docs = []
+    for part_id, local in zip(part_ids.tolist(), local_ids.tolist()):
+        docs.append(_read_document(_worker["part_dirs"][part_id], local))
+    mds_dir, tmp = out / "mds" / split, out / "mds" / split / f".tmp-{number:05d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    size_limit = 2 * sum(d.nbytes + 64 for d in docs) + (1 << 20)  # one file per shard
+    with MDSWriter(out=str(tmp), columns={"tokens": "ndarray:int32"}, compression="zstd", hashes=["xxh64"],
+                   size_limit=size_limit) as writer:
+        for doc in docs:
+            writer.write({"tokens": doc})
+    (info,) = json.loads((tmp / "index.json").read_text())["shards"]
+    name = f"shard.{number:05d}.mds"
+    os.replace(tmp / info["zip_data"]["basename"], mds_dir / f"{name}.zstd")
+    info["raw_data"]["basename"], info["zip_data"]["basename"] = name, f"{name}.zstd"
+    shutil.rmtree(tmp)
+    tar = out / "wds" / split / f"shard-{number:06d}.tar"
+    with wds.TarWriter(str(tar), mtime=0) as sink:  # reproducible: the same documents, the same bytes
+        for j, doc in enumerate(docs):
+            sink.write({"__key__": f"{first + j:010d}", "tokens.npy": doc})
+    digest = hashlib.sha256()
+    with open(tar, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    wds_row = {"file": f"wds/{split}/{tar.name}", "first": first, "documents": len(docs),
+               "bytes": tar.stat().st_size, "sha256": digest.hexdigest()}
+    return split, number, info, wds_row
+
+
+def _mds_row(info: dict, split: str, first: int) -> dict:
+    zipped, raw = info["zip_data"], info["raw_data"]
+    return {"file": f"mds/{split}/{zipped['basename']}", "first": first, "documents": info["samples"],
+            "bytes": zipped["bytes"], "xxh64": zipped["hashes"]["xxh64"],
+            "raw": {"bytes": raw["bytes"], "xxh64": raw["hashes"]["xxh64"]}}
+
+
+def shard_plan(records: list[dict], out: pathlib.Path, world: int, val_percent: int, seed: int):
+    """(part directories, per document: part, index, length, split) with documents in the stored order
+    of each split, and the skipped counts; memory is ~25 bytes a document."""
+    parts, part_ids, local_ids, hashes, lengths = [], [], [], [], []
+    for record in records:
+        rank_dir = world_dir(out, world) / record["dir"]
+        skipped = np.asarray(record["skipped_sources"], dtype=np.int32)
+        for k in range(record["slices"]):
+            part = rank_dir / f"slice-{k:06d}"
+            sources = np.load(part / "sources.npy")
+            keep = np.flatnonzero(~np.isin(sources, skipped))
+            part_ids.append(np.full(keep.size, len(parts), dtype=np.int32))
+            local_ids.append(keep.astype(np.int32))
+            hashes.append(np.load(part / "hashes.npy")[keep])
+            lengths.append(np.diff(np.load(part / "offsets.npy"))[keep])
+            parts.append(str(part))
+    part_ids, local_ids, hashes, lengths = (np.concatenate(a) if a else np.zeros(0, np.int64)
+                                            for a in (part_ids, local_ids, hashes, lengths))
+    is_val = (hashes % np.uint64(100)) < np.uint64(val_percent)
+    order = np.lexsort((np.arange(hashes.size), mix64(hashes, seed)))  # ties: identical texts
+    plan = {}
+    for split, member in (("train", ~is_val), ("val", is_val)):
+        chosen = order[member[order]]
+        plan[split] = (part_ids[chosen], local_ids[chosen], lengths[chosen])
+    return parts, plan
+
+
+def merge(out: pathlib.Path, world: int, manifest_head: dict, val_percent: int, docs_per_shard: int,
+          seed: int, workers: int) -> dict:
+    """Write the shards of all ranks' parts and, last and atomically, manifest.json; then drop the parts."""
+    records = read_rank_records(out, world)
+    parts, plan = shard_plan(records, out, world, val_percent, seed)
+    if not plan["train"][0].size:
+        raise BadInput("the train split is empty" if plan["val"][0].size else "no documents with text in the inputs")
+    tasks = []
+    for split in SPLITS:
+        for sub in ("mds", "wds"):
+            shutil.rmtree(out / sub / split, ignore_errors=True)
+            (out / sub / split).mkdir(parents=True)
+        part_ids, local_ids, lengths = plan[split]
+        np.save(out / f"{split}.lengths.npy", lengths.astype(np.int64))
+        for number, first in enumerate(range(0, lengths.size, docs_per_shard)):
+            end = first + docs_per_shard
+            tasks.append((split, number, first, part_ids[first:end], local_ids[first:end]))
+    infos = {split: {} for split in SPLITS}
+    wds_rows = {split: {} for split in SPLITS}
+    import streaming  # noqa: F401  imported once here: forked writers inherit it (it takes seconds to import)
+    import webdataset  # noqa: F401
+
+    with multiprocessing.get_context("fork").Pool(max(1, workers), initializer=_start_writer,
+                                                  initargs=(str(out), parts)) as pool:
+        for split, number, info, wds_row in pool.imap_unordered(_call_write_shard, tasks):
+            infos[split][number], wds_rows[split][number] = info, wds_row
+    manifest = {**manifest_head, "format": FORMAT_VERSION, "splits": {}}
+    for split in SPLITS:
+        shards = [infos[split][m] for m in sorted(infos[split])]
+        (out / "mds" / split / "index.json").write_text(json.dumps({"shards": shards, "version": 2}))
+        mds, first = [], 0
+        for info in shards:
+            mds.append(_mds_row(info, split, first))
+            first += info["samples"]
+        lengths = plan[split][2]
+        manifest["splits"][split] = {
+            "documents": int(lengths.size), "tokens": int(lengths.sum()), "mds": f"mds/{split}",
+            "mds_index": {"file": f"mds/{split}/index.json", "bytes": (out / "mds" / split / "index.json").stat().st_size},
+            "mds_shards": mds, "wds_shards": [wds_rows[split][m] for m in sorted(wds_rows[split])],
+            "lengths": f"{split}.lengths.npy"}
+    manifest["skipped"] = {"files": [f for r in records for f in r["skipped_files"]],
+                           "empty_documents": sum(r["empty_documents"] for r in records)}
+    manifest["mixing"] = {"seed": seed, "order": "splitmix64(blake2b-64 of the text ^ seed)"}
+    validate_manifest(manifest, out / "manifest.json")
+    write_json_atomic(out / "manifest.json", manifest)  # last: its presence means complete
+    shutil.rmtree(out / "parts", ignore_errors=True)
+    return manifest
+
+
+def _call_write_shard(task):
+    return write_shard(*task)
+
