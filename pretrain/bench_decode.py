@@ -100,6 +100,23 @@ def bench_decode(args) -> dict:
             "check": check}
 
 
+def summary_lines(result: dict) -> list[str]:
+    check = result["check"]
+    lines = [f"{result['model']}; prompt {result['prompt_len']}, {result['new_tokens']} new tokens a row, "
+             f"order {result['order']}, greedy tau = 1 (one token per forward in both modes).", "",
+             "| batch | mode | forwards | tokens | seconds | tokens/s |", "|---:|---|---:|---:|---:|---:|"]
+    lines += [f"| {r['batch']} | {'KV cache' if r['cache'] else 'recompute (unpadded)'} | {r['forwards']} | "
+              f"{r['tokens']:,} | {r['seconds']:.2f} | {r['tokens_per_s']:.1f} |" for r in result["rows"]]
+    lines.append("")
+    for batch, ratio in result["cache_over_recompute"].items():
+        lines.append(f"- batch {batch}: the cache is {ratio:.1f}x faster than the unpadded recompute at "
+                     f"{result['new_tokens']} generated tokens (target >= 3x); same tokens: "
+                     f"{'yes' if result['same_tokens'][batch] else 'NO'}")
+    lines.append(f"- agreement check ({check['new_tokens']} tokens): same tokens "
+                 f"{'yes' if check['same_tokens'] else 'NO'}, max |logit difference| {check['max_abs_logit_diff']:.1e}")
+    return lines
+
+
 def add_parser(sub) -> None:
     dec = sub.add_parser("decode", help="KV-cached vs recomputed decoding tokens/s, batch 1 vs 8")
     dec.add_argument("--model-dir", help="a setdiff-convert directory (default: a random model)")
@@ -114,4 +131,4 @@ def add_parser(sub) -> None:
     dec.add_argument("--max-recompute-batch", type=int, default=1,
                      help="recompute only batches up to this size (it is the slow side)")
     dec.add_argument("--json", help="also write the results here")
-    dec.set_defaults(run=bench_decode)
+    dec.set_defaults(run=bench_decode, summary=summary_lines)
