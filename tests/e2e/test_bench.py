@@ -50,6 +50,9 @@ def test_bench_train_times_every_family_and_the_trainer(tiny_corpus, tmp_path):
     assert len(trainer["trainer_step_times_s"]) == 2 and trainer["trainer_step_s"] > 0
     assert result["trainer_overhead"] == pytest.approx(trainer["trainer_step_s"] / trainer["bare_step_s"])
     assert trainer["bare_step_s"] == pytest.approx((trainer["bare_step_s_before"] + trainer["bare_step_s_after"]) / 2)
+    assert trainer["trainer_overhead_fastest"] == pytest.approx(min(trainer["trainer_step_times_s"])
+                                                                / min(trainer["bare_step_times_s"]))
+    assert len(trainer["bare_step_times_s"]) == 4  # 2 steps before the trainer, 2 after
     summary = proc.stdout.split("---- summary")[1]
     assert "| staggered:8 | tiled |" in summary and "x the floor (target <= 1.10x)" in summary
     assert "trainer step (staggered:4, tiled, ZeRO-1, 1 process)" in summary and "Machine: " in summary
