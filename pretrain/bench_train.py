@@ -47,11 +47,12 @@ def packed_batch(sequences, order: str, mode: str, objective: str, vocab: int, m
     return collate(tokens, torch.from_numpy(np.stack([p[1] for p in pairs])), step=0)
 
 
-def synthetic_sequences(vocab: int, seq_len: int):
+def synthetic_sequences(vocab: int, seq_len: int, micro_batch: int):
+    """Packed synthetic documents, enough for one micro-batch (they average ~325 tokens)."""
     from data_pipeline.packing import PackedSequences
     from pretrain.bench import SyntheticDocuments
 
-    docs = SyntheticDocuments(200, vocab)
+    docs = SyntheticDocuments(max(200, 2 * micro_batch * seq_len // 300), vocab)
     return PackedSequences(docs, docs.lengths, seq_len, eos_id=0)
 
 
@@ -96,8 +97,9 @@ def bench_train(args) -> dict:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if args.steps < 1:
-        raise ValueError(f"--steps must be at least 1, got {args.steps}")
+    for flag, value in (("--steps", args.steps), ("--micro-batch", args.micro_batch), ("--seq-len", args.seq_len)):
+        if value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
     known = [order for order, _, _ in FAMILIES]
     families = args.families.split(",") if args.families else known
     for order in families:
@@ -120,7 +122,7 @@ def bench_train(args) -> dict:
                 raise ValueError(f"--vocab {args.vocab}: the corpus {corpus} has a vocabulary of {vocab}")
         else:
             vocab = args.vocab or GPT2_VOCAB
-            sequences = synthetic_sequences(vocab, cfg.seq_len)
+            sequences = synthetic_sequences(vocab, cfg.seq_len, args.micro_batch)
         cfg.vocab_size = vocab
         peak, peak_source = device_peak(device)
 
