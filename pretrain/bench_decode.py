@@ -72,9 +72,18 @@ def bench_decode(args) -> dict:
     torch.set_grad_enabled(False)
     model, shape = bench_model(args)
     check = agreement(model, args, min(32, args.new_tokens))  # also warms up allocators and kernels
-    rows = [decode_rate(model, batch, args, use_cache)
-            for batch in args.batches for use_cache in (True, False)
-            if use_cache or batch <= args.max_recompute_batch]
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be at least 1, got {args.repeats}")
+    fastest = {}  # (batch, cache) -> the fastest of the interleaved repeats: load only adds time
+    for _ in range(args.repeats):
+        for batch in args.batches:
+            for use_cache in (True, False):
+                if use_cache or batch <= args.max_recompute_batch:
+                    r = decode_rate(model, batch, args, use_cache)
+                    key = (batch, use_cache)
+                    if key not in fastest or r["seconds"] < fastest[key]["seconds"]:
+                        fastest[key] = r
+    rows = list(fastest.values())
     generated = {(r["batch"], r["cache"]): r.pop("generated") for r in rows}
     rate = {(r["batch"], r["cache"]): r["tokens_per_s"] for r in rows}
     ratios = {str(b): rate[b, True] / rate[b, False] for b in args.batches if (b, False) in rate}
@@ -96,6 +105,7 @@ def bench_decode(args) -> dict:
         first, last = args.batches[0], args.batches[-1]
         print(f"cache: batch {last} / batch {first} tokens/s = {rate[last, True] / rate[first, True]:.2f}x")
     return {"model": shape, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "order": args.order,
+            "repeats": args.repeats, "threads": torch.get_num_threads(),
             "tau": 1.0, "rows": rows, "cache_over_recompute": ratios, "same_tokens": same,
             "check": check}
 
@@ -103,7 +113,8 @@ def bench_decode(args) -> dict:
 def summary_lines(result: dict) -> list[str]:
     check = result["check"]
     lines = [f"{result['model']}; prompt {result['prompt_len']}, {result['new_tokens']} new tokens a row, "
-             f"order {result['order']}, greedy tau = 1 (one token per forward in both modes).", "",
+             f"order {result['order']}, greedy tau = 1 (one token per forward in both modes); {result['threads']} "
+             f"torch threads; fastest of {result['repeats']} interleaved runs per row.", "",
              "| batch | mode | forwards | tokens | seconds | tokens/s |", "|---:|---|---:|---:|---:|---:|"]
     lines += [f"| {r['batch']} | {'KV cache' if r['cache'] else 'recompute (unpadded)'} | {r['forwards']} | "
               f"{r['tokens']:,} | {r['seconds']:.2f} | {r['tokens_per_s']:.1f} |" for r in result["rows"]]
@@ -130,5 +141,7 @@ def add_parser(sub) -> None:
     dec.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     dec.add_argument("--max-recompute-batch", type=int, default=1,
                      help="recompute only batches up to this size (it is the slow side)")
+    dec.add_argument("--repeats", type=int, default=1,
+                     help="run every row this many times, interleaved, and keep the fastest (a loaded machine)")
     dec.add_argument("--json", help="also write the results here")
     dec.set_defaults(run=bench_decode, summary=summary_lines)

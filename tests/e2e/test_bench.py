@@ -73,11 +73,11 @@ def test_bench_decode_cache_beats_recompute(tmp_path):
     env = fresh_env(OMP_NUM_THREADS="1")
     out = tmp_path / "decode.json"
     proc = subprocess.run([sys.executable, "-m", "pretrain.bench", "decode", "--layers", "2", "--hidden", "64",
-                           "--vocab", "300", "--prompt-len", "8", "--new-tokens", "96", "--batches", "1", "2",
+                           "--vocab", "300", "--prompt-len", "8", "--new-tokens", "96", "--batches", "1", "2", "--repeats", "2",
                            "--json", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert {"model", "new_tokens", "tau", "rows", "cache_over_recompute"} <= result.keys()
+    assert {"model", "new_tokens", "tau", "rows", "cache_over_recompute"} <= result.keys() and result["repeats"] == 2
     rate = {(r["batch"], r["cache"]): r for r in result["rows"]}
     assert set(rate) == {(1, True), (1, False), (2, True)}
     assert all(r["tokens"] == 96 * r["batch"] and r["forwards"] == 96 for r in result["rows"])
