@@ -1,13 +1,15 @@
 """setdiff-bench: benchmarks that print numbers (ratios measured side by side in one run).
 
     setdiff-bench collator [--seq-len 1024] [--workers 2] [--config configs/small.yaml]
-    setdiff-bench train [--config configs/small.yaml] [--layers N] [--json OUT]   (pretrain/bench_train.py)
+    setdiff-bench train [--config configs/small.yaml] [--layers N] [--steps N] [--trainer] [--json OUT]
+                                                                  (pretrain/bench_train.py, bench_trainer.py)
     setdiff-bench decode [--new-tokens 512] [--batches 1 8] [--json OUT]          (pretrain/bench_decode.py)
     setdiff-bench prepare [--size-mb 500] [--workers 2] [--json OUT]              (pretrain/bench_prepare.py)
 
 collator: sequences/s of the data path (pack, draw partitions and noise, write the two-copy
 layout and the bit-packed mask) for each order family, with DataLoader workers, and the
-ratio to how fast one training step of the recipe consumes sequences on this machine.
+ratio to how fast one training step of the recipe (forward, backward and the optimizer
+update) consumes sequences on this machine.
 train: see pretrain/bench_train.py.
 """
 from __future__ import annotations
@@ -20,7 +22,7 @@ import time
 import numpy as np
 import torch
 
-from pretrain import bench_decode, bench_prepare, bench_train
+from pretrain import bench_decode, bench_prepare, bench_report, bench_train
 
 FAMILIES = [("ar", "ordered_ce"), ("mdlm", "set_nelbo"), ("block:8", "set_nelbo"),
             ("staggered:8", "ordered_ce"), ("random", "ordered_ce")]
@@ -65,35 +67,29 @@ def collator_rate(order: str, objective: str, seq_len: int, micro_batch: int, wo
 
 
 def training_rate(config_path: str, seq_len: int, vocab: int, backend: str | None) -> tuple[float, str, bool]:
-    """(sequences/s one fp32 forward+backward of the recipe consumes here, its shape, whether its
+    """(sequences/s one fp32 optimizer step of the recipe consumes here, its shape, whether its
     attention backend takes the collator's bit-packed dense mask)."""
     from model.config import load_config
-    from model.objectives import forward_step
     from data_pipeline.collator import CollatorConfig, SetDiffusionCollator
     from model.attention import make_backend
-    from model.transformer import SetDiffusionTransformer
     from pretrain.distributed import init_distributed, init_model_parallel
 
     overrides = [f"model.seq_len={seq_len}"] + ([f"model.attention_backend={backend}"] if backend else [])
     cfg = load_config(config_path, overrides)
     cfg.model.vocab_size = vocab
-    mask_bits = make_backend(cfg.model.attention_backend).name == "sdpa"
+    backend_name = make_backend(cfg.model.attention_backend).name
+    mask_bits = backend_name == "sdpa"
     init_distributed()
-    layout = init_model_parallel(1, 1)
-    model = SetDiffusionTransformer(cfg.model, layout.parallel, init_seed=0)
-    collator = SetDiffusionCollator(CollatorConfig(order=cfg.diffusion.order, objective=cfg.diffusion.objective,
+    d = cfg.diffusion
+    collator = SetDiffusionCollator(CollatorConfig(order=d.order, objective=d.objective, mode=d.mode,
                                                    mask_id=vocab, seed=0, mask_bits=mask_bits))
     tokens = torch.randint(1, vocab, (1, seq_len))
     batch = collator(tokens, torch.zeros_like(tokens), step=0)
-    timings = []
-    for _ in range(2):  # the first call warms up allocators and kernels
-        start = time.perf_counter()
-        logits, loss_fn = forward_step(batch, model, set_mode=True)
-        loss_fn(logits)[0].backward()
-        timings.append(time.perf_counter() - start)
-    shape = (f"{cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, L {seq_len}, "
-             f"{make_backend(cfg.model.attention_backend).name} attention")
-    return 1.0 / timings[-1], shape, mask_bits
+    # forward, loss, backward and the fused AdamW update, after a warm-up step
+    row = bench_train.measure_row(cfg.model, init_model_parallel(1, 1), batch, d.order, d.mode, d.objective,
+                                  backend_name, 1, torch.device("cpu"), torch.float32)
+    shape = f"{cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, L {seq_len}, {backend_name} attention"
+    return 1.0 / row["step_s"], shape, mask_bits
 
 
 def bench_collator(args) -> dict:
@@ -105,7 +101,7 @@ def bench_collator(args) -> dict:
                              vocab, mask_bits=mask_bits)
         rows.append({"family": order, "objective": objective, "sequences_per_s": rate,
                      "ratio_to_training": rate / train_rate})
-    print(f"training step of {args.config} ({shape}, fp32, CPU, 1 sequence): "
+    print(f"training step (forward, backward, AdamW) of {args.config} ({shape}, fp32, CPU, 1 sequence): "
           f"{train_rate:.3f} sequences/s")
     print(f"collator: L={args.seq_len}, {args.workers} workers, micro-batch {args.micro_batch}, "
           + ("bit-packed mask included (sdpa)" if mask_bits else "no dense mask (the backend builds its own)"))
@@ -114,6 +110,15 @@ def bench_collator(args) -> dict:
         print(f"{row['family']:<14}{row['objective']:<12}{row['sequences_per_s']:>14.1f}"
               f"{row['ratio_to_training']:>14.1f}")
     return {"training_sequences_per_s": train_rate, "model": shape, "mask_bits": mask_bits, "rows": rows}
+
+
+def collator_summary(result: dict) -> list[str]:
+    lines = [f"Training consumes {result['training_sequences_per_s']:.3f} sequences/s ({result['model']}, one "
+             f"optimizer step); collator " + ("with" if result["mask_bits"] else "without") + " the dense mask.",
+             "", "| family | objective | sequences/s | x training consumption |", "|---|---|---:|---:|"]
+    lines += [f"| {r['family']} | {r['objective']} | {r['sequences_per_s']:.1f} | {r['ratio_to_training']:,.0f} |"
+              for r in result["rows"]]
+    return lines
 
 
 def main(argv=None) -> int:
@@ -129,12 +134,20 @@ def main(argv=None) -> int:
     col.add_argument("--vocab", type=int, default=50257, help="vocabulary size (GPT-2 by default)")
     col.add_argument("--attention-backend", help="override the recipe's (sdpa also writes the bit-packed mask)")
     col.add_argument("--json", help="also write the results here")
-    col.set_defaults(run=bench_collator)
+    col.set_defaults(run=bench_collator, summary=collator_summary)
     bench_train.add_parser(sub)
     bench_decode.add_parser(sub)
     bench_prepare.add_parser(sub)
     args = parser.parse_args(argv)
-    result = args.run(args)
+    before = bench_report.machine()
+    try:
+        result = args.run(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"setdiff-bench: error: {err}", file=sys.stderr)
+        return 2
+    after = bench_report.machine()
+    result["machine"] = {"before": before, "after": after, "contended": bench_report.contended(before, after)}
+    bench_report.print_summary(bench_report.argv_of(argv), before, after, args.summary(result))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -171,6 +171,14 @@ def bench_prepare(args) -> dict:
     return result
 
 
+def summary_lines(result: dict) -> list[str]:
+    return ["| text (MB zstd) | tokens | workers | raw tokens/s | prepare tokens/s | ratio | peak PSS | peak summed RSS |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|",
+            f"| {result['corpus_mb_compressed']:.0f} | {result['tokens']:,} | {result['workers']} | "
+            f"{result['raw_tokens_per_s']:,.0f} | {result['prepare_tokens_per_s']:,.0f} | {result['ratio']:.2f} | "
+            f"{result['peak_pss_mb']:,.0f} MB | {result['peak_rss_sum_mb']:,.0f} MB |"]
+
+
 def add_parser(sub) -> None:
     parser = sub.add_parser("prepare", help="setdiff-prepare tokens/s and peak memory vs. raw tokenizers")
     parser.add_argument("--corpus", help="a prepared input (file, directory) instead of a generated one")
@@ -182,4 +190,4 @@ def add_parser(sub) -> None:
     parser.add_argument("--work-dir", help="where the corpus and output go (kept; default: a new temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the prepared output")
     parser.add_argument("--json", help="also write the results here")
-    parser.set_defaults(run=bench_prepare)
+    parser.set_defaults(run=bench_prepare, summary=summary_lines)

@@ -1,39 +1,63 @@
 """setdiff-bench train: step time, tokens/s and MFU of each order family and attention backend.
 
 One process, one model shape (a recipe's, optionally with fewer layers), the same weights
-and the same random tokens (one document per row) for every row, so the ratios are side
-by side. A step is what the trainer runs per micro-batch on one process: forward, loss,
-backward and a (fused) AdamW update. MFU divides the model FLOPs of pretrain/flops.py (attention
+and the same packed sequences for every row (documents joined with EOS, document masks as in
+training: synthetic documents, or a prepared corpus with --trainer/--data), so the ratios
+are side by side. A bare step is forward, loss, backward and a (fused) AdamW update, what the
+model itself costs per micro-batch. MFU divides the model FLOPs of pretrain/flops.py (attention
 counted over allowed pairs only) by the fp32 matrix-product rate measured in the same run
 (on CUDA: the device's bf16 peak).
 
 Rows: ``ar`` is the one-copy AR baseline (diffusion.mode=ar_baseline), the reference every
 ratio is taken against (its best backend); the set-diffusion families run the two-copy
 layout with their own objective. ``flex`` runs only on CUDA (PyTorch has no CPU backward).
+Each family's ``x AR floor`` is its model FLOPs over the AR row's on the same data: what the
+two-copy layout must cost at least (1.71x for singleton sets at GPT-2's vocabulary, close to
+2x at 4,096, where the output layer is small).
+
+--trainer also times the real setdiff-pretrain step (pretrain/bench_trainer.py) on the
+recipe's family and prints its overhead over the bare step of the same shapes.
 """
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 import statistics
+import tempfile
 import time
 
+import numpy as np
 import torch
 
+from pretrain import bench_trainer
+
+GPT2_VOCAB, CORPUS_VOCAB = 50257, 4096
 FAMILIES = [("ar", "ar_baseline", "ordered_ce"), ("block:4", "set", "set_nelbo"),
             ("staggered:8", "set", "ordered_ce"), ("mdlm", "set", "set_nelbo")]
 
 
-def _batch(order: str, mode: str, objective: str, vocab: int, seq_len: int, micro_batch: int):
+def packed_batch(sequences, order: str, mode: str, objective: str, vocab: int, micro_batch: int) -> dict:
+    """The collated micro-batch of the first micro_batch packed sequences (document ids included)."""
     from data_pipeline.collator import CollatorConfig, SetDiffusionCollator
 
     collate = SetDiffusionCollator(CollatorConfig(order=order, objective=objective, mask_id=vocab, seed=0,
                                                   mode=mode))
-    tokens = torch.randint(1, vocab, (micro_batch, seq_len), generator=torch.Generator().manual_seed(0))
-    return collate(tokens, torch.zeros_like(tokens), step=0)
+    pairs = [sequences.sequence(i) for i in range(micro_batch)]
+    tokens = torch.from_numpy(np.stack([p[0] for p in pairs]))
+    return collate(tokens, torch.from_numpy(np.stack([p[1] for p in pairs])), step=0)
 
 
-def measure_row(cfg, layout, order: str, mode: str, objective: str, backend: str, micro_batch: int,
-                steps: int, device: torch.device, dtype: torch.dtype) -> dict:
+def synthetic_sequences(vocab: int, seq_len: int, micro_batch: int):
+    """Packed synthetic documents, enough for one micro-batch (they average ~325 tokens)."""
+    from data_pipeline.packing import PackedSequences
+    from pretrain.bench import SyntheticDocuments
+
+    docs = SyntheticDocuments(max(200, 2 * micro_batch * seq_len // 300), vocab)
+    return PackedSequences(docs, docs.lengths, seq_len, eos_id=0)
+
+
+def measure_row(cfg, layout, batch: dict, order: str, mode: str, objective: str, backend: str, steps: int,
+                device: torch.device, dtype: torch.dtype) -> dict:
     from model.objectives import attention_meta, forward_step
     from model.transformer import SetDiffusionTransformer
     from pretrain.flops import allowed_pairs_per_sequence, step_flops
@@ -42,8 +66,7 @@ def measure_row(cfg, layout, order: str, mode: str, objective: str, backend: str
     set_mode = mode == "set"
     model = SetDiffusionTransformer(cfg, layout.parallel, set_mode=set_mode, init_seed=0).to(device, dtype).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=True)  # as the trainer
-    batch = {k: v.to(device) for k, v in _batch(order, mode, objective, cfg.vocab_size, cfg.seq_len,
-                                                 micro_batch).items()}
+    batch = {k: v.to(device) for k, v in batch.items()}
     times = []
     for i in range(steps + 1):  # the first step warms up allocators and kernels
         if device.type == "cuda":
@@ -62,7 +85,8 @@ def measure_row(cfg, layout, order: str, mode: str, objective: str, backend: str
     flops = step_flops(cfg, T, allowed_pairs_per_sequence(attention_meta(batch, set_mode)), cfg.seq_len, B,
                        model.padded_vocab)
     return {"family": order, "mode": mode, "objective": objective, "backend": backend, "step_s": step_s,
-            "tokens_per_s": B * cfg.seq_len / step_s, "flops_per_step": flops, "flops_per_s": flops / step_s}
+            "step_times_s": times, "tokens_per_s": B * cfg.seq_len / step_s, "flops_per_step": flops,
+            "flops_per_s": flops / step_s}
 
 
 def bench_train(args) -> dict:
@@ -73,45 +97,71 @@ def bench_train(args) -> dict:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    for flag, value in (("--steps", args.steps), ("--micro-batch", args.micro_batch), ("--seq-len", args.seq_len)):
+        if value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
+    known = [order for order, _, _ in FAMILIES]
+    families = args.families.split(",") if args.families else known
+    for order in families:
+        if order not in known:
+            raise ValueError(f"--families: unknown family {order!r}; choose from {','.join(known)}")
     overrides = [f"model.seq_len={args.seq_len}"] + ([f"model.num_layers={args.layers}"] if args.layers else [])
-    cfg = load_config(args.config, overrides).model
-    cfg.vocab_size = args.vocab
+    run_cfg = load_config(args.config, overrides)
+    cfg = run_cfg.model
     backends = args.backends.split(",") if args.backends else (
         ["flex", "tiled", "sdpa"] if device.type == "cuda" else ["tiled", "sdpa"])
     for name in backends:
         make_backend(name)  # an unknown name stops here, before any timing
     init_distributed()
-    layout = init_model_parallel(1, 1)
-    peak, peak_source = device_peak(device)
-    rows = []
-    for order, mode, objective in FAMILIES:
-        if args.families and order not in args.families.split(","):
-            continue
-        for backend in backends:
-            if backend == "flex" and device.type != "cuda":
-                continue
-            row = measure_row(cfg, layout, order, mode, objective, backend, args.micro_batch, args.steps,
-                              device, dtype)
-            row["mfu"] = row["flops_per_s"] / peak
-            rows.append(row)
-            print(f"  {order:<12} {backend:<6} {row['step_s']:.3f} s/step", flush=True)
+    with tempfile.TemporaryDirectory(prefix="setdiff-bench-") as tmp:
+        workdir = pathlib.Path(tmp)
+        if args.trainer or args.data:
+            corpus = bench_trainer.prepared_corpus(args.data, args.vocab or CORPUS_VOCAB, workdir)
+            sequences, vocab = bench_trainer.corpus_sequences(corpus, run_cfg.data, cfg.seq_len, args.micro_batch)
+            if args.vocab and args.vocab != vocab:
+                raise ValueError(f"--vocab {args.vocab}: the corpus {corpus} has a vocabulary of {vocab}")
+        else:
+            vocab = args.vocab or GPT2_VOCAB
+            sequences = synthetic_sequences(vocab, cfg.seq_len, args.micro_batch)
+        cfg.vocab_size = vocab
+        peak, peak_source = device_peak(device)
+
+        def row(order: str, mode: str, objective: str, backend: str) -> dict:
+            batch = packed_batch(sequences, order, mode, objective, vocab, args.micro_batch)
+            # a fresh layout each time: the trainer (--trainer) rebuilds megatron's parallel state
+            measured = measure_row(cfg, init_model_parallel(1, 1), batch, order, mode, objective, backend,
+                                   args.steps, device, dtype)
+            print(f"  {order:<12} {backend:<6} {measured['step_s']:.3f} s/step", flush=True)
+            return measured
+
+        rows = [row(order, mode, objective, backend) for order, mode, objective in FAMILIES if order in families
+                for backend in backends if backend != "flex" or device.type == "cuda"]
+        trainer = None
+        if args.trainer:
+            d = run_cfg.diffusion
+            recipe = (d.order, d.mode, d.objective, make_backend(cfg.attention_backend).name)
+            trainer = bench_trainer.compare(args, overrides, corpus, lambda: row(*recipe), workdir)
     if device.type == "cpu":  # the peak again after the work: keep the better of the two readings
         later, _ = device_peak(device)
-        if later > peak:
-            for row in rows:
-                row["mfu"] *= peak / later
-            peak = later
+        peak = max(peak, later)
+    for r in rows:
+        r["mfu"] = r["flops_per_s"] / peak
     ar_rows = [r for r in rows if r["family"] == "ar"]
     reference = min(ar_rows, key=lambda r: r["step_s"]) if ar_rows else None
-    for row in rows:
-        row["x_ar_step"] = row["step_s"] / reference["step_s"] if reference else float("nan")
+    for r in rows:  # the FLOP counts do not depend on the backend
+        r["x_ar_step"] = r["step_s"] / reference["step_s"] if reference else float("nan")
+        r["x_ar_floor"] = r["flops_per_step"] / reference["flops_per_step"] if reference else float("nan")
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     result = {"device": where,
               "dtype": str(dtype).removeprefix("torch."), "peak_flops": peak, "peak_source": peak_source,
               "model": {"config": args.config, "num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size,
                         "num_heads": cfg.num_heads, "seq_len": cfg.seq_len, "vocab_size": cfg.vocab_size},
+              "data": "prepared corpus" if args.trainer or args.data else "synthetic documents",
               "micro_batch": args.micro_batch, "timed_steps": args.steps,
               "ar_reference": reference and f"ar / {reference['backend']}", "rows": rows}
+    if trainer is not None:
+        result["trainer"] = trainer
+        result["trainer_overhead"] = trainer["trainer_overhead"]
     print_table(result)
     return result
 
@@ -119,12 +169,48 @@ def bench_train(args) -> dict:
 def print_table(result: dict) -> None:
     m = result["model"]
     print(f"\n{m['num_layers']} layers, hidden {m['hidden_size']}, {m['num_heads']} heads, L {m['seq_len']}, "
-          f"vocab {m['vocab_size']}, micro-batch {result['micro_batch']}, {result['dtype']}, {result['device']}; "
+          f"vocab {m['vocab_size']}, micro-batch {result['micro_batch']} of packed documents "
+          f"({result['data']}), {result['dtype']}, {result['device']}; "
           f"peak {result['peak_flops'] / 1e9:.0f} GFLOP/s ({result['peak_source']})")
-    print(f"{'family':<13}{'backend':<8}{'step s':>9}{'tokens/s':>11}{'MFU':>8}{'x AR step':>11}")
+    print(f"{'family':<13}{'backend':<8}{'step s':>9}{'tokens/s':>11}{'MFU':>8}{'x AR step':>11}{'x AR floor':>12}")
     for r in result["rows"]:
         print(f"{r['family']:<13}{r['backend']:<8}{r['step_s']:>9.3f}{r['tokens_per_s']:>11.0f}"
-              f"{100 * r['mfu']:>7.1f}%{r['x_ar_step']:>11.2f}")
+              f"{100 * r['mfu']:>7.1f}%{r['x_ar_step']:>11.2f}{r['x_ar_floor']:>12.2f}")
+
+
+def summary_lines(result: dict) -> list[str]:
+    m = result["model"]
+    lines = [f"{m['config']}: {m['num_layers']} layers, hidden {m['hidden_size']}, L {m['seq_len']}, vocabulary "
+             f"{m['vocab_size']:,}; micro-batch {result['micro_batch']} of packed documents ({result['data']}); "
+             f"{result['dtype']}; median of {result['timed_steps']} steps after a warm-up; MFU against "
+             f"{result['peak_flops'] / 1e9:.0f} GFLOP/s ({result['peak_source']}).", "",
+             "| family | backend | step s | tokens/s | MFU | x AR step | x AR floor |", "|---|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['family']} | {r['backend']} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | "
+              f"{100 * r['mfu']:.1f}% | {r['x_ar_step']:.2f} | {r['x_ar_floor']:.2f} |" for r in result["rows"]]
+    lines.append("")
+    for family, r in best_rows(result).items():
+        if family != "ar" and "ar" in best_rows(result):
+            fastest = min(r["step_times_s"]) / min(best_rows(result)["ar"]["step_times_s"])
+            lines.append(f"- {family} / AR step {r['x_ar_step']:.2f}x against a two-copy FLOP floor of "
+                         f"{r['x_ar_floor']:.2f}x: {r['x_ar_step'] / r['x_ar_floor']:.2f}x the floor (target <= 1.10x); "
+                         f"fastest steps {fastest:.2f}x, {fastest / r['x_ar_floor']:.2f}x the floor")
+    if "trainer" in result:
+        t = result["trainer"]
+        lines.append(f"- trainer step ({t['family']}, {t['backend']}, ZeRO-{t['zero_stage']}, 1 process) "
+                     f"{t['trainer_step_s']:.3f} s against the bare step {t['bare_step_s']:.3f} s (before "
+                     f"{t['bare_step_s_before']:.3f}, after {t['bare_step_s_after']:.3f}): "
+                     f"{t['trainer_overhead']:.3f}x (target <= 1.10x); fastest steps "
+                     f"{t['trainer_overhead_fastest']:.3f}x")
+    return lines
+
+
+def best_rows(result: dict) -> dict[str, dict]:
+    """Each family's fastest row."""
+    best = {}
+    for r in result["rows"]:
+        if r["family"] not in best or r["step_s"] < best[r["family"]]["step_s"]:
+            best[r["family"]] = r
+    return best
 
 
 def add_parser(sub) -> None:
@@ -134,8 +220,14 @@ def add_parser(sub) -> None:
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--micro-batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=3, help="timed steps per row (after one warm-up step)")
-    p.add_argument("--vocab", type=int, default=50257, help="vocabulary size (GPT-2 by default)")
+    p.add_argument("--vocab", type=int, help=f"vocabulary size (default: {GPT2_VOCAB:,}, GPT-2's, on synthetic "
+                                              f"documents; a corpus prepared here gets {CORPUS_VOCAB:,})")
     p.add_argument("--families", help="comma-separated subset of ar,block:4,staggered:8,mdlm")
     p.add_argument("--backends", help="comma-separated; default tiled,sdpa on CPU and flex,tiled,sdpa on CUDA")
+    p.add_argument("--trainer", action="store_true",
+                   help="also time the real setdiff-pretrain step of the recipe (ZeRO-1, 1 process) against the "
+                        "bare step; rows then run on the prepared corpus too")
+    p.add_argument("--data", help="a prepared corpus directory (default with --trainer: the embedded corpus, "
+                                  "prepared into a temporary directory)")
     p.add_argument("--json", help="also write the results here")
-    p.set_defaults(run=bench_train)
+    p.set_defaults(run=bench_train, summary=summary_lines)
