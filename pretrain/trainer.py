@@ -37,8 +37,8 @@ from pretrain.flops import StageShare, device_peak
 from pretrain.metrics import LossBreakdown, Monitor
 from pretrain.run_dir import RunDirError, claim
 from pretrain.state import full_state_dict, load_full_state, local_pieces
-from pretrain.throughput import (NonFiniteError, NonFiniteGuard, FlopCounter, StepWindow,  # noqa: F401 (the CLI
-                                 WindowReport, peak_rss_mib)  # catches NonFiniteError from here)
+from pretrain.throughput import FlopCounter, NonFiniteGuard, StepWindow, WindowReport, peak_rss_mib
+from pretrain.throughput import NonFiniteError  # noqa: F401 (the CLI catches it from here)
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "saved after a signal, start me again" (the Slurm script requeues)
 INTERRUPTED_EXIT_CODE = 130  # a second Ctrl-C: out at once, no save (the shell's code for SIGINT)

@@ -2,7 +2,8 @@
 
 Reading a tensor's value on the host (``item``, ``tolist``, ``float()``, ``int()``,
 ``bool()``) waits for the device on a GPU. A counting hook on those methods brackets the
-engine's micro-batch loop of a real Trainer step (4 micro-batches); the optimizer step at the
+engine's micro-batch loop of a real Trainer step (4 micro-batches), the FLOP count of those
+micro-batches and the step's record of its loss and gradient norm; the optimizer step at the
 accumulation boundary is DeepSpeed's own (its ZeRO overflow check reads a flag) and is
 excluded. The losses, FLOP counts and breakdown sums are read once, at the log interval.
 """
@@ -68,16 +69,17 @@ def test_no_read_back_inside_the_micro_batch_loop(tiny_corpus, tmp_path, backend
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
     counter = ReadBackCounter()
     trainer = Trainer(cfg)
-    engine, deepspeed_engine = trainer.engine, trainer.engine.engine
-    loop, optimizer_step = engine.train_batch, deepspeed_engine.step
-    boundaries = []
+    engine, deepspeed_engine, window = trainer.engine, trainer.engine.engine, trainer.window
+    optimizer_step, boundaries = deepspeed_engine.step, []
 
-    def counted_loop(micro_batches, forward_step):
-        counter.active = True
-        try:
-            return loop(micro_batches, forward_step)
-        finally:
-            counter.active = False
+    def counted(method):
+        def bracketed(*args, **kwargs):
+            counter.active = True
+            try:
+                return method(*args, **kwargs)
+            finally:
+                counter.active = False
+        return bracketed
 
     def uncounted_step(*args, **kwargs):  # DeepSpeed's optimizer step: its own overflow check
         was, counter.active = counter.active, False
@@ -87,7 +89,9 @@ def test_no_read_back_inside_the_micro_batch_loop(tiny_corpus, tmp_path, backend
         finally:
             counter.active = was
 
-    engine.train_batch, deepspeed_engine.step = counted_loop, uncounted_step
+    # the step after its data arrived: FLOP count, the micro-batch loop, the step's record
+    engine.train_batch, deepspeed_engine.step = counted(engine.train_batch), uncounted_step
+    window.add_micro_batches, window.add_step = counted(window.add_micro_batches), counted(window.add_step)
     try:
         with counter.installed():
             result = trainer.train()
