@@ -8,6 +8,7 @@ wait, memory and the stop flag) and one read-back: the only syncs of a logging w
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -39,7 +40,7 @@ class FlopCounter:
         B, T = batch["input_ids"].shape
         rows = batch["targets"].shape[1]
         allowed = allowed_pairs_total(attention_meta(batch, self.set_mode)).double() / B
-        share = dict(layers=self.share.layers, head=self.share.head, tensor_parallel=self.share.tensor_parallel)
+        share = dataclasses.asdict(self.share)
         dense = float(T * T)  # Megatron-LM: the full score matrix, causal or not
         counts = [step_flops(self.cfg, T, dense, rows, B, self.vocab_rows),
                   step_flops(self.cfg, T, allowed, rows, B, self.vocab_rows),
