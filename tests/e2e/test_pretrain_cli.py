@@ -70,8 +70,8 @@ def test_demo_writes_every_monitoring_scalar(tiny_corpus, tmp_path):
     acc = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    expected = {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/mfu", "train/data_wait_s",
-                "system/memory_mib_max_rank", "val/loss", "val/ppl", "train/loss_by_family/staggered_4",
+    expected = {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/mfu", "train/useful_mfu",
+                "train/data_wait_s", "system/memory_mib_max_rank", "val/loss", "val/ppl", "train/loss_by_family/staggered_4",
                 "train/loss_by_family/mdlm", "train/loss_by_set_size/1", "train/loss_by_set_size/64-127",
                 "train/nelbo_weight_mean", "train/nelbo_weight_max"}
     assert expected <= tags, expected - tags
@@ -80,6 +80,12 @@ def test_demo_writes_every_monitoring_scalar(tiny_corpus, tmp_path):
         assert values and all(v == v and abs(v) < float("inf") for v in values), tag
     assert [e.step for e in acc.Scalars("train/loss_by_family/mdlm")] == [3, 6]
     assert 0 < acc.Scalars("train/mfu")[-1].value < 1
+    # set mode: the set-causal pairs are fewer than the dense (2L)^2 Megatron-LM counts
+    assert 0 < acc.Scalars("train/useful_mfu")[-1].value < acc.Scalars("train/mfu")[-1].value
+    # train/loss is the mean over the window, the value result.json logs for it
+    logged = json.loads((tmp_path / "run" / "result.json").read_text())["log"]
+    assert [e.value for e in acc.Scalars("train/loss")] == pytest.approx([entry["loss"] for entry in logged])
+    assert [entry["step"] for entry in logged] == [3, 6] and all(entry["steps"] == 3 for entry in logged)
     assert acc.Scalars("train/nelbo_weight_max")[-1].value >= acc.Scalars("train/nelbo_weight_mean")[-1].value > 1
 
 
