@@ -67,7 +67,8 @@ class TiledBackend(AttentionBackend):
     one SDPA call scores it with the exact rule as the mask. With singleton sets at L = 1024
     and 256-query tiles this scores 1.5 L^2 pairs instead of 4 L^2 (the rule allows L^2 + L);
     PyTorch's fused CPU kernel does the rest, backward included, so gradients need no custom
-    code.
+    code. The tile plan (key ranges) is read on the host: this is the CPU path, where that is a
+    memory read and no device sync; GPUs take flex, whose set-mode preparation reads nothing.
     """
 
     name = "tiled"
@@ -78,7 +79,7 @@ class TiledBackend(AttentionBackend):
     def prepare(self, meta: AttentionMeta):
         rank, noisy = meta.set_rank, meta.is_noisy
         T = rank.shape[1]
-        two_copy = bool(noisy.any())
+        two_copy = meta.has_noisy_copy()
         if not two_copy and _plain_causal(meta):
             return None
         clean_len = T // 2 if two_copy else T
@@ -166,7 +167,9 @@ class FlexBackend(AttentionBackend):
         return self._compiled
 
     def prepare(self, meta: AttentionMeta):
-        if not bool(meta.is_noisy.any()) and _plain_causal(meta):
+        # set mode decides without reading the device; the one-copy AR baseline reads the
+        # doc ids once per forward to know whether rows hold one document (plain causal)
+        if not meta.has_noisy_copy() and _plain_causal(meta):
             return None  # the AR baseline: a fused causal kernel, no BlockMask needed
         return flex_block_mask(meta, self.block_size, compile=meta.set_rank.is_cuda)
 

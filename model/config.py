@@ -156,6 +156,8 @@ class TrainConfig:
     """Stop after this many optimizer steps in a row with a non-finite loss or gradient (each is skipped)."""
     stop_at_step: int = 0
     """Save and stop after this step as if preempted, keeping the schedule of train.steps (0: off)."""
+    peak_flops: float = 0.0
+    """Peak FLOP/s of one device for MFU (0: the built-in table on GPU, a measured sgemm rate on CPU)."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward pass (saves memory, costs ~1/3 more compute)."""
 
@@ -245,6 +247,9 @@ def validate(cfg: RunConfig) -> RunConfig:
                          f"train.micro_batch_size={t.micro_batch_size}")
     if t.keep_last < 0 or t.stop_at_step < 0:
         raise ValueError("config: train.keep_last and train.stop_at_step must be >= 0")
+    if not t.peak_flops >= 0:
+        raise ValueError(f"config: train.peak_flops must be >= 0 (FLOP/s per device; 0: from the device), "
+                         f"got {t.peak_flops}")
     if t.max_nonfinite_steps < 1:
         raise ValueError(f"config: train.max_nonfinite_steps must be >= 1, got {t.max_nonfinite_steps}")
     if not 0.0 <= t.ema < 1.0:

@@ -43,6 +43,13 @@ class AttentionMeta:
     """[B, T] bool, True for the noisy copy."""
     mask_bits: torch.Tensor | None = None
     """Optional [B, T, ceil(T/8)] uint8: the dense mask bit-packed by the collator."""
+    two_copy: bool | None = None
+    """True for [clean ; noisy], False for one clean copy, None if unknown (read from is_noisy).
+    Known from how the metadata was built, so backends need not read the device to decide."""
+
+    def has_noisy_copy(self) -> bool:
+        """Whether any token is a noisy copy; reads the device only when ``two_copy`` is unknown."""
+        return self.two_copy if self.two_copy is not None else bool(self.is_noisy.any())
 
     @property
     def seq_len(self) -> int:
@@ -50,7 +57,8 @@ class AttentionMeta:
 
     def to(self, device) -> "AttentionMeta":
         bits = None if self.mask_bits is None else self.mask_bits.to(device)
-        return AttentionMeta(self.set_rank.to(device), self.doc_id.to(device), self.is_noisy.to(device), bits)
+        return AttentionMeta(self.set_rank.to(device), self.doc_id.to(device), self.is_noisy.to(device), bits,
+                             self.two_copy)
 
 
 def two_copy_meta(set_rank_perm: torch.Tensor, doc_perm: torch.Tensor,
@@ -64,6 +72,7 @@ def two_copy_meta(set_rank_perm: torch.Tensor, doc_perm: torch.Tensor,
         doc_id=torch.cat([doc_perm, doc_perm], dim=1),
         is_noisy=is_noisy,
         mask_bits=mask_bits,
+        two_copy=True,
     )
 
 
@@ -71,7 +80,7 @@ def causal_meta(doc_id: torch.Tensor) -> AttentionMeta:
     """Metadata for the one-copy AR baseline: a clean causal stack (rank = position)."""
     B, L = doc_id.shape
     rank = torch.arange(L, device=doc_id.device).expand(B, L)
-    return AttentionMeta(rank, doc_id, torch.zeros(B, L, dtype=torch.bool, device=doc_id.device))
+    return AttentionMeta(rank, doc_id, torch.zeros(B, L, dtype=torch.bool, device=doc_id.device), two_copy=False)
 
 
 def dense_mask(meta: AttentionMeta) -> torch.Tensor:

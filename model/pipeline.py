@@ -8,8 +8,9 @@ and allocate on ``device="cuda"`` literally (see ../shared/STACK_NOTES.md). Deep
 refuses ZeRO-2/3 with pipeline parallelism; config validation says so up front.
 
 Between stages travels one tuple: (hidden [T, B, H], position_ids [B, T], set_rank [B, L],
-doc_id [B, L], dropout_key [B]). Every block rebuilds the rotary tables and the mask from it:
-the mask costs about 1/(heads x head_dim) of the attention it serves. The dropout keys make
+doc_id [B, L], dropout_key [B]). The first block of a stage builds the rotary tables and the
+attention mask from it and the stage's other blocks reuse them (StageInputs): once per
+micro-batch and stage, as the flat model builds them once per batch. The dropout keys make
 each block draw the masks the flat model draws (model/dropout.py).
 """
 from __future__ import annotations
@@ -34,8 +35,28 @@ class EmbeddingPipe(Embedding):
         return super().forward(input_ids), position_ids, set_rank, doc_id, dropout_key
 
 
+class StageInputs:
+    """The attention mask and rotary tables of the micro-batch passing through a stage, built
+    by its first block and reused by the next ones, which receive the very same tensors.
+
+    Keyed by tensor identity; holding the key tensors keeps that safe (no id reuse). A new
+    micro-batch (or a recomputation in the backward pass under 1F1B) rebuilds them.
+    """
+
+    def __init__(self):
+        self.key: tuple | None = None
+        self.value = None
+        self.builds = 0
+
+    def get(self, key: tuple, build):
+        if self.key is None or len(key) != len(self.key) or any(a is not b for a, b in zip(key, self.key)):
+            self.key, self.value = key, build()
+            self.builds += 1
+        return self.value
+
+
 class BlockPipe(Block):
-    def __init__(self, parts: ModelParts, layer: int):
+    def __init__(self, parts: ModelParts, layer: int, stage_inputs: StageInputs | None = None):
         with seeded(component_seed(parts.init_seed, 1 + layer)):
             super().__init__(parts.cfg, parts.mp_config, parts.parallel.tp_group, layer_index=layer)
         cfg = parts.cfg
@@ -44,13 +65,19 @@ class BlockPipe(Block):
         self.head_dim = cfg.hidden_size // cfg.num_heads
         self.rope_theta = cfg.rope_theta
         self.backend = make_backend(cfg.attention_backend)
+        self.stage_inputs = stage_inputs or StageInputs()
+
+    def _mask_and_rotary(self, position_ids, set_rank, doc_id, dtype):
+        meta = two_copy_meta(set_rank, doc_id) if self.set_mode else causal_meta(doc_id)
+        return self.backend.prepare(meta), rotary_cos_sin(position_ids, self.head_dim, self.rope_theta, dtype)
 
     def forward(self, inputs):
         x_SBH, position_ids, set_rank, doc_id, dropout_key = inputs
-        meta = two_copy_meta(set_rank, doc_id) if self.set_mode else causal_meta(doc_id)
-        cos, sin = rotary_cos_sin(position_ids, self.head_dim, self.rope_theta, x_SBH.dtype)
+        mask, (cos, sin) = self.stage_inputs.get(
+            (position_ids, set_rank, doc_id, x_SBH.dtype),
+            lambda: self._mask_and_rotary(position_ids, set_rank, doc_id, x_SBH.dtype))
         dropout = branch_dropout(self.cfg, self.training, dropout_key)
-        x_SBH = super().forward(x_SBH, cos, sin, self.backend, self.backend.prepare(meta), dropout)
+        x_SBH = super().forward(x_SBH, cos, sin, self.backend, mask, dropout)
         return x_SBH, position_ids, set_rank, doc_id, dropout_key
 
 
@@ -82,7 +109,8 @@ def build_pipeline_module(parts: ModelParts, num_stages: int, activation_checkpo
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
     specs = [LayerSpec(EmbeddingPipe, parts)]
-    specs += [LayerSpec(BlockPipe, parts, i) for i in range(parts.cfg.num_layers)]
+    stage_inputs = StageInputs()  # shared by the blocks a stage builds
+    specs += [LayerSpec(BlockPipe, parts, i, stage_inputs) for i in range(parts.cfg.num_layers)]
     specs.append(LayerSpec(HeadPipe, parts))
     tp = parts.parallel.tp_size
     world = torch.distributed.get_world_size()

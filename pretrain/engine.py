@@ -155,18 +155,19 @@ class Engine:
                 (batch["targets"], batch["loss_weight"], batch["loss_normalizer"], batch["set_rank"],
                  batch["family_id"], batch["sequence_normalizer"]))
 
-    def train_batch(self, micro_batches: list[dict], forward_step) -> float:
-        """One optimizer step over the micro-batches; returns their mean loss."""
+    def train_batch(self, micro_batches: list[dict], forward_step) -> torch.Tensor:
+        """One optimizer step over the micro-batches; returns their mean loss as a device scalar
+        (reading it back would sync the host with the device every micro-batch)."""
         if self.pipelined:
-            return float(self.engine.train_batch(iter([self._pipe_tuple(b) for b in micro_batches])))
+            return self.engine.train_batch(iter([self._pipe_tuple(b) for b in micro_batches])).detach()
         losses = []
         for batch in micro_batches:
             output, loss_fn = forward_step(batch, self.engine)
             loss, _ = loss_fn(output)
             self.backward(loss)
             self.step()
-            losses.append(float(loss.detach()))
-        return sum(losses) / len(losses)
+            losses.append(loss.detach())
+        return torch.stack(losses).mean()
 
     @torch.no_grad()
     def eval_batch(self, micro_batches: list[dict], forward_step) -> float:
@@ -190,6 +191,8 @@ class Engine:
             from deepspeed.runtime.utils import clip_grad_norm_
 
             max_norm = self.cfg.train.grad_clip or float("inf")
+            # the skip decision reads the norm back: once per step, at the accumulation boundary
+            # (DeepSpeed's ZeRO-1/2 overflow check does the same inside its step)
             self._own_norm = float(clip_grad_norm_(self.engine.module.parameters(), max_norm,
                                                    mpu=self.engine.mpu))
             if not math.isfinite(self._own_norm):  # skip the update, as ZeRO-1/2 do by themselves
@@ -199,9 +202,10 @@ class Engine:
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
-    def grad_norm(self) -> float | None:
-        norm = self._own_norm if self._own_clip else self.engine.get_global_grad_norm()
-        return None if norm is None else float(norm)
+    def grad_norm(self) -> torch.Tensor | float | None:
+        """The last step's global gradient norm as DeepSpeed keeps it (often a device tensor:
+        not read back here), or None where it computes none."""
+        return self._own_norm if self._own_clip else self.engine.get_global_grad_norm()
 
     def save(self, directory: str, tag: str, client_state: dict) -> None:
         self.engine.save_checkpoint(directory, tag=tag, client_state=client_state, save_latest=False)

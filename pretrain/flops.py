@@ -1,59 +1,136 @@
-"""Model FLOPs per training step, counted for the two-copy layout, and the peak they divide.
+"""Model FLOPs per training step, the share each rank executes, and the peak they divide.
 
 Forward FLOPs of one sequence (multiply-add = 2 FLOPs), T tokens through the stack (2L in
-set mode, L in the AR baseline), A allowed (query, key) pairs of the set-causal mask summed
-over the sequence (attention is counted only where the mask allows it), L logits rows:
+set mode, L in the AR baseline), A attended (query, key) pairs summed over the sequence, R
+logits rows (L: the noisy half in set mode, every token in the AR baseline):
 
     per layer   2 T h (3h) + 2 T h h + 2 T h (2f) + 2 T f h      QKV, out, SwiGLU in, out
                 + 2 A h + 2 A h                                  scores and weighted values
-    head        2 L h V
+    head        2 R h V                                          (V: ids and [MASK])
 
-Training = 3 x forward (the backward pass costs twice the forward).
+Training = 3 x forward (the backward pass costs twice the forward). V counts the output
+layer's real rows, not the padding tensor parallelism adds to them, so that the model's
+FLOPs do not depend on the layout (Megatron-LM counts its padded vocabulary). Two figures differ only
+in A:
+
+- ``mfu`` (Megatron-LM convention, what papers report): A = T^2, the dense score matrix of
+  the sequence length the kernel sees (2L in the two-copy layout, L for AR), causal masks
+  counted in full. This is the attention term of Megatron-LM's
+  ``num_floating_point_operations`` (megatron/training/training.py; Narayanan et al. 2021,
+  eq. 3: 72 B s l h^2 (1 + s/6h + V/12lh) for a 4h MLP) and PaLM's 6N + 12 l h s per token
+  (Chowdhery et al. 2022, appendix B), so our MFU compares with published ones.
+- ``useful_mfu``: A = the pairs the set-causal (or causal, per document) mask allows, the
+  attention work set diffusion needs; ``allowed_pairs_total`` counts them exactly.
+
+MFU per rank = the FLOPs that rank executes / its peak. A rank executes the layers of its
+pipeline stage (and the head on the last one), each split evenly over the tensor-parallel
+ranks (heads, FFN columns and vocabulary rows), for its data-parallel share of the batch;
+the embedding lookup is no matrix product and counts nothing. Summed over all ranks this is
+the model's FLOPs for the global batch; ``train/mfu`` is the mean over ranks.
+
+Peaks (``device_peak``): dense (no sparsity) tensor-core FLOP/s from NVIDIA's data sheets, by
+the exact name ``torch.cuda.get_device_name`` reports and the training precision: bf16 runs
+use the bf16 column, fp32 runs the plain fp32 (non-tensor-core) column, or the TF32 column
+when ``torch.backends.cuda.matmul.allow_tf32`` is on. An unknown GPU has no peak (MFU
+unavailable) unless ``train.peak_flops`` gives one. On CPU the denominator is a measured
+sgemm rate with the training thread count.
 """
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 
 from model.config import ModelConfig
 
-# dense bf16 tensor-core peaks (FLOP/s) by device name fragment
-GPU_BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
+# name as torch.cuda.get_device_name reports it -> (bf16, tf32, fp32) dense FLOP/s
+GPU_PEAKS = {
+    "NVIDIA H100 80GB HBM3": (989.4e12, 494.7e12, 66.9e12),  # SXM5
+    "NVIDIA H100 PCIe": (756.0e12, 378.0e12, 51.2e12),
+    "NVIDIA H100 NVL": (835.5e12, 417.5e12, 60.0e12),
+    "NVIDIA H200": (989.4e12, 494.7e12, 66.9e12),  # SXM
+    "NVIDIA H200 NVL": (835.5e12, 417.5e12, 60.0e12),
+    "NVIDIA A100-SXM4-80GB": (312e12, 156e12, 19.5e12),
+    "NVIDIA A100-SXM4-40GB": (312e12, 156e12, 19.5e12),
+    "NVIDIA A100 80GB PCIe": (312e12, 156e12, 19.5e12),
+    "NVIDIA A100-PCIE-40GB": (312e12, 156e12, 19.5e12),
+    "NVIDIA L40S": (362.05e12, 183.0e12, 91.6e12),
+    "NVIDIA A10G": (70.0e12, 35.0e12, 31.2e12),  # AWS's A10G: about half the A10's tensor rate
+    "NVIDIA A10": (125e12, 62.5e12, 31.2e12),
+    "NVIDIA L4": (121e12, 60e12, 30.3e12),
+    "NVIDIA GeForce RTX 4090": (165.2e12, 82.6e12, 82.6e12),  # bf16 with fp32 accumulation
+}
+PRECISION_COLUMN = {"bf16": 0, "tf32": 1, "fp32": 2}
 
 
-def step_flops(cfg: ModelConfig, tokens_per_sequence: int, allowed_pairs: float, logits_rows: int,
-               sequences: int, padded_vocab: int) -> float:
+def _layer_flops(cfg: ModelConfig, tokens: int) -> float:
+    """Forward FLOPs of one block's matrix products, without the attention scores."""
     h, f = cfg.hidden_size, cfg.resolved_ffn_hidden_size()
-    T = tokens_per_sequence
-    per_layer = 2 * T * h * 3 * h + 2 * T * h * h + 2 * T * h * 2 * f + 2 * T * f * h + 4 * allowed_pairs * h
-    forward = cfg.num_layers * per_layer + 2 * logits_rows * h * padded_vocab
-    return 3.0 * forward * sequences
+    return 2 * tokens * h * 3 * h + 2 * tokens * h * h + 2 * tokens * h * 2 * f + 2 * tokens * f * h
 
 
-def allowed_pairs_per_sequence(meta) -> float:
-    """Mean number of (query, key) pairs the set-causal mask allows, per sequence.
+def step_flops(cfg: ModelConfig, tokens_per_sequence: int, allowed_pairs, logits_rows: int,
+               sequences: int, vocab_rows: int, layers: int | None = None, head: bool = True,
+               tensor_parallel: int = 1):
+    """Training FLOPs (forward + backward) of ``sequences`` sequences with ``allowed_pairs``
+    attended pairs per sequence (a float, or a tensor that stays on its device).
+
+    ``layers`` (default all), ``head`` and ``tensor_parallel`` give one rank's share: the
+    blocks of its pipeline stage, whether it holds the output layer, and its TP degree.
+    """
+    layers = cfg.num_layers if layers is None else layers
+    h = cfg.hidden_size
+    forward = layers * (_layer_flops(cfg, tokens_per_sequence) + 4 * allowed_pairs * h)
+    forward = forward + (2 * logits_rows * h * vocab_rows if head else 0)
+    return 3.0 * forward * sequences / tensor_parallel
+
+
+def allowed_pairs_total(meta) -> torch.Tensor:
+    """(query, key) pairs the set-causal mask allows, summed over the batch: a 0-dim tensor on
+    the mask's device (no read-back).
 
     Counted from the ranks in O(T log T) instead of building the (2L)^2 mask every step: with
     le(q) = #{real keys of q's document with rank <= r(q)}, a real token's clean copy attends
     le(q) clean keys and its noisy copy lt(q) + eq(q) = le(q) keys; padding attends itself.
+    ``meta.is_noisy`` is all False in a one-copy layout and all True on the noisy half.
     """
-    two_copy = bool(meta.is_noisy.any())
     T = meta.set_rank.shape[1]
-    half = T // 2 if two_copy else T
-    rank, doc = meta.set_rank[:, :half].long(), meta.doc_id[:, :half].long()
-    real = doc >= 0
-    key = torch.where(real, doc * (half + 1) + rank, -1)  # (document, rank), padding first
-    ordered = key.sort(dim=1).values
-    doc_start = torch.searchsorted(ordered, (doc * (half + 1)).contiguous())
-    le = torch.searchsorted(ordered, key.contiguous(), right=True) - doc_start
-    copies = 2 if two_copy else 1
-    total = copies * (le[real].sum() + (~real).sum())
-    return float(total) / meta.set_rank.shape[0]
+
+    def counted(half: int) -> torch.Tensor:
+        rank, doc = meta.set_rank[:, :half].long(), meta.doc_id[:, :half].long()
+        real = doc >= 0
+        key = torch.where(real, doc * (half + 1) + rank, -1)  # (document, rank), padding first
+        ordered = key.sort(dim=1).values
+        doc_start = torch.searchsorted(ordered, (doc * (half + 1)).contiguous())
+        le = torch.searchsorted(ordered, key.contiguous(), right=True) - doc_start
+        return torch.where(real, le, 1).sum()
+
+    if meta.two_copy is not None:
+        return 2 * counted(T // 2) if meta.two_copy else counted(T)
+    if T % 2:
+        return counted(T)
+    # layout unknown: both counted and one selected on the device (deciding on the host syncs)
+    return torch.where(meta.is_noisy[:, -1].any(), 2 * counted(T // 2), counted(T))
+
+
+def allowed_pairs_per_sequence(meta) -> float:
+    """Mean allowed pairs per sequence as a number (reads it back: for benchmarks and tests)."""
+    return float(allowed_pairs_total(meta)) / meta.set_rank.shape[0]
+
+
+@dataclass
+class StageShare:
+    """What one rank executes of the model: its blocks, the output layer or not, its TP degree."""
+
+    layers: int
+    head: bool
+    tensor_parallel: int
 
 
 def measured_cpu_peak(size: int = 1024, repeats: int = 5) -> float:
-    """fp32 matrix-product rate of this machine (FLOP/s), the best of a few timed products."""
+    """fp32 matrix-product rate of this machine (FLOP/s) with the current thread count
+    (torch.get_num_threads(), the training's), the best of a few timed products."""
     a, b = torch.randn(size, size), torch.randn(size, size)
     torch.mm(a, b)
     best = float("inf")
@@ -64,12 +141,30 @@ def measured_cpu_peak(size: int = 1024, repeats: int = 5) -> float:
     return 2.0 * size ** 3 / best
 
 
-def device_peak(device: torch.device) -> tuple[float, str]:
-    """(FLOP/s, how it was obtained) for MFU."""
+def gpu_peak(name: str, precision: str) -> float | None:
+    """Dense peak FLOP/s of the GPU called exactly ``name`` at ``precision`` (bf16, tf32, fp32);
+    None for a device not in the table."""
+    if precision not in PRECISION_COLUMN:
+        raise ValueError(f"unknown precision {precision!r} for the peak table: use one of {sorted(PRECISION_COLUMN)}")
+    peaks = GPU_PEAKS.get(name.strip())
+    return None if peaks is None else peaks[PRECISION_COLUMN[precision]]
+
+
+def device_peak(device: torch.device, bf16: bool = True, override: float = 0.0,
+                device_name=torch.cuda.get_device_name, tf32=None) -> tuple[float | None, str]:
+    """(FLOP/s or None when unknown, how it was obtained) for MFU on ``device``.
+
+    ``device_name`` and ``tf32`` (default: torch.backends.cuda.matmul.allow_tf32) are
+    parameters so that the GPU branch can be tested without a GPU.
+    """
+    if override > 0:
+        return override, "train.peak_flops"
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for fragment, peak in GPU_BF16_PEAK.items():
-            if fragment in name:
-                return peak, f"{name} bf16 peak"
-        return float("nan"), f"{name}: unknown peak"
-    return measured_cpu_peak(), "measured CPU fp32 matmul rate"
+        name = device_name(device)
+        tf32 = torch.backends.cuda.matmul.allow_tf32 if tf32 is None else tf32
+        precision = "bf16" if bf16 else ("tf32" if tf32 else "fp32")
+        peak = gpu_peak(name, precision)
+        if peak is None:
+            return None, f"{name!r} is not in the peak table: MFU unavailable (set train.peak_flops, FLOP/s per device)"
+        return peak, f"{name} dense {precision} peak"
+    return measured_cpu_peak(), f"measured sgemm rate, {torch.get_num_threads()} threads"

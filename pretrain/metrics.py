@@ -100,7 +100,9 @@ class Monitor:
                 self.writer.add_scalar(tag, value, step)
 
     def progress(self, step: int, loss: float, lr: float, grad_norm: float | None, tokens_per_s: float,
-                 mfu: float | None = None) -> None:
+                 mfu: float | None = None, useful_mfu: float | None = None) -> None:
+        """``loss`` and ``grad_norm``: means over the logging window; ``mfu`` in the Megatron-LM
+        convention, ``useful_mfu`` over the set-causal pairs only (pretrain/flops.py)."""
         if not self.enabled:
             return
         elapsed = time.time() - self.start
@@ -108,6 +110,7 @@ class Monitor:
         grad = f"{grad_norm:.3f}" if grad_norm is not None else "n/a"
         print(f"step {step:>6}/{self.total_steps} | loss {loss:.4f} | lr {lr:.2e} | grad {grad} | "
               f"{tokens_per_s / 1000:.1f}k tok/s | " + (f"MFU {100 * mfu:.1f}% | " if mfu is not None else "") +
+              (f"useful MFU {100 * useful_mfu:.1f}% | " if useful_mfu is not None else "") +
               f"elapsed {format_duration(elapsed)} | "
               f"eta {format_duration(eta)}", flush=True)
 

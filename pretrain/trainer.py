@@ -24,19 +24,21 @@ from data_pipeline.loader import MicroBatches, ResumableLoader, check_tokenizer,
 from data_pipeline.sampler import StepSampler
 from model.attention import make_backend
 from model.config import RunConfig, config_to_dict, resolve_global_batch
-from model.objectives import attention_meta, forward_step
+from model.objectives import forward_step
 from model.orders import parse_order_mixture
-from model.pipeline import build_pipeline_module, pipeline_name_to_flat
-from model.transformer import ModelParts, SetDiffusionTransformer, padded_vocab_size
+from model.pipeline import BlockPipe, HeadPipe, build_pipeline_module, pipeline_name_to_flat
+from model.transformer import ModelParts, SetDiffusionTransformer
 from pretrain.checkpoint import (EMA_FILE, CheckpointWriter, free_bytes_at, load_rank_state, read_trainer_state,
                                  save_rank_state, tag_of)
 from pretrain.distributed import init_distributed, init_model_parallel
 from pretrain.ema import EMA
-from pretrain.engine import Engine
-from pretrain.flops import allowed_pairs_per_sequence, device_peak, step_flops
+from pretrain.engine import Engine, use_bf16
+from pretrain.flops import StageShare, device_peak
 from pretrain.metrics import LossBreakdown, Monitor
 from pretrain.run_dir import RunDirError, claim
 from pretrain.state import full_state_dict, load_full_state, local_pieces
+from pretrain.throughput import FlopCounter, NonFiniteGuard, StepWindow, WindowReport, peak_rss_mib
+from pretrain.throughput import NonFiniteError  # noqa: F401 (the CLI catches it from here)
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "saved after a signal, start me again" (the Slurm script requeues)
 INTERRUPTED_EXIT_CODE = 130  # a second Ctrl-C: out at once, no save (the shell's code for SIGINT)
@@ -48,37 +50,6 @@ def _stderr(message: str) -> None:
 
 class Preempted(Exception):
     """Raised after a signal-triggered save; the CLI exits with REQUEUE_EXIT_CODE."""
-
-
-class NonFiniteError(FloatingPointError):
-    """Too many optimizer steps in a row had a non-finite loss or gradient."""
-
-
-class NonFiniteGuard:
-    """Counts skipped (non-finite) steps; raises after ``limit`` of them in a row."""
-
-    def __init__(self, limit: int):
-        self.limit, self.in_a_row, self.total = limit, 0, 0
-
-    def observe(self, step: int, loss: float, grad_norm: float | None) -> bool:
-        """True if this step was non-finite (its update skipped)."""
-        bad = not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(grad_norm))
-        if not bad:
-            self.in_a_row = 0
-            return False
-        self.in_a_row += 1
-        self.total += 1
-        if self.in_a_row >= self.limit:
-            raise NonFiniteError(f"{self.in_a_row} steps in a row (through step {step}) had a non-finite loss or "
-                                 f"gradient; stopping. The last complete checkpoint is intact "
-                                 f"(train.max_nonfinite_steps={self.limit}).")
-        return True
-
-
-def peak_rss_mib() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 class Trainer:
@@ -139,8 +110,6 @@ class Trainer:
             model = SetDiffusionTransformer(cfg.model, self.layout.parallel, set_mode=self.set_mode,
                                             init_seed=t.seed, activation_checkpointing=t.activation_checkpointing)
         self.num_params_local = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
-        self.padded_vocab = padded_vocab_size(cfg.model.vocab_size, cfg.model.make_vocab_size_divisible_by,
-                                              cfg.parallel.tensor)
         self.step = 0
         self.fingerprints = {"data": manifest["fingerprint"], "tokenizer": manifest["tokenizer_sha256"]}
         same_layout = resume_from is not None and read_trainer_state(resume_from)["layout"] == self._layout_record()
@@ -158,9 +127,10 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
             shutil.copyfile(self.tokenizer_path, self.run_dir / "tokenizer.json")
-        self.peak_flops, peak_source = device_peak(self.engine.device)
-        self.step_flops, self.data_wait_s = 0.0, 0.0
-        self.monitor.info(self.summary() + f" | MFU peak {self.peak_flops / 1e9:.0f} GFLOP/s ({peak_source})")
+        self.peak_flops, peak_source = device_peak(self.engine.device, use_bf16(t), t.peak_flops)
+        self.window = self._step_window()
+        peak = "" if self.peak_flops is None else f"{self.peak_flops / 1e9:.0f} GFLOP/s "
+        self.monitor.info(self.summary() + f" | MFU peak {peak}({peak_source})")
         if resume_from is not None:
             self.monitor.info(f"resumed from {resume_from} at step {self.step}"
                               + ("" if same_layout else " (new layout: weights carried over, optimizer restarted)"))
@@ -191,6 +161,21 @@ class Trainer:
         dist.all_reduce(tensor, group=parallel_state.get_data_parallel_group())
         return float(tensor) / self.layout.data
 
+    def _step_window(self) -> StepWindow:
+        """The logging window's accounting; FLOPs counted for this rank's share of the model."""
+        from megatron.core import parallel_state
+
+        module = self.engine.module
+        if self.engine.pipelined:
+            share = StageShare(layers=sum(isinstance(m, BlockPipe) for m in module.modules()),
+                               head=any(isinstance(m, HeadPipe) for m in module.modules()),
+                               tensor_parallel=self.layout.tensor)
+        else:
+            share = StageShare(layers=self.cfg.model.num_layers, head=True, tensor_parallel=self.layout.tensor)
+        counter = FlopCounter(self.cfg.model, share, self.set_mode)
+        return StepWindow(counter, self.engine.device, self.peak_flops, parallel_state.get_data_parallel_group(),
+                          model_parallel_size=self.layout.tensor * self.layout.pipeline)
+
     def _forward_step(self, batch, model):
         logits, loss_fn = forward_step(batch, model, self.set_mode)
 
@@ -206,38 +191,19 @@ class Trainer:
         if torch.is_grad_enabled():  # training micro-batches only; evaluation runs under no_grad
             self.breakdown.record(token_ce, loss_weight, set_rank, family_id, sequence_normalizer)
 
-    def train_step(self, step: int) -> float:
+    def train_step(self, step: int) -> None:
+        """One optimizer step. Its loss, gradient norm and FLOPs stay on the device, in
+        ``self.window``, until the logging window is read (no host sync per micro-batch)."""
         assert self.train_loader.next_index == step * self.cfg.train.grad_accum, "data stream out of step"
         wait_start = time.perf_counter()
         micro_batches = [self._to_device(next(self.train_loader)) for _ in range(self.cfg.train.grad_accum)]
-        self.data_wait_s += time.perf_counter() - wait_start
+        self.window.data_wait_s += time.perf_counter() - wait_start
         share_step_normalizer(micro_batches, self.layout.dp_group)
-        self.step_flops += self._flops(micro_batches)
+        self.window.add_micro_batches(micro_batches)
         loss = self.engine.train_batch(micro_batches, self._forward_step)
         if self.ema is not None:
             self.ema.update()
-        return self._dp_mean(loss)
-
-    def _flops(self, micro_batches: list[dict]) -> float:
-        """Model FLOPs of this rank's micro-batches, attention counted over allowed pairs only."""
-        total = 0.0
-        for batch in micro_batches:
-            B, T = batch["input_ids"].shape
-            allowed = allowed_pairs_per_sequence(attention_meta(batch, self.set_mode))
-            total += step_flops(self.cfg.model, T, allowed, batch["targets"].shape[1], B, self.padded_vocab)
-        return total
-
-    def _window_metrics(self, elapsed: float) -> dict[str, float]:
-        """MFU, data-wait and memory over the last logging window, aggregated over ranks."""
-        memory = (torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else peak_rss_mib())
-        values = torch.tensor([self.step_flops / max(elapsed, 1e-9) / self.peak_flops, self.data_wait_s, memory],
-                              dtype=torch.float64, device=self.engine.device)
-        summed, maxed = values.clone(), values.clone()
-        dist.all_reduce(summed)
-        dist.all_reduce(maxed, op=dist.ReduceOp.MAX)
-        self.step_flops, self.data_wait_s = 0.0, 0.0
-        return {"train/mfu": float(summed[0]) / dist.get_world_size(), "train/data_wait_s": float(maxed[1]),
-                "system/memory_mib_max_rank": float(maxed[2])}
+        self.window.add_step(loss, self.engine.grad_norm())
 
     def evaluate(self) -> float:
         sampler, gas = self.val_batches.sampler, self.cfg.train.grad_accum
@@ -419,7 +385,7 @@ class Trainer:
                   "starts from its weights", file=sys.stderr, flush=True)
 
     def _install_signal_handlers(self) -> None:
-        """SIGTERM, SIGUSR1 and a first SIGINT (Ctrl-C) ask for a save at the end of the step; a
+        """SIGTERM, SIGUSR1 and a first SIGINT (Ctrl-C) ask for a save at the next log or save interval; a
         second SIGINT exits at once. Data workers forked later inherit the handler and ignore it."""
         self._signal, owner = None, os.getpid()
 
@@ -433,50 +399,68 @@ class Trainer:
                     self.lock.release()
                 os._exit(INTERRUPTED_EXIT_CODE)
             if number == signal.SIGINT:
-                _stderr("setdiff: Ctrl-C: saving at the end of this step (press Ctrl-C again to exit at once)")
+                _stderr("setdiff: Ctrl-C: saving at the next log or save interval (press Ctrl-C again to exit "
+                        "at once)")
             self._signal = number
 
         for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(signum, on_signal)
 
     def _stop_requested(self) -> bool:
-        """True on every rank once any rank got SIGTERM/SIGUSR1/SIGINT (one small all-reduce per step)."""
+        """True on every rank once any rank got SIGTERM/SIGUSR1/SIGINT (a small all-reduce)."""
         flag = torch.tensor([1.0 if self._signal else 0.0], device=self.engine.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
+    def _log_window(self, guard: NonFiniteGuard, log: list[dict]) -> WindowReport:
+        """Read the logging window back (its one sync), check it for non-finite steps, log it
+        (and append its means to ``log``, result.json's per-interval record).
+
+        A non-finite step is thus detected at the next read-back: its update was skipped on the
+        device already, and the guard stops the run after train.max_nonfinite_steps in a row.
+        """
+        memory = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else peak_rss_mib()
+        report = self.window.read(memory, stop_flag=bool(self._signal))
+        first = self.step - report.steps + 1
+        for i, (loss, norm) in enumerate(zip(report.losses, report.grad_norms)):
+            if guard.observe(first + i, loss, norm):
+                self.monitor.info(f"step {first + i:>6} | non-finite loss {loss} or grad norm {norm}: "
+                                  f"update skipped ({guard.in_a_row} in a row, {guard.total} in all)")
+                self.monitor.scalars(first + i, {"train/skipped_steps": guard.total})
+        tok_s = self.sampler.global_batch * self.cfg.model.seq_len * report.steps / report.seconds
+        lr = self.engine.lr()
+        self.monitor.scalars(self.step, {"train/loss": report.loss, "train/lr": lr, "train/grad_norm": report.grad_norm,
+                                         "train/tokens_per_s": tok_s, **report.scalars,
+                                         **self.breakdown.reduce(self.engine.device)})
+        self.monitor.progress(self.step, report.loss, lr, report.grad_norm, tok_s, report.scalars["train/mfu"],
+                              report.scalars["train/useful_mfu"])
+        self.last_window = report
+        log.append({"step": self.step, "steps": report.steps, "loss": report.loss, "grad_norm": report.grad_norm})
+        return report
+
     def train(self) -> dict:
+        """Steps until train.steps. A signal is noticed at the next log or save interval (the
+        stop check rides on the window's all-reduce), so a preempted run saves within
+        train.log_interval steps."""
         t = self.cfg.train
         self._install_signal_handlers()
-        tokens_per_step = self.sampler.global_batch * self.cfg.model.seq_len
-        first_step = self.step
-        guard = NonFiniteGuard(t.max_nonfinite_steps)
-        history, grad_norms, window_start, window_steps = [], [], time.time(), 0
-        stopped = None
+        first_step, guard, log, stopped = self.step, NonFiniteGuard(t.max_nonfinite_steps), [], None
+        self.window.reset()
         while self.step < t.steps:
-            loss = self.train_step(self.step)
+            self.train_step(self.step)
             self.step += 1
-            window_steps += 1
-            history.append(loss)
-            grad_norms.append(self.engine.grad_norm())
-            if guard.observe(self.step, loss, grad_norms[-1]):
-                self.monitor.info(f"step {self.step:>6} | non-finite loss {loss} or grad norm {grad_norms[-1]}: "
-                                  f"update skipped ({guard.in_a_row} in a row, {guard.total} in all)")
-                self.monitor.scalars(self.step, {"train/skipped_steps": guard.total})
+            preempted = False
             if self.step % t.log_interval == 0 or self.step == t.steps:
-                elapsed = time.time() - window_start
-                tok_s = tokens_per_step * window_steps / max(elapsed, 1e-9)
-                lr, grad_norm = self.engine.lr(), self.engine.grad_norm()
-                window = {**self._window_metrics(elapsed), **self.breakdown.reduce(self.engine.device)}
-                self.monitor.scalars(self.step, {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
-                                                 "train/tokens_per_s": tok_s, **window})
-                self.monitor.progress(self.step, loss, lr, grad_norm, tok_s, window["train/mfu"])
-                window_start, window_steps = time.time(), 0
-            if self._stop_requested():
+                preempted = self._log_window(guard, log).stop_requested
+            elif t.save_interval and self.step % t.save_interval == 0:
+                preempted = self._stop_requested()
+            if preempted:
                 stopped = "preempted"
             elif t.stop_at_step and self.step == t.stop_at_step and self.step < t.steps:
                 stopped = "stop_at_step"
             if stopped:
+                if self.window.losses:  # the steps since the last log line
+                    self._log_window(guard, log)
                 break
             if t.eval_interval and self.step % t.eval_interval == 0 and self.step < t.steps:
                 self._log_eval()
@@ -487,7 +471,7 @@ class Trainer:
         result = {"first_step": first_step, "steps": self.step, "stopped": stopped, "val_loss": val_loss,
                   "val_loss_ema": val_loss_ema,
                   "checkpoint": str(checkpoint), "tensorboard": str(self.run_dir / "tensorboard"),
-                  "losses": history, "grad_norms": grad_norms}
+                  "log": log}
         if self.is_main:
             (self.run_dir / "result.json").write_text(json.dumps(result, indent=2))
         what = {"preempted": "preempted: saved", "stop_at_step": "stopped at train.stop_at_step: saved"}

@@ -8,6 +8,9 @@ to 1e-5 relative, and each full (gathered) parameter and EMA tensor after the st
 in relative Frobenius norm. (Elementwise relative error is the wrong yardstick for weights after Adam steps: an
 entry whose gradient is near zero gets an update of about lr * sign(g), so float rounding
 in a different reduction order moves it by far more than its own size.)
+
+The last step's model FLOPs (both MFU conventions) must be the same under every layout, and
+what each rank reports executing must add up to them.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ def train(tiny_corpus, tmp_path, world_size, overrides):
     results = run_distributed(WORKER, world_size, data_path=str(tiny_corpus),
                               out_dir=str(tmp_path / f"w{world_size}_{'_'.join(overrides)}"),
                               overrides=overrides)
+    results[0]["windows"] = [r["window"] for r in results]  # every rank's own FLOP count
     return results[0]
 
 
@@ -42,12 +46,25 @@ def assert_same_run(got, ref, rel=1e-5):
     for tag, values in ref["breakdown"].items():
         assert got["breakdown"][tag] == pytest.approx(values, rel=rel), tag
     assert got["val_loss_ema"] == pytest.approx(ref["val_loss_ema"], rel=rel)
+    assert_same_flops(got, ref)
     for key in ("state", "ema"):  # the weights, and their EMA gathered from its shards
         assert got[key].keys() == ref[key].keys()
         for name, tensor in ref[key].items():
             assert got[key][name].shape == tensor.shape, name
             error = (got[key][name] - tensor).norm() / tensor.norm()
             assert error <= rel, f"{key} {name}: relative error {error:.2e}"
+
+
+def assert_same_flops(got, ref):
+    """Model FLOPs per step (whole model, global batch) agree with one process, and the FLOPs
+    the ranks report executing sum to them: MFU is neither multiplied nor lost under TP/PP/DP."""
+    window = got["window"]
+    assert window.model_flops_per_step == pytest.approx(ref["window"].model_flops_per_step, rel=1e-6)
+    assert window.useful_model_flops_per_step == pytest.approx(ref["window"].useful_model_flops_per_step, rel=1e-6)
+    assert window.useful_model_flops_per_step < window.model_flops_per_step
+    assert sum(w.rank_flops_per_step for w in got["windows"]) == pytest.approx(window.model_flops_per_step, rel=1e-6)
+    assert sum(w.useful_rank_flops_per_step for w in got["windows"]) == pytest.approx(
+        window.useful_model_flops_per_step, rel=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +86,14 @@ def reference_dp2(tiny_corpus, tmp_path_factory):
 
 def test_reference_trains(reference):
     assert reference["losses"][-1] < reference["losses"][0]
+    # Megatron-LM/PaLM model FLOPs from the weights themselves: 6 x matrix weights x tokens
+    # through them, plus 12 l h T^2 per sequence for dense attention (T = 2L, two copies)
+    state, sequences, L, h, layers = reference["state"], 8, 32, 64, 2
+    in_blocks = sum(t.numel() for name, t in state.items() if name.startswith("layers.") and t.dim() == 2)
+    head = sum(t.numel() for name, t in state.items() if name.startswith("head.") and t.dim() == 2)
+    expected = sequences * (6 * in_blocks * 2 * L + 6 * head * L + 12 * layers * h * (2 * L) ** 2)
+    assert reference["window"].model_flops_per_step == pytest.approx(expected, rel=1e-9)
+    assert reference["window"].rank_flops_per_step == pytest.approx(expected, rel=1e-9)
     weights_moved = reference["state"]
     assert all(torch.isfinite(t).all() for t in weights_moved.values())
 

@@ -35,8 +35,11 @@ def train_layout(data_path: str, out_dir: str, overrides: list[str]) -> dict:
     result = trainer.train()
     state = trainer.full_state()
     ema = trainer.full_state(trainer.ema.pieces()) if trainer.ema is not None else None
-    return {"losses": result["losses"], "grad_norms": result["grad_norms"], "val_loss": result["val_loss"],
+    # train.log_interval=1: each logged window is one step
+    return {"losses": [e["loss"] for e in result["log"]], "grad_norms": [e["grad_norm"] for e in result["log"]],
+            "val_loss": result["val_loss"],
             "state": state if dist.get_rank() == 0 else None, "ema": ema if dist.get_rank() == 0 else None,
             "val_loss_ema": result["val_loss_ema"], "summary": trainer.summary(),
             "breakdown": breakdown_scalars(result["tensorboard"]) if dist.get_rank() == 0 else None,
-            "world": dist.get_world_size(), "run_dir": str(pathlib.Path(out_dir) / "run")}
+            "world": dist.get_world_size(), "run_dir": str(pathlib.Path(out_dir) / "run"),
+            "window": trainer.last_window}

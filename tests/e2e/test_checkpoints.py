@@ -39,7 +39,9 @@ def run(corpus, out_dir, *extra, expect=0, env=None):
 
 
 def result(out_dir) -> dict:
-    return json.loads((pathlib.Path(out_dir) / "run" / "result.json").read_text())
+    """result.json, with the per-step losses of its log (train.log_interval=1) as "losses"."""
+    loaded = json.loads((pathlib.Path(out_dir) / "run" / "result.json").read_text())
+    return {**loaded, "losses": [entry["loss"] for entry in loaded["log"]]}
 
 
 @pytest.fixture(scope="module")

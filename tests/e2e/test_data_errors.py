@@ -38,7 +38,8 @@ def pretrain(corpus, out_dir, cache, *extra) -> subprocess.CompletedProcess:
 def losses(corpus, out_dir, cache) -> list[float]:
     proc = pretrain(corpus, out_dir, cache)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return json.loads((pathlib.Path(out_dir) / "run" / "result.json").read_text())["losses"]
+    log = json.loads((pathlib.Path(out_dir) / "run" / "result.json").read_text())["log"]
+    return [entry["loss"] for entry in log]  # train.log_interval=1: every step
 
 
 def write_inputs(path: pathlib.Path, first: int, count: int = 240) -> pathlib.Path:

@@ -42,15 +42,16 @@ def test_training_runs_and_loss_falls(tiny_corpus, tmp_path, variant):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run = tmp_path / "run"
     result = json.loads((run / "result.json").read_text())
-    losses = result["losses"]
-    assert len(losses) == steps
-    early, late = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    log = result["log"]  # one entry per train.log_interval=5 steps: the window's mean loss
+    assert [entry["step"] for entry in log] == list(range(5, steps + 1, 5)) and log[0]["steps"] == 5
+    early, late = log[0]["loss"], log[-1]["loss"]
     assert late < early - 0.5, (early, late)
-    assert result["val_loss"] < losses[0]
+    assert result["val_loss"] < early
     assert "validation loss" in proc.stdout and "step     40/40" in proc.stdout
     tags = event_tags(run / "tensorboard")
-    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/mfu", "train/data_wait_s",
-            "system/memory_mib_max_rank", "val/loss", "val/ppl"} <= tags
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/mfu", "train/useful_mfu",
+            "train/data_wait_s", "system/memory_mib_max_rank", "val/loss", "val/ppl"} <= tags
+    assert "| MFU " in proc.stdout and "| useful MFU " in proc.stdout
     checkpoint = pathlib.Path(result["checkpoint"])
     assert checkpoint.is_dir() and any(checkpoint.iterdir())
     assert (run / "config.yaml").is_file() and (run / "tokenizer.json").is_file()
@@ -69,8 +70,8 @@ def test_demo_writes_every_monitoring_scalar(tiny_corpus, tmp_path):
     acc = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    expected = {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/mfu", "train/data_wait_s",
-                "system/memory_mib_max_rank", "val/loss", "val/ppl", "train/loss_by_family/staggered_4",
+    expected = {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/mfu", "train/useful_mfu",
+                "train/data_wait_s", "system/memory_mib_max_rank", "val/loss", "val/ppl", "train/loss_by_family/staggered_4",
                 "train/loss_by_family/mdlm", "train/loss_by_set_size/1", "train/loss_by_set_size/64-127",
                 "train/nelbo_weight_mean", "train/nelbo_weight_max"}
     assert expected <= tags, expected - tags
@@ -79,6 +80,12 @@ def test_demo_writes_every_monitoring_scalar(tiny_corpus, tmp_path):
         assert values and all(v == v and abs(v) < float("inf") for v in values), tag
     assert [e.step for e in acc.Scalars("train/loss_by_family/mdlm")] == [3, 6]
     assert 0 < acc.Scalars("train/mfu")[-1].value < 1
+    # set mode: the set-causal pairs are fewer than the dense (2L)^2 Megatron-LM counts
+    assert 0 < acc.Scalars("train/useful_mfu")[-1].value < acc.Scalars("train/mfu")[-1].value
+    # train/loss is the mean over the window, the value result.json logs for it
+    logged = json.loads((tmp_path / "run" / "result.json").read_text())["log"]
+    assert [e.value for e in acc.Scalars("train/loss")] == pytest.approx([entry["loss"] for entry in logged])
+    assert [entry["step"] for entry in logged] == [3, 6] and all(entry["steps"] == 3 for entry in logged)
     assert acc.Scalars("train/nelbo_weight_max")[-1].value >= acc.Scalars("train/nelbo_weight_mean")[-1].value > 1
 
 
@@ -109,4 +116,4 @@ def test_reference_recipes_train_end_to_end(tiny_corpus, tmp_path, recipe):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "global batch 8 = micro 4 x accum 2 x DP 1" in proc.stdout
     result = json.loads((tmp_path / "run" / "result.json").read_text())
-    assert len(result["losses"]) == 4 and all(loss == loss for loss in result["losses"])
+    assert len(result["log"]) == 4 and all(entry["loss"] == entry["loss"] for entry in result["log"])

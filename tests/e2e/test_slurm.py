@@ -37,7 +37,8 @@ def test_sbatch_preempt_requeue_resume(cluster, tiny_corpus, tmp_path):
                                "name=straight", *overrides], cwd=ROOT, env=env, capture_output=True, text=True,
                               timeout=600)
     assert straight.returncode == 0, straight.stderr[-3000:]
-    expected = json.loads((tmp_path / "straight" / "result.json").read_text())["losses"]
+    # train.log_interval=1: the log holds every step's loss
+    expected = [e["loss"] for e in json.loads((tmp_path / "straight" / "result.json").read_text())["log"]]
 
     log = tmp_path / "job.out"
     submit = subprocess.run(["sbatch", "--parsable", "--nodes=1", f"--output={log}", f"--chdir={ROOT}",
@@ -61,4 +62,4 @@ def test_sbatch_preempt_requeue_resume(cluster, tiny_corpus, tmp_path):
     assert int(state.get("Restarts", "0")) == 1 and "requeueing job" in text
     result = json.loads((tmp_path / "slurm" / "result.json").read_text())
     assert 3 <= result["first_step"] < STEPS, "the requeued job resumed from the preemption checkpoint"
-    assert result["losses"] == expected[result["first_step"]:]
+    assert [e["loss"] for e in result["log"]] == expected[result["first_step"]:]

@@ -66,9 +66,9 @@ def test_step_flops_count_only_allowed_attention_pairs():
 
     cfg = ModelConfig(num_layers=2, hidden_size=64, num_heads=4, ffn_hidden_size=128, vocab_size=100)
     dense = step_flops(cfg, tokens_per_sequence=32, allowed_pairs=32 * 32, logits_rows=16, sequences=1,
-                       padded_vocab=128)
+                       vocab_rows=128)
     half = step_flops(cfg, tokens_per_sequence=32, allowed_pairs=32 * 32 / 2, logits_rows=16, sequences=1,
-                      padded_vocab=128)
+                      vocab_rows=128)
     per_layer_linear = 2 * 32 * 64 * (3 * 64 + 64 + 2 * 128) + 2 * 32 * 128 * 64
     expected = 3 * (2 * (per_layer_linear + 4 * 32 * 32 * 64) + 2 * 16 * 64 * 128)
     assert dense == expected

@@ -1,0 +1,68 @@
+"""The MFU peak table (exact device names, the precision's column) and the FLOP counts'
+building blocks against brute force."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from model.masks import causal_meta, dense_mask, two_copy_meta
+from pretrain.flops import allowed_pairs_total, device_peak, gpu_peak
+
+CUDA = torch.device("cuda", 0)
+
+
+@pytest.mark.parametrize("name, bf16, fp32", [
+    ("NVIDIA H100 80GB HBM3", 989.4e12, 66.9e12),  # SXM5
+    ("NVIDIA H100 PCIe", 756e12, 51.2e12),
+    ("NVIDIA H100 NVL", 835.5e12, 60e12),
+    ("NVIDIA H200", 989.4e12, 66.9e12),
+    ("NVIDIA A100-SXM4-80GB", 312e12, 19.5e12),
+    ("NVIDIA A100-PCIE-40GB", 312e12, 19.5e12),
+    ("NVIDIA A10G", 70e12, 31.2e12),
+    ("NVIDIA A10", 125e12, 31.2e12),
+    ("NVIDIA L40S", 362.05e12, 91.6e12),
+    ("NVIDIA L4", 121e12, 30.3e12),
+    ("NVIDIA GeForce RTX 4090", 165.2e12, 82.6e12),
+])
+def test_peak_table_matches_exact_names_and_the_precision_column(name, bf16, fp32):
+    assert gpu_peak(name, "bf16") == bf16 and gpu_peak(name, "fp32") == fp32
+    named = lambda device: name  # noqa: E731
+    assert device_peak(CUDA, bf16=True, device_name=named)[0] == bf16
+    assert device_peak(CUDA, bf16=False, device_name=named, tf32=False)[0] == fp32
+    assert device_peak(CUDA, bf16=False, device_name=named, tf32=True)[0] == gpu_peak(name, "tf32") < bf16
+
+
+def test_substrings_do_not_match():
+    # "H100" alone used to give a PCIe card the SXM figure, "A10" an A10G the A10's
+    assert gpu_peak("NVIDIA H100 PCIe", "bf16") != gpu_peak("NVIDIA H100 80GB HBM3", "bf16")
+    assert gpu_peak("NVIDIA A10G", "bf16") != gpu_peak("NVIDIA A10", "bf16")
+    assert gpu_peak("NVIDIA H100", "bf16") is None
+
+
+def test_unknown_device_has_no_peak_unless_the_config_gives_one():
+    peak, source = device_peak(CUDA, device_name=lambda device: "NVIDIA B300 Future")
+    assert peak is None and "MFU unavailable" in source and "train.peak_flops" in source
+    assert device_peak(CUDA, override=5e14, device_name=lambda device: "NVIDIA B300 Future") == (
+        5e14, "train.peak_flops")
+    with pytest.raises(ValueError, match="fp16"):
+        gpu_peak("NVIDIA H200", "fp16")
+
+
+def test_cpu_peak_is_a_measured_sgemm_rate_with_the_training_threads():
+    peak, source = device_peak(torch.device("cpu"))
+    assert peak > 1e8 and source == f"measured sgemm rate, {torch.get_num_threads()} threads"
+
+
+def test_allowed_pairs_are_counted_on_the_device_and_match_the_dense_mask():
+    g = torch.Generator().manual_seed(0)
+    B, L = 3, 12
+    rank = torch.randint(0, 4, (B, L), generator=g).sort(dim=1).values
+    doc = torch.tensor([[0] * 12, [0] * 5 + [1] * 7, [0] * 9 + [-1] * 3])
+    rank[1, 5:] = torch.randint(0, 3, (7,), generator=g).sort().values  # ranks restart per document
+    for known in (two_copy_meta(rank, doc), causal_meta(doc)):
+        for meta in (known, dataclasses.replace(known, two_copy=None)):  # layout read from is_noisy
+            total = allowed_pairs_total(meta)
+            assert isinstance(total, torch.Tensor) and total.dim() == 0
+            assert int(total) == int(dense_mask(meta).sum())
