@@ -87,6 +87,8 @@ class DataConfig:
     """Join documents with EOS into full sequences (else one document per sequence, padded)."""
     num_workers: int = 2
     """DataLoader worker processes that read, pack and collate micro-batches."""
+    shuffle_block: int = 262144
+    """Training sequences shuffled together, spanning many shards (0: keep each shard's sequences together)."""
 
 
 @dataclass
@@ -225,6 +227,8 @@ def validate(cfg: RunConfig) -> RunConfig:
                          f"diffusion.order={d.order!r} has larger sets; use objective='set_nelbo' or 'auto'")
     if cfg.data.format not in ("mds", "webdataset"):
         raise ValueError(f"config: data.format must be 'mds' or 'webdataset', got {cfg.data.format!r}")
+    if cfg.data.shuffle_block < 0:
+        raise ValueError(f"config: data.shuffle_block must be >= 0, got {cfg.data.shuffle_block}")
     if cfg.data.num_workers < 0:
         raise ValueError(f"config: data.num_workers must be >= 0, got {cfg.data.num_workers}")
     if not re.match(r"^(loglinear|staggered:[1-9][0-9]*)$", d.schedule):

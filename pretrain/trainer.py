@@ -124,7 +124,8 @@ class Trainer:
                   for split in ("train", "val")}
         train_seq = opened["train"]
         self.sampler = StepSampler(len(train_seq), t.micro_batch_size, t.grad_accum, self.layout.data, t.seed,
-                                   blocks=train_seq.shard_blocks(train_seq.documents.shard_ranges()))
+                                   blocks=train_seq.shard_blocks(train_seq.documents.shard_ranges()),
+                                   shuffle_block=data.shuffle_block)
         self.train_loader = ResumableLoader(MicroBatches(train_seq, self.sampler, self.collator,
                                                          self.layout.dp_rank), data.num_workers)
         # validation: fixed order, the training micro-batch layout (a pipeline runs grad_accum of them)
