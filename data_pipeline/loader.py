@@ -9,39 +9,74 @@ number of workers yields the same stream, and resuming means starting at the nex
 from __future__ import annotations
 
 import itertools
+import os
 import pathlib
 
 import numpy as np
 import torch
 
 from data_pipeline.collator import SetDiffusionCollator
-from data_pipeline.manifest import check_tokenizer, manifest_path, read_manifest, verify_shards  # noqa: F401
+from data_pipeline.manifest import SPLITS, check_tokenizer, manifest_path, read_manifest, verify_shards  # noqa: F401
 from data_pipeline.packing import PackedSequences
 from data_pipeline.sampler import StepSampler
-from data_pipeline.shards import MDSDocuments, WebDatasetDocuments
+from data_pipeline.shards import DEFAULT_CACHE_LIMIT, MDSDocuments, WebDatasetDocuments, cache_root, source_key
 
 
-def open_documents(data_path: str, split: str, fmt: str, manifest: dict, remote: str = "", cache_dir: str = ""):
+def fetch_corpus(remote: str, cache_dir: str = "") -> pathlib.Path:
+    """A remote-only corpus (``data.remote`` set, ``data.path`` empty): its manifest, lengths
+    files and tokenizer downloaded from the remote into ``<cache>/<key>/corpus``, fetched anew
+    each time (a remote re-prepared in place is read as it now is). Returns that directory,
+    which then serves as ``data.path``; the shards stay remote."""
+    from streaming.base.storage.download import CloudDownloader
+
+    out = cache_root(cache_dir) / source_key(remote, local=False) / "corpus"
+    out.mkdir(parents=True, exist_ok=True)
+
+    def fetch(name: str) -> None:
+        where, target = f"{remote.rstrip('/')}/{name}", out / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}")
+        try:
+            CloudDownloader.direct_download(where, str(tmp))
+        except Exception as err:  # the downloaders raise their SDKs' own errors
+            raise FileNotFoundError(f"data.remote: cannot download {where} ({err}); is {remote} a corpus "
+                                    f"prepared by setdiff-prepare?") from None
+        os.replace(tmp, target)  # ranks and workers may fetch at once
+
+    fetch("manifest.json")
+    manifest = read_manifest(out)
+    for name in [manifest["splits"][split]["lengths"] for split in SPLITS] + ["tokenizer.json"]:
+        fetch(name)
+    return out
+
+
+def open_documents(data_path: str, split: str, fmt: str, manifest: dict, remote: str = "", cache_dir: str = "",
+                   cache_limit: int = DEFAULT_CACHE_LIMIT):
     entry = manifest["splits"][split]
     if fmt == "mds":
-        if remote:
-            return MDSDocuments(f"{remote.rstrip('/')}/{entry['mds']}", entry["mds_shards"], cache_dir or None,
-                                download=True)
-        return MDSDocuments(str(pathlib.Path(data_path) / entry["mds"]), entry["mds_shards"], cache_dir or None)
+        source = f"{remote.rstrip('/')}/{entry['mds']}" if remote else str(pathlib.Path(data_path) / entry["mds"])
+        return MDSDocuments(source, entry["mds_shards"], cache_dir or None, download=bool(remote),
+                            cache_limit=cache_limit)
     if fmt == "webdataset":
         return WebDatasetDocuments(data_path, entry["wds_shards"])
     raise ValueError(f"data.format must be 'mds' or 'webdataset', got {fmt!r}")
 
 
 def open_sequences(data_path: str, split: str, fmt: str, seq_len: int, pack: bool, remote: str = "",
-                   cache_dir: str = "", min_sequences: int = 1) -> PackedSequences:
+                   cache_dir: str = "", min_sequences: int = 1,
+                   cache_limit: int = DEFAULT_CACHE_LIMIT) -> PackedSequences:
     """The split's sequences of ``seq_len``, after checking that every shard the manifest lists
     for it is there with its size (hashes are checked when a shard is first read) and that
-    the split packs into at least ``min_sequences`` sequences (a global batch)."""
+    the split packs into at least ``min_sequences`` sequences (a global batch). With ``remote``
+    and no ``data_path`` the corpus is read from the remote alone (``fetch_corpus``)."""
+    if remote and not data_path:
+        data_path = str(fetch_corpus(remote, cache_dir))
     manifest = read_manifest(data_path)
     where = manifest_path(data_path)
     if fmt not in ("mds", "webdataset"):
         raise ValueError(f"data.format must be 'mds' or 'webdataset', got {fmt!r}")
+    if remote and fmt != "mds":
+        raise ValueError(f"data.remote={remote!r} reads MDS shards only; set data.format=mds (got {fmt!r})")
     verify_shards(data_path, manifest, [split], [] if remote else [fmt])
     entry = manifest["splits"][split]
     if entry["documents"] == 0:
@@ -55,7 +90,7 @@ def open_sequences(data_path: str, split: str, fmt: str, seq_len: int, pack: boo
     if lengths.ndim != 1 or lengths.size != entry["documents"] or int(lengths.sum()) != entry["tokens"]:
         raise ValueError(f"data: {lengths_path}: {lengths.size} documents of {int(lengths.sum())} tokens, {where} "
                          f"lists {entry['documents']} of {entry['tokens']}; re-run setdiff-prepare")
-    docs = open_documents(data_path, split, fmt, manifest, remote, cache_dir)
+    docs = open_documents(data_path, split, fmt, manifest, remote, cache_dir, cache_limit)
     if len(docs) != lengths.size:
         raise ValueError(f"data: {fmt} shards of {data_path} hold {len(docs)} {split} documents, "
                          f"the manifest {lengths.size}")
@@ -82,6 +117,9 @@ class MicroBatches(torch.utils.data.Dataset):
         step, micro = divmod(int(k), self.sampler.grad_accum)
         indices = self.sampler.indices(step, micro, self.dp_rank)
         pairs = [self.sequences.sequence(int(i)) for i in indices]
+        release = getattr(self.sequences.documents, "close", None)
+        if release is not None:
+            release()  # an idle worker must not pin cached shards another worker is waiting to evict
         tokens = torch.from_numpy(np.stack([p[0] for p in pairs]))
         doc_id = torch.from_numpy(np.stack([p[1] for p in pairs]))
         batch = self.collator(tokens, doc_id, step=step, global_batch=self.sampler.global_batch,

@@ -3,9 +3,14 @@ rank). Each epoch is a seeded permutation, striped over micro-batches and ranks,
 tensor/pipeline peers read identical samples, data-parallel ranks disjoint ones, and a
 resumed run reads exactly what an uninterrupted one would.
 
-With shard blocks the permutation shuffles the order of the shards and the sequences
-inside each shard, but keeps each shard's sequences together (streaming's "py1s" idea):
-readers then touch one or two shards at a time.
+With shard blocks the epoch's order is built like mosaicml-streaming's py1b shuffle: the
+shards' order is permuted, their sequences laid end to end in that order, and the result
+cut into shuffle blocks of ``shuffle_block`` sequences, each shuffled on its own. A block
+spans many shards, so every global batch mixes many parts of the corpus (a corpus
+sharded in input order, say sorted by title, is still mixed), while a reader only needs
+the shards of the current block at a time. ``shuffle_block=0`` keeps each shard's
+sequences together (shuffled inside the shard): the reader-friendly order for formats that
+load whole shards, at the price of batches drawn from one or two shards.
 """
 from __future__ import annotations
 
@@ -16,15 +21,28 @@ class StepSampler:
     """Maps (step, micro-batch, dp rank) to sequence indices, deterministically."""
 
     def __init__(self, num_sequences: int, micro_batch: int, grad_accum: int, dp_size: int,
-                 seed: int, shuffle: bool = True, blocks: list[np.ndarray] | None = None):
+                 seed: int, shuffle: bool = True, blocks: list[np.ndarray] | None = None,
+                 shuffle_block: int = 0):
         self.n = num_sequences
         self.micro_batch, self.grad_accum, self.dp_size = micro_batch, grad_accum, dp_size
         self.seed, self.shuffle, self.blocks = seed, shuffle, blocks
+        if shuffle_block < 0:
+            raise ValueError(f"data.shuffle_block must be >= 0 (0: keep each shard's sequences together), "
+                             f"got {shuffle_block}")
+        self.shuffle_block = shuffle_block
         self.global_batch = micro_batch * grad_accum * dp_size
         if self.global_batch > self.n:
             raise ValueError(f"data: the global batch ({self.global_batch} sequences) is larger than "
                              f"the split ({self.n} sequences)")
         self._perm_epoch, self._perm = -1, None
+
+    def _block_order(self, rng: np.random.Generator) -> np.ndarray:
+        shard_order = rng.permutation(len(self.blocks))
+        if not self.shuffle_block:
+            return np.concatenate([rng.permutation(self.blocks[b]) for b in shard_order])
+        laid_out = np.concatenate([self.blocks[b] for b in shard_order])
+        return np.concatenate([rng.permutation(laid_out[start:start + self.shuffle_block])
+                               for start in range(0, laid_out.size, self.shuffle_block)])
 
     def _permutation(self, epoch: int) -> np.ndarray:
         if epoch != self._perm_epoch:
@@ -34,7 +52,7 @@ class StepSampler:
             elif self.blocks is None:
                 self._perm = rng.permutation(self.n)
             else:
-                self._perm = np.concatenate([rng.permutation(self.blocks[b]) for b in rng.permutation(len(self.blocks))])
+                self._perm = self._block_order(rng)
             self._perm_epoch = epoch
         return self._perm
 

@@ -5,15 +5,18 @@ and a reader checks a shard against it the first time it reads it in a process.
 
 - ``MDSDocuments``: mosaicml-streaming MDS shards, from a local directory or (``download=True``)
   from any URI the library's downloaders support (s3://, gs://, oci://, azure://, hf://, sftp://,
-  or a plain path). The index must agree with the manifest. Shards are decompressed once,
-  atomically (ranks and workers may race), into a cache keyed by content: a decompressed
-  shard is named by its own xxh64 and size, checked when first used in a process (a bad copy
-  is rebuilt), and entries the corpus no longer lists are removed when it is opened, so a
-  corpus re-prepared in place never reads its old documents. The cache of a local corpus is
-  removed once that corpus is gone.
+  or a plain path). The index must agree with the manifest. A shard is read from its
+  decompressed copy in a bounded cache (``data.cache_limit`` bytes under ``data.cache_dir``,
+  see ``shard_cache``), memory-mapped; nothing else is written. A remote shard is downloaded
+  into that cache and decompressed there; least recently used copies that no reader has
+  open are evicted. Copies are keyed by content: named by their own xxh64 and size and
+  checked when first used in a process (a bad copy is rebuilt), and entries the corpus no
+  longer lists are removed when it is opened, so a corpus re-prepared in place never reads
+  its old documents. The cache of a local corpus is removed once that corpus is gone.
 - ``WebDatasetDocuments``: WebDataset tar shards, each read through a WebDataset pipeline
-  (tar -> samples -> decode) and kept in a small per-process LRU cache. The sampler reads
-  in shard-blocked order, so a worker touches one or two shards at a time.
+  (tar -> samples -> decode) and kept in a small per-process LRU cache. With
+  ``data.shuffle_block: 0`` the sampler keeps each shard's sequences together, so a worker
+  touches one or two shards at a time; shuffle blocks spanning many shards reload shards.
 
 Both give ``len()``, ``document(i) -> int32 array`` and the document range of each shard.
 A missing index, a truncated or corrupt shard: a ValueError naming the file.
@@ -23,14 +26,30 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
+import mmap
 import os
 import pathlib
 import shutil
 import tempfile
+import weakref
 
 import numpy as np
 
 from data_pipeline.manifest import CorpusError
+from data_pipeline.shard_cache import ShardCache, parse_size
+
+DEFAULT_CACHE_LIMIT = parse_size("16GB")
+_MDS_READERS: weakref.WeakSet = weakref.WeakSet()
+
+
+def _forget_inherited_shards() -> None:
+    """In a forked child (a DataLoader worker), drop the parent's open shards: the child's copies
+    of their locked descriptors would otherwise keep them unevictable for the child's life."""
+    for reader in list(_MDS_READERS):
+        reader.close()
+
+
+os.register_at_fork(after_in_child=_forget_inherited_shards)
 
 
 def cache_root(cache_dir: str | pathlib.Path | None = None) -> pathlib.Path:
@@ -101,46 +120,57 @@ class _ShardedDocuments:
 
 
 class MDSDocuments(_ShardedDocuments):
-    """``rows``: the manifest's ``mds_shards`` of the split (file, bytes, xxh64, raw, documents)."""
+    """``rows``: the manifest's ``mds_shards`` of the split (file, bytes, xxh64, raw, documents).
+    ``cache_limit``: bytes the shard cache (shared by all corpora under the cache root) may hold;
+    ``open_shards``: cache entries this process keeps open (and so unevictable) at a time."""
 
     def __init__(self, source: str, rows: list[dict], cache_dir: str | pathlib.Path | None = None,
-                 download: bool = False):
+                 download: bool = False, cache_limit: int = DEFAULT_CACHE_LIMIT, open_shards: int = 4):
         self.source = str(source)
         self.local = None if download else pathlib.Path(source)
         root = cache_root(cache_dir)
         self.cache = root / source_key(self.source, self.local is not None)
+        self.shard_cache = ShardCache(root, cache_limit)
         self._set_rows(rows)
         infos = self._read_index()
         self._check_index(infos)
         self.infos = infos
-        self._readers: dict[int, object] = {}
+        self.open_shards = open_shards
+        self._open: collections.OrderedDict[int, tuple[int, mmap.mmap, object]] = collections.OrderedDict()
+        self._verified: set[int] = set()
         self._claim_cache()
         sweep_orphans(root, keep=self.cache)
+        _MDS_READERS.add(self)
+
+    def __getstate__(self) -> dict:  # open files stay with the process that opened them
+        return dict(self.__dict__, _open=collections.OrderedDict())
 
     def _where(self, name: str) -> str:
         return f"{self.source.rstrip('/')}/{name}"
 
-    def _download(self, name: str) -> pathlib.Path:
-        """``name`` of a remote source, downloaded to a private temporary file (the caller removes it)."""
+    def _download(self, name: str, to: pathlib.Path | None = None) -> pathlib.Path:
+        """``name`` of a remote source, downloaded to ``to`` or a private temporary file (the caller removes it)."""
         from streaming.base.storage.download import CloudDownloader
 
-        self.cache.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.cache, prefix=f".download.{name}.")
-        os.close(fd)
-        os.unlink(tmp)
+        if to is None:
+            self.cache.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.cache, prefix=f".download.{name}.")
+            os.close(fd)
+            os.unlink(tmp)
+            to = pathlib.Path(tmp)
         try:
-            CloudDownloader.direct_download(self._where(name), tmp)
+            CloudDownloader.direct_download(self._where(name), str(to))
         except Exception as err:  # the downloaders raise their SDKs' own errors
             raise CorpusError(f"{self._where(name)}: cannot download ({err})") from None
-        return pathlib.Path(tmp)
+        return to
 
-    def _read(self, name: str) -> bytes:
+    def _read(self, name: str, scratch: pathlib.Path | None = None) -> bytes:
         if self.local is not None:
             path = self.local / name
             if not path.is_file():
                 raise CorpusError(f"{path}: missing (is {self.local} a prepared MDS split?)")
             return path.read_bytes()
-        path = self._download(name)
+        path = self._download(name, scratch)
         try:
             return path.read_bytes()
         finally:
@@ -175,23 +205,17 @@ class MDSDocuments(_ShardedDocuments):
             _atomic_write(owner_path, json.dumps(owner).encode())
         listed = {raw_key(r["raw"]) for r in self.rows}
         for entry in raw_dir.iterdir():
-            # a temporary file ".<key>.<random>" belongs to <key>
-            key = entry.name[1:].rsplit(".", 1)[0] if entry.name.startswith(".") else entry.name
-            if key not in listed:
+            if entry.name.startswith(".op~"):
+                continue  # being written, possibly by another process; the shard cache cleans up after dead ones
+            if entry.name not in listed:
                 entry.unlink(missing_ok=True)
 
-    def _decompressed(self, shard: int) -> pathlib.Path:
-        """The checked, decompressed copy of ``shard`` in the cache (rebuilt when absent or bad)."""
+    def _fill(self, shard: int, part: pathlib.Path, scratch: pathlib.Path) -> None:
+        """Write the checked, decompressed ``shard`` to ``part``."""
         row, info = self.rows[shard], self.infos[shard]
-        path = self.cache / "raw" / raw_key(row["raw"])
-        if path.is_file():
-            data = path.read_bytes()
-            if len(data) == row["raw"]["bytes"] and _xxh64(data) == row["raw"]["xxh64"]:
-                return path
-            path.unlink(missing_ok=True)  # a damaged copy: rebuild it from the shard
         name = info["zip_data"]["basename"]
         where = self._where(name)
-        data = self._read(name)
+        data = self._read(name, scratch)
         if len(data) != row["bytes"]:
             raise CorpusError(f"{where}: truncated ({len(data)} of {row['bytes']} bytes)")
         if _xxh64(data) != row["xxh64"]:
@@ -201,23 +225,56 @@ class MDSDocuments(_ShardedDocuments):
         data = decompress(info["compression"], data)
         if len(data) != row["raw"]["bytes"] or _xxh64(data) != row["raw"]["xxh64"]:
             raise CorpusError(f"{where}: corrupt (decompresses to other data than the manifest lists)")
-        _atomic_write(path, data)
-        return path
+        part.write_bytes(data)
 
-    def _reader(self, shard: int):
-        reader = self._readers.get(shard)
-        if reader is None:
-            from streaming.base.format import reader_from_json
+    def close(self) -> None:
+        """Close the shards this process has open (they become evictable)."""
+        while self._open:
+            self._close_oldest()
 
-            path = self._decompressed(shard)
-            info = dict(self.infos[shard], raw_data=dict(self.infos[shard]["raw_data"], basename=path.name))
-            reader = reader_from_json(str(path.parent), None, info)
-            self._readers[shard] = reader
-        return reader
+    def _close_oldest(self) -> None:
+        _, (fd, view, _) = self._open.popitem(last=False)
+        view.close()
+        os.close(fd)
+
+    def _opened(self, shard: int) -> tuple[mmap.mmap, object]:
+        """The shard's decompressed bytes, mapped from the cache (and checked once per process)."""
+        if shard in self._open:
+            self._open.move_to_end(shard)
+            return self._open[shard][1:]
+        from streaming.base.format import reader_from_json
+
+        row = self.rows[shard]
+        entry = self.cache / "raw" / raw_key(row["raw"])
+        download = 0 if self.local is not None else row["bytes"]
+        while len(self._open) >= self.open_shards:
+            self._close_oldest()
+        for attempt in (1, 2):
+            fd = self.shard_cache.open(entry, row["raw"]["bytes"], lambda part, scratch: self._fill(shard, part, scratch),
+                                       download=download, make_room=self.close)
+            view = mmap.mmap(fd, 0, prot=mmap.PROT_READ) if os.fstat(fd).st_size else None
+            good = view is not None and len(view) == row["raw"]["bytes"] and (
+                shard in self._verified or _xxh64(view[:]) == row["raw"]["xxh64"])
+            if good:
+                break
+            if view is not None:
+                view.close()
+            os.close(fd)
+            self.shard_cache.discard(entry)  # a damaged copy: rebuild it from the shard
+        else:
+            raise CorpusError(f"{self._where(self.infos[shard]['zip_data']['basename'])}: its cached copy "
+                              f"{entry} is damaged again right after being rebuilt")
+        self._verified.add(shard)
+        reader = reader_from_json(str(entry.parent), None, self.infos[shard])
+        self._open[shard] = (fd, view, reader)
+        return view, reader
 
     def document(self, i: int) -> np.ndarray:
         shard, offset = self._locate(i)
-        return np.asarray(self._reader(shard).get_item(offset)["tokens"], dtype=np.int32)
+        view, reader = self._opened(shard)
+        begin, end = np.frombuffer(view, np.uint32, count=2, offset=(1 + offset) * 4)
+        sample = reader.decode_sample(view[int(begin):int(end)])
+        return np.asarray(sample["tokens"], dtype=np.int32)
 
 
 class WebDatasetDocuments(_ShardedDocuments):

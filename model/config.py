@@ -74,13 +74,18 @@ class DiffusionConfig:
 @dataclass
 class DataConfig:
     path: str = "data/wiki"
-    """Directory written by setdiff-prepare (manifest.json, tokenizer, shards)."""
+    """Directory written by setdiff-prepare (manifest.json, tokenizer, shards); empty with data.remote set:
+    read the corpus from the remote alone."""
     format: str = "mds"
     """Shard format to read: 'mds' (mosaicml-streaming) or 'webdataset'."""
     remote: str = ""
-    """Optional URI of the prepared directory (s3://, gs://, …) to download MDS shards from."""
+    """Optional URI of the prepared directory (s3://, gs://, a path, …) to download MDS shards from."""
     cache_dir: str = ""
-    """Where downloaded/decompressed MDS shards go; empty: ~/.cache/setdiff/shards/<hash>."""
+    """Where downloaded/decompressed MDS shards go; empty: $SETDIFF_CACHE/shards or ~/.cache/setdiff/shards."""
+    cache_limit: str = "16GB"
+    """Bytes the shard cache may hold, e.g. '2GB' or '512MiB'; at least a shuffle block's shards to avoid rereads."""
+    shuffle_block: int = 262144
+    """Training sequences shuffled together, spanning many shards (0: keep each shard's sequences together)."""
     tokenizer: str = ""
     """Path of a tokenizer.json; empty uses <path>/tokenizer.json. Must match the manifest."""
     pack: bool = True
@@ -227,6 +232,14 @@ def validate(cfg: RunConfig) -> RunConfig:
                          f"diffusion.order={d.order!r} has larger sets; use objective='set_nelbo' or 'auto'")
     if cfg.data.format not in ("mds", "webdataset"):
         raise ValueError(f"config: data.format must be 'mds' or 'webdataset', got {cfg.data.format!r}")
+    from data_pipeline.shard_cache import parse_size
+
+    parse_size(cfg.data.cache_limit)
+    if cfg.data.shuffle_block < 0:
+        raise ValueError(f"config: data.shuffle_block must be >= 0, got {cfg.data.shuffle_block}")
+    if cfg.data.remote == "" and cfg.data.path == "":
+        raise ValueError("config: data.path is empty: give the prepared corpus directory, or data.remote to read "
+                         "a corpus from a remote alone")
     if cfg.data.num_workers < 0:
         raise ValueError(f"config: data.num_workers must be >= 0, got {cfg.data.num_workers}")
     if not re.match(r"^(loglinear|staggered:[1-9][0-9]*)$", d.schedule):

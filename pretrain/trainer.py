@@ -20,7 +20,9 @@ import torch.distributed as dist
 import yaml
 
 from data_pipeline.collator import CollatorConfig, SetDiffusionCollator, evaluation_objective, share_step_normalizer
-from data_pipeline.loader import MicroBatches, ResumableLoader, check_tokenizer, open_sequences, read_manifest
+from data_pipeline.loader import (MicroBatches, ResumableLoader, check_tokenizer, fetch_corpus, open_sequences,
+                                  read_manifest)
+from data_pipeline.shard_cache import parse_size
 from data_pipeline.sampler import StepSampler
 from model.attention import make_backend
 from model.config import RunConfig, config_to_dict, resolve_global_batch
@@ -66,15 +68,16 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
 
         data, t, d = cfg.data, cfg.train, cfg.diffusion
-        manifest = read_manifest(data.path)
-        self.tokenizer_path = pathlib.Path(data.tokenizer or pathlib.Path(data.path) / "tokenizer.json")
+        data_path = data.path or str(fetch_corpus(data.remote, data.cache_dir))  # remote-only: fetched metadata
+        manifest = read_manifest(data_path)
+        self.tokenizer_path = pathlib.Path(data.tokenizer or pathlib.Path(data_path) / "tokenizer.json")
         if not self.tokenizer_path.is_file():
             raise FileNotFoundError(f"data.tokenizer: {self.tokenizer_path} not found")
-        check_tokenizer(manifest, data.path, self.tokenizer_path)
+        check_tokenizer(manifest, data_path, self.tokenizer_path)
         vocab = int(manifest["vocab_size"])
         if cfg.model.vocab_size and cfg.model.vocab_size != vocab:
             raise ValueError(f"model.vocab_size={cfg.model.vocab_size} does not match the corpus "
-                             f"vocabulary {vocab} in {pathlib.Path(data.path) / 'manifest.json'}")
+                             f"vocabulary {vocab} in {pathlib.Path(data_path) / 'manifest.json'}")
         cfg.model.vocab_size = vocab
         self.set_mode = d.mode == "set"
         families = [str(f) for f, _ in parse_order_mixture(d.order)] if self.set_mode else ["ar_baseline"]
@@ -89,13 +92,15 @@ class Trainer:
         # validation reports a likelihood bound whatever the training loss (masked_ce: the NELBO)
         val_collator = SetDiffusionCollator(dataclasses.replace(collator_cfg,
                                                                 objective=evaluation_objective(d.objective)))
-        opened = {split: open_sequences(data.path, split, data.format, cfg.model.seq_len, data.pack,
+        opened = {split: open_sequences(data_path, split, data.format, cfg.model.seq_len, data.pack,
                                         data.remote, data.cache_dir,
-                                        min_sequences=t.micro_batch_size * t.grad_accum * self.layout.data)
+                                        min_sequences=t.micro_batch_size * t.grad_accum * self.layout.data,
+                                        cache_limit=parse_size(data.cache_limit))
                   for split in ("train", "val")}
         train_seq = opened["train"]
         self.sampler = StepSampler(len(train_seq), t.micro_batch_size, t.grad_accum, self.layout.data, t.seed,
-                                   blocks=train_seq.shard_blocks(train_seq.documents.shard_ranges()))
+                                   blocks=train_seq.shard_blocks(train_seq.documents.shard_ranges()),
+                                   shuffle_block=data.shuffle_block)
         self.train_loader = ResumableLoader(MicroBatches(train_seq, self.sampler, self.collator,
                                                          self.layout.dp_rank), data.num_workers)
         # validation: fixed order, the training micro-batch layout (a pipeline runs grad_accum of them)

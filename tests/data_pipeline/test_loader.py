@@ -17,10 +17,11 @@ L = 64
 
 
 def make_batches(corpus, fmt, dp_size=2, dp_rank=0, micro=4, gas=2, order="staggered:4", mask_bits=False,
-                 objective="ordered_ce", cache=None, split="train"):
+                 objective="ordered_ce", cache=None, split="train", shuffle_block=128):
     seqs = open_sequences(str(corpus), split, fmt, L, True, cache_dir=str(cache) if cache else "")
     vocab = read_manifest(corpus)["vocab_size"]
-    sampler = StepSampler(len(seqs), micro, gas, dp_size, seed=7, blocks=seqs.shard_blocks(seqs.documents.shard_ranges()))
+    sampler = StepSampler(len(seqs), micro, gas, dp_size, seed=7, blocks=seqs.shard_blocks(seqs.documents.shard_ranges()),
+                          shuffle_block=shuffle_block)
     collator = SetDiffusionCollator(CollatorConfig(order=order, objective=objective, mask_id=vocab, seed=7,
                                                    mask_bits=mask_bits))
     return MicroBatches(seqs, sampler, collator, dp_rank)
@@ -102,7 +103,8 @@ def test_resume_continues_the_exact_stream(tiny_corpus, fmt, tmp_path):
 @pytest.mark.parametrize("order,objective", [("ar", "ordered_ce"), ("mdlm", "set_nelbo"), ("block:8", "set_nelbo"),
                                              ("staggered:4", "ordered_ce"), ("random", "ordered_ce")])
 def test_packed_mask_unpacks_to_the_dense_mask_and_block_mask(tiny_corpus, order, objective, tmp_path):
-    batches = make_batches(tiny_corpus, "mds", order=order, objective=objective, mask_bits=True, cache=tmp_path)
+    batches = make_batches(tiny_corpus, "mds", order=order, objective=objective, mask_bits=True, cache=tmp_path,
+                           shuffle_block=0)  # shard order: batch 3 holds a document boundary
     batch = batches[3]
     seqs = open_sequences(str(tiny_corpus), "train", "mds", L, False, cache_dir=str(tmp_path))
     short = next(j for j in range(len(seqs)) if (seqs.sequence(j)[1] < 0).any())  # the packer padded it
