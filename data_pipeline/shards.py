@@ -13,10 +13,10 @@ and a reader checks a shard against it the first time it reads it in a process.
   checked when first used in a process (a bad copy is rebuilt), and entries the corpus no
   longer lists are removed when it is opened, so a corpus re-prepared in place never reads
   its old documents. The cache of a local corpus is removed once that corpus is gone.
-- ``WebDatasetDocuments``: WebDataset tar shards, each read through a WebDataset pipeline
-  (tar -> samples -> decode) and kept in a small per-process LRU cache. With
-  ``data.shuffle_block: 0`` the sampler keeps each shard's sequences together, so a worker
-  touches one or two shards at a time; shuffle blocks spanning many shards reload shards.
+- ``WebDatasetDocuments``: WebDataset tar shards (uncompressed tars of ``tokens.npy`` samples,
+  as WebDataset's TarWriter writes them), read in place: the member offsets of a shard are
+  indexed once per process, then a document is one seek and read, so shuffle blocks spanning
+  many shards cost nothing extra.
 
 Both give ``len()``, ``document(i) -> int32 array`` and the document range of each shard.
 A missing index, a truncated or corrupt shard: a ValueError naming the file.
@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import io
 import json
 import mmap
 import os
 import pathlib
 import shutil
+import tarfile
 import tempfile
 import weakref
 
@@ -280,16 +282,15 @@ class MDSDocuments(_ShardedDocuments):
 class WebDatasetDocuments(_ShardedDocuments):
     """``tables``: the manifest's ``wds_shards`` of the split (file, bytes, sha256, first, documents)."""
 
-    def __init__(self, root: str | pathlib.Path, tables: list[dict], cache_shards: int = 4):
+    def __init__(self, root: str | pathlib.Path, tables: list[dict]):
         self.root = pathlib.Path(root)
         self.tables = tables
         self._set_rows(tables)
         for table in tables:
             if not (self.root / table["file"]).is_file():
                 raise CorpusError(f"{self.root / table['file']}: missing WebDataset shard")
-        self._cache: collections.OrderedDict[int, list[np.ndarray]] = collections.OrderedDict()
+        self._indices: dict[int, list[tuple[int, int]]] = {}  # a few bytes per document
         self._verified: set[int] = set()
-        self.cache_shards = cache_shards
 
     def _verify(self, shard: int, path: pathlib.Path) -> None:
         """Size and sha256 against the manifest, once per shard and process."""
@@ -302,30 +303,33 @@ class WebDatasetDocuments(_ShardedDocuments):
             raise CorpusError(f"{path}: corrupt (sha256 does not match the manifest)")
         self._verified.add(shard)
 
-    def _load(self, shard: int) -> list[np.ndarray]:
-        import webdataset as wds
-
+    def _index(self, shard: int) -> list[tuple[int, int]]:
+        """(data offset, size) of each document's ``tokens.npy`` member, in sample order: the tar's
+        headers are read once, so a document is one seek and one read, whichever shard it is in
+        (shuffle blocks spanning many shards then cost no more than a shard's own order)."""
         path = self.root / self.tables[shard]["file"]
         self._verify(shard, path)
-        pipeline = wds.DataPipeline(wds.SimpleShardList([str(path)]), wds.tarfile_to_samples(),
-                                    wds.decode())
         try:
-            docs = [np.asarray(sample["tokens.npy"], dtype=np.int32) for sample in pipeline]
-        except Exception as err:  # tarfile and decoders raise many kinds
+            with tarfile.open(path, "r:") as tar:
+                members = [(m.offset_data, m.size) for m in tar if m.isfile() and m.name.endswith(".tokens.npy")]
+        except (tarfile.TarError, OSError) as err:
             raise CorpusError(f"{path}: unreadable WebDataset shard ({type(err).__name__}: {err})") from None
-        if len(docs) != self.counts[shard]:
-            raise CorpusError(f"{path}: truncated or corrupt: {len(docs)} documents, the manifest says "
+        if len(members) != self.counts[shard]:
+            raise CorpusError(f"{path}: truncated or corrupt: {len(members)} documents, the manifest says "
                              f"{self.counts[shard]}")
-        return docs
+        return members
 
     def document(self, i: int) -> np.ndarray:
         shard, offset = self._locate(i)
-        docs = self._cache.get(shard)
-        if docs is None:
-            docs = self._load(shard)
-            self._cache[shard] = docs
-            while len(self._cache) > self.cache_shards:
-                self._cache.popitem(last=False)
-        else:
-            self._cache.move_to_end(shard)
-        return docs[offset]
+        index = self._indices.get(shard)
+        if index is None:
+            index = self._indices[shard] = self._index(shard)
+        path = self.root / self.tables[shard]["file"]
+        begin, size = index[offset]
+        with open(path, "rb") as f:
+            f.seek(begin)
+            data = f.read(size)
+        try:
+            return np.asarray(np.load(io.BytesIO(data), allow_pickle=False), dtype=np.int32)
+        except ValueError as err:
+            raise CorpusError(f"{path}: document {offset} is not a .npy array ({err})") from None
