@@ -4,19 +4,15 @@ uninterrupted process draws (same tolerances as test_layouts.py; the resume, bit
 in test_resume.py)."""
 from __future__ import annotations
 
-import pathlib
-
 import pytest
 
-from harness import run_distributed
-from test_layouts import assert_same_run
+from test_layouts import assert_same_run, run_layout
 
-WORKER = str(pathlib.Path(__file__).with_name("workers.py")) + ":train_layout"
 DROPOUT = ["model.dropout=0.1"]
 
 
 def train(corpus, out_dir, world, overrides):
-    return run_distributed(WORKER, world, data_path=str(corpus), out_dir=str(out_dir), overrides=overrides)[0]
+    return run_layout(corpus, out_dir, world, overrides)
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +23,12 @@ def reference(tiny_corpus, tmp_path_factory):
 
 def test_dropout_changes_training(reference, tiny_corpus, tmp_path):
     plain = train(tiny_corpus, tmp_path, 1, ["train.grad_accum=2"])
-    assert all(abs(a - b) > 1e-4 * abs(b) for a, b in zip(reference["losses"], plain["losses"]))
+    # At initialization the residual branches are small, so dropout moves this tiny model's loss
+    # by a few 1e-5 only (fp32 rounding: about 1e-7); every weight tensor it trains differs by
+    # more than 10x the layout tests' tolerance (1e-5), so those would see a layout that drops other units.
+    assert all(abs(a - b) > 1e-5 * abs(b) for a, b in zip(reference["losses"], plain["losses"]))
+    errors = {name: float((reference["state"][name] - w).norm() / w.norm()) for name, w in plain["state"].items()}
+    assert min(errors.values()) > 1e-4 and max(errors.values()) > 1e-2, errors  # measured: 6e-4 .. 0.1
 
 
 def test_tp2_equals_tp1(reference, tiny_corpus, tmp_path):

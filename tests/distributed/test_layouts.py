@@ -24,12 +24,15 @@ from harness import run_distributed
 WORKER = str(pathlib.Path(__file__).with_name("workers.py")) + ":train_layout"
 
 
-def train(tiny_corpus, tmp_path, world_size, overrides):
-    results = run_distributed(WORKER, world_size, data_path=str(tiny_corpus),
-                              out_dir=str(tmp_path / f"w{world_size}_{'_'.join(overrides)}"),
-                              overrides=overrides)
-    results[0]["windows"] = [r["window"] for r in results]  # every rank's own FLOP count
+def run_layout(corpus, out_dir, world_size, overrides):
+    """Rank 0's results, with every rank's own FLOP count under "windows"."""
+    results = run_distributed(WORKER, world_size, data_path=str(corpus), out_dir=str(out_dir), overrides=overrides)
+    results[0]["windows"] = [r["window"] for r in results]
     return results[0]
+
+
+def train(tiny_corpus, tmp_path, world_size, overrides):
+    return run_layout(tiny_corpus, tmp_path / f"w{world_size}_{'_'.join(overrides)}", world_size, overrides)
 
 
 def assert_same_run(got, ref, rel=1e-5):

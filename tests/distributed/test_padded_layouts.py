@@ -8,20 +8,15 @@ EMA validation loss and weights to 1e-5, as tests/distributed/test_layouts.py ch
 data."""
 from __future__ import annotations
 
-import pathlib
-
 import pytest
 
-from harness import run_distributed
-from test_layouts import assert_same_run
+from test_layouts import assert_same_run, run_layout
 
-WORKER = str(pathlib.Path(__file__).with_name("workers.py")) + ":train_layout"
 PADDED = ["data.pack=false", "train.global_batch_size=8"]
 
 
 def train(tiny_corpus, out_dir, world_size, overrides):
-    return run_distributed(WORKER, world_size, data_path=str(tiny_corpus), out_dir=str(out_dir),
-                           overrides=PADDED + overrides)[0]
+    return run_layout(tiny_corpus, out_dir, world_size, PADDED + overrides)
 
 
 @pytest.fixture(scope="module")
