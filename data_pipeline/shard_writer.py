@@ -29,6 +29,7 @@ import numpy as np
 
 from data_pipeline.manifest import FORMAT_VERSION, SPLITS, validate_manifest
 from data_pipeline.readers import BadInput, content_hash
+from data_pipeline.shard_plan import RECORD, NpyWriter, ShardPlan, plan_shards
 
 ENCODE_BATCH = 256  # documents per encode_batch call: Encoding objects cost ~100 bytes a token
 OPEN_PARTS = 64  # part files a shard writer keeps open
@@ -77,16 +78,6 @@ def encode_slice(rank_dir: str, index: int, texts: list[str], sources: list[int]
     return int(offsets[-1])
 
 
-def mix64(values: np.ndarray, seed: int) -> np.ndarray:
-    """splitmix64 of ``values ^ seed``: a seeded, well-spread reordering key."""
-    with np.errstate(over="ignore"):
-        z = values.astype(np.uint64) ^ np.uint64(seed & (2**64 - 1))
-        z = z + np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
-
-
 def read_rank_records(out: pathlib.Path, world: int) -> list[dict]:
     records, missing = [], []
     for rank in range(world):
@@ -101,7 +92,7 @@ def read_rank_records(out: pathlib.Path, world: int) -> list[dict]:
     return records
 
 
-def _read_document(part: str, index: int) -> np.ndarray:
+def _read_document(part: int, index: int) -> np.ndarray:
     """One document of a part, read with seek + read: a memory map would leave every page it touched
     resident in this process, so memory would grow with the corpus."""
     cache = _worker["parts"]
@@ -109,7 +100,7 @@ def _read_document(part: str, index: int) -> np.ndarray:
         if len(cache) >= OPEN_PARTS:
             _, (old, _, _) = cache.popitem(last=False)
             old.close()
-        path = pathlib.Path(part)
+        path = _worker["plan"].part_dir(part)
         handle = open(path / "tokens.npy", "rb")
         version = np.lib.format.read_magic(handle)
         (np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0)(handle)
@@ -120,8 +111,8 @@ def _read_document(part: str, index: int) -> np.ndarray:
     return np.frombuffer(handle.read(4 * int(offsets[index + 1] - offsets[index])), dtype=np.int32)
 
 
-def _start_writer(out: str, parts: list[str]) -> None:
-    _worker.update(out=pathlib.Path(out), part_dirs=parts, parts=collections.OrderedDict())
+def _start_writer(out: str, plan: ShardPlan) -> None:
+    _worker.update(out=pathlib.Path(out), plan=plan, parts=collections.OrderedDict())
 
 
 def write_shard(split: str, number: int, first: int, part_ids: np.ndarray, local_ids: np.ndarray):
@@ -132,7 +123,7 @@ def write_shard(split: str, number: int, first: int, part_ids: np.ndarray, local
     out = _worker["out"]
     docs = []
     for part_id, local in zip(part_ids.tolist(), local_ids.tolist()):
-        docs.append(_read_document(_worker["part_dirs"][part_id], local))
+        docs.append(_read_document(part_id, local))
     mds_dir, tmp = out / "mds" / split, out / "mds" / split / f".tmp-{number:05d}"
     shutil.rmtree(tmp, ignore_errors=True)
     size_limit = 2 * sum(d.nbytes + 64 for d in docs) + (1 << 20)  # one file per shard
@@ -155,7 +146,7 @@ def write_shard(split: str, number: int, first: int, part_ids: np.ndarray, local
             digest.update(block)
     wds_row = {"file": f"wds/{split}/{tar.name}", "first": first, "documents": len(docs),
                "bytes": tar.stat().st_size, "sha256": digest.hexdigest()}
-    return split, number, info, wds_row
+    return split, number, info, wds_row, sum(d.size for d in docs)
 
 
 def _mds_row(info: dict, split: str, first: int) -> dict:
@@ -165,59 +156,58 @@ def _mds_row(info: dict, split: str, first: int) -> dict:
             "raw": {"bytes": raw["bytes"], "xxh64": raw["hashes"]["xxh64"]}}
 
 
-def shard_plan(records: list[dict], out: pathlib.Path, world: int, val_percent: int, seed: int):
-    """(part directories, per document: part, index, length, split) with documents in the stored order
-    of each split, and the skipped counts; memory is ~25 bytes a document."""
-    parts, part_ids, local_ids, hashes, lengths = [], [], [], [], []
-    for record in records:
-        rank_dir = world_dir(out, world) / record["dir"]
-        skipped = np.asarray(record["skipped_sources"], dtype=np.int32)
-        for k in range(record["slices"]):
-            part = rank_dir / f"slice-{k:06d}"
-            sources = np.load(part / "sources.npy")
-            keep = np.flatnonzero(~np.isin(sources, skipped))
-            part_ids.append(np.full(keep.size, len(parts), dtype=np.int32))
-            local_ids.append(keep.astype(np.int32))
-            hashes.append(np.load(part / "hashes.npy")[keep])
-            lengths.append(np.diff(np.load(part / "offsets.npy"))[keep])
-            parts.append(str(part))
-    part_ids, local_ids, hashes, lengths = (np.concatenate(a) if a else np.zeros(0, np.int64)
-                                            for a in (part_ids, local_ids, hashes, lengths))
-    is_val = (hashes % np.uint64(100)) < np.uint64(val_percent)
-    order = np.lexsort((np.arange(hashes.size), mix64(hashes, seed)))  # ties: identical texts
-    plan = {}
-    for split, member in (("train", ~is_val), ("val", is_val)):
-        chosen = order[member[order]]
-        plan[split] = (part_ids[chosen], local_ids[chosen], lengths[chosen])
-    return parts, plan
+def _shard_tasks(plan: ShardPlan, split: str, docs_per_shard: int, lengths: NpyWriter):
+    """(split, number, first, parts, locals) of each shard of ``split``, cut from its sorted groups."""
+    number = first = 0
+    carry = np.zeros(0, dtype=RECORD)
+    for group in plan.sorted_groups(split):
+        lengths.write(group["length"])
+        carry = np.concatenate([carry, group])
+        while len(carry) >= docs_per_shard:
+            yield split, number, first, carry["part"][:docs_per_shard].copy(), carry["local"][:docs_per_shard].copy()
+            number, first, carry = number + 1, first + docs_per_shard, carry[docs_per_shard:]
+    if len(carry):
+        yield split, number, first, carry["part"].copy(), carry["local"].copy()
 
 
 def merge(out: pathlib.Path, world: int, manifest_head: dict, val_percent: int, docs_per_shard: int,
           seed: int, workers: int) -> dict:
-    """Write the shards of all ranks' parts and, last and atomically, manifest.json; then drop the parts."""
+    """Write the shards of all ranks' parts and, last and atomically, manifest.json; then drop the parts.
+
+    Memory is bounded whatever the corpus size: the order comes from data_pipeline/shard_plan.py's
+    group files, and at most ``2 * workers`` shards are in flight."""
     records = read_rank_records(out, world)
-    parts, plan = shard_plan(records, out, world, val_percent, seed)
-    if not plan["train"][0].size:
-        raise BadInput("the train split is empty" if plan["val"][0].size else "no documents with text in the inputs")
-    tasks = []
+    rank_dirs = [world_dir(out, world) / r["dir"] for r in records]
+    plan = plan_shards(records, rank_dirs, world_dir(out, world) / "plan", val_percent, seed)
+    if not plan.documents["train"]:
+        raise BadInput("the train split is empty" if plan.documents["val"] else "no documents with text in the inputs")
     for split in SPLITS:
         for sub in ("mds", "wds"):
             shutil.rmtree(out / sub / split, ignore_errors=True)
             (out / sub / split).mkdir(parents=True)
-        part_ids, local_ids, lengths = plan[split]
-        np.save(out / f"{split}.lengths.npy", lengths.astype(np.int64))
-        for number, first in enumerate(range(0, lengths.size, docs_per_shard)):
-            end = first + docs_per_shard
-            tasks.append((split, number, first, part_ids[first:end], local_ids[first:end]))
     infos = {split: {} for split in SPLITS}
     wds_rows = {split: {} for split in SPLITS}
+    tokens = {split: 0 for split in SPLITS}
     import streaming  # noqa: F401  imported once here: forked writers inherit it (it takes seconds to import)
     import webdataset  # noqa: F401
 
+    def collect(job) -> None:
+        split, number, info, wds_row, count = job.get()
+        infos[split][number], wds_rows[split][number] = info, wds_row
+        tokens[split] += count
+
     with multiprocessing.get_context("fork").Pool(max(1, workers), initializer=_start_writer,
-                                                  initargs=(str(out), parts)) as pool:
-        for split, number, info, wds_row in pool.imap_unordered(_call_write_shard, tasks):
-            infos[split][number], wds_rows[split][number] = info, wds_row
+                                                  initargs=(str(out), plan)) as pool:
+        pending = collections.deque()
+        for split in SPLITS:
+            lengths = NpyWriter(out / f"{split}.lengths.npy", plan.documents[split])
+            for task in _shard_tasks(plan, split, docs_per_shard, lengths):
+                pending.append(pool.apply_async(write_shard, task))
+                while len(pending) > 2 * max(1, workers):  # bounded: tasks are made as shards are written
+                    collect(pending.popleft())
+            lengths.close()
+        while pending:
+            collect(pending.popleft())
     manifest = {**manifest_head, "format": FORMAT_VERSION, "splits": {}}
     for split in SPLITS:
         shards = [infos[split][m] for m in sorted(infos[split])]
@@ -226,9 +216,8 @@ def merge(out: pathlib.Path, world: int, manifest_head: dict, val_percent: int, 
         for info in shards:
             mds.append(_mds_row(info, split, first))
             first += info["samples"]
-        lengths = plan[split][2]
         manifest["splits"][split] = {
-            "documents": int(lengths.size), "tokens": int(lengths.sum()), "mds": f"mds/{split}",
+            "documents": plan.documents[split], "tokens": tokens[split], "mds": f"mds/{split}",
             "mds_index": {"file": f"mds/{split}/index.json", "bytes": (out / "mds" / split / "index.json").stat().st_size},
             "mds_shards": mds, "wds_shards": [wds_rows[split][m] for m in sorted(wds_rows[split])],
             "lengths": f"{split}.lengths.npy"}
@@ -239,8 +228,3 @@ def merge(out: pathlib.Path, world: int, manifest_head: dict, val_percent: int, 
     write_json_atomic(out / "manifest.json", manifest)  # last: its presence means complete
     shutil.rmtree(out / "parts", ignore_errors=True)
     return manifest
-
-
-def _call_write_shard(task):
-    return write_shard(*task)
-

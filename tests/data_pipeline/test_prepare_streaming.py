@@ -4,6 +4,7 @@ into the corpus one machine makes."""
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 import pathlib
@@ -13,6 +14,7 @@ import sys
 import numpy as np
 import pytest
 
+from data_pipeline import shard_plan
 from data_pipeline.embedded_corpus import locate_corpus, read_articles
 from data_pipeline.loader import open_documents, read_manifest
 from data_pipeline.prepare import TEST_EXIT_AFTER_SLICES, merge_ranks, prepare, train_tokenizer
@@ -99,6 +101,46 @@ def test_sorted_documents_are_spread_over_every_shard(texts, tokenizer, referenc
     quarters = np.asarray(stored) * 4 // len(texts)
     for first, count in docs.shard_ranges():
         assert len(set(quarters[first:first + count].tolist())) >= 3  # each shard spans the corpus
+
+
+def splitmix64(x: int) -> int:
+    """The published splitmix64 finalizer on Python integers (independent of the numpy one)."""
+    z = (x + 0x9E3779B97F4A7C15) % 2**64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
+    return z ^ (z >> 31)
+
+
+def test_stored_order_is_the_seeded_hash_order(texts, tokenizer, reference, tmp_path):
+    """Each split holds its documents sorted by splitmix64(blake2b-64(text) ^ seed), input position
+    breaking ties, recomputed here from the texts; val is the hash mod 100 below --val-percent."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer))
+    blake = lambda t: int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest(), "little")  # noqa: E731
+    expected = {"train": [], "val": []}
+    for _, text in sorted(enumerate(t for t in texts if t), key=lambda it: (splitmix64(blake(it[1]) ^ 0), it[0])):
+        expected["val" if blake(text) % 100 < SETTINGS["val_percent"] else "train"].append(tok.encode(text).ids)
+    manifest = read_manifest(reference)
+    for split, want in expected.items():
+        docs = open_documents(str(reference), split, "mds", manifest, cache_dir=str(tmp_path))
+        assert [docs.document(i).tolist() for i in range(len(docs))] == want
+        assert np.load(reference / f"{split}.lengths.npy").tolist() == [len(ids) for ids in want]
+        assert manifest["splits"][split]["tokens"] == sum(len(ids) for ids in want)
+    assert len(expected["val"]) > 10
+
+
+def test_merge_in_small_groups_writes_the_same_shards(texts, tokenizer, reference, tmp_path, monkeypatch):
+    """The bounded-memory merge sorts ~GROUP_DOCS documents at a time and buffers BUFFER_DOCS:
+    tiny values (32 groups, many flushes) must give the same bytes as the default (one group)."""
+    monkeypatch.setattr(shard_plan, "GROUP_DOCS", 8)
+    monkeypatch.setattr(shard_plan, "BUFFER_DOCS", 16)
+    plans = []
+    real = shard_plan.plan_shards
+    monkeypatch.setattr("data_pipeline.shard_writer.plan_shards", lambda *a: plans.append(real(*a)) or plans[-1])
+    prepare(tmp_path / "out", [write_as(".jsonl", texts, tmp_path / "in")], tokenizer=tokenizer, **SETTINGS)
+    assert plans[0].bits == 5
+    assert shard_bytes(tmp_path / "out") == shard_bytes(reference)
 
 
 def test_killed_run_resumes_to_the_uninterrupted_shards(texts, tokenizer, reference, tmp_path, capsys):
