@@ -86,8 +86,9 @@ def training_rate(config_path: str, seq_len: int, vocab: int, backend: str | Non
     tokens = torch.randint(1, vocab, (1, seq_len))
     batch = collator(tokens, torch.zeros_like(tokens), step=0)
     # forward, loss, backward and the fused AdamW update, after a warm-up step
-    row = bench_train.measure_row(cfg.model, init_model_parallel(1, 1), batch, d.order, d.mode, d.objective,
-                                  backend_name, 1, torch.device("cpu"), torch.float32)
+    (row,) = bench_train.measure_rows([bench_train.BareStep(cfg.model, init_model_parallel(1, 1), batch, d.order,
+                                                            d.mode, d.objective, backend_name, torch.device("cpu"),
+                                                            torch.float32)], 1)
     shape = f"{cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, L {seq_len}, {backend_name} attention"
     return 1.0 / row["step_s"], shape, mask_bits
 

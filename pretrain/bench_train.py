@@ -56,37 +56,62 @@ def synthetic_sequences(vocab: int, seq_len: int, micro_batch: int):
     return PackedSequences(docs, docs.lengths, seq_len, eos_id=0)
 
 
-def measure_row(cfg, layout, batch: dict, order: str, mode: str, objective: str, backend: str, steps: int,
-                device: torch.device, dtype: torch.dtype) -> dict:
-    from model.objectives import attention_meta, forward_step
-    from model.transformer import SetDiffusionTransformer
-    from pretrain.flops import allowed_pairs_per_sequence, step_flops
+class BareStep:
+    """One family's bare step on its own model: forward, loss, backward and fused AdamW, the
+    model's own cost per micro-batch. Calling it runs one step and returns its seconds."""
 
-    cfg = dataclasses.replace(cfg, attention_backend=backend)
-    set_mode = mode == "set"
-    model = SetDiffusionTransformer(cfg, layout.parallel, set_mode=set_mode, init_seed=0).to(device, dtype).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=True)  # as the trainer
-    batch = {k: v.to(device) for k, v in batch.items()}
-    times = []
-    for i in range(steps + 1):  # the first step warms up allocators and kernels
-        if device.type == "cuda":
+    def __init__(self, cfg, layout, batch: dict, order: str, mode: str, objective: str, backend: str,
+                 device: torch.device, dtype: torch.dtype):
+        from model.objectives import attention_meta
+        from model.transformer import SetDiffusionTransformer
+        from pretrain.flops import allowed_pairs_per_sequence, step_flops
+
+        self.cfg = dataclasses.replace(cfg, attention_backend=backend)
+        self.order, self.mode, self.objective, self.backend, self.device = order, mode, objective, backend, device
+        self.set_mode = mode == "set"
+        self.model = SetDiffusionTransformer(self.cfg, layout.parallel, set_mode=self.set_mode,
+                                             init_seed=0).to(device, dtype).train()
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.0, fused=True)  # as the trainer
+        self.batch = {k: v.to(device) for k, v in batch.items()}
+        B, T = self.batch["input_ids"].shape
+        self.tokens = B * self.cfg.seq_len
+        self.flops = step_flops(self.cfg, T, allowed_pairs_per_sequence(attention_meta(self.batch, self.set_mode)),
+                                self.cfg.seq_len, B, self.model.padded_vocab)
+
+    def __call__(self) -> float:
+        from model.objectives import forward_step
+
+        if self.device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        logits, loss_fn = forward_step(batch, model, set_mode)
+        logits, loss_fn = forward_step(self.batch, self.model, self.set_mode)
         loss_fn(logits)[0].backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
             torch.cuda.synchronize()
-        if i:
-            times.append(time.perf_counter() - start)
-    step_s = statistics.median(times)
-    B, T = batch["input_ids"].shape
-    flops = step_flops(cfg, T, allowed_pairs_per_sequence(attention_meta(batch, set_mode)), cfg.seq_len, B,
-                       model.padded_vocab)
-    return {"family": order, "mode": mode, "objective": objective, "backend": backend, "step_s": step_s,
-            "step_times_s": times, "tokens_per_s": B * cfg.seq_len / step_s, "flops_per_step": flops,
-            "flops_per_s": flops / step_s}
+        return time.perf_counter() - start
+
+    def row(self, times: list[float]) -> dict:
+        step_s = statistics.median(times)
+        return {"family": self.order, "mode": self.mode, "objective": self.objective, "backend": self.backend,
+                "step_s": step_s, "step_times_s": times, "tokens_per_s": self.tokens / step_s,
+                "flops_per_step": self.flops, "flops_per_s": self.flops / step_s}
+
+
+def measure_rows(steppers: list[BareStep], steps: int) -> list[dict]:
+    """Every row warms up once (allocators, kernels), then the rows take turns for ``steps``
+    rounds: a change of the machine's speed during the run reaches every row alike, so the
+    ratios between rows hold even where the absolute times drift."""
+    for step in steppers:
+        step()
+    times = [[] for _ in steppers]
+    for round_ in range(steps):
+        for i, step in enumerate(steppers):
+            times[i].append(step())
+            print(f"  round {round_ + 1}/{steps}  {step.order:<12} {step.backend:<6} {times[i][-1]:.3f} s",
+                  flush=True)
+    return [step.row(t) for step, t in zip(steppers, times)]
 
 
 def bench_train(args) -> dict:
@@ -126,21 +151,21 @@ def bench_train(args) -> dict:
         cfg.vocab_size = vocab
         peak, peak_source = device_peak(device)
 
-        def row(order: str, mode: str, objective: str, backend: str) -> dict:
+        def stepper(layout, order: str, mode: str, objective: str, backend: str) -> BareStep:
             batch = packed_batch(sequences, order, mode, objective, vocab, args.micro_batch)
-            # a fresh layout each time: the trainer (--trainer) rebuilds megatron's parallel state
-            measured = measure_row(cfg, init_model_parallel(1, 1), batch, order, mode, objective, backend,
-                                   args.steps, device, dtype)
-            print(f"  {order:<12} {backend:<6} {measured['step_s']:.3f} s/step", flush=True)
-            return measured
+            return BareStep(cfg, layout, batch, order, mode, objective, backend, device, dtype)
 
-        rows = [row(order, mode, objective, backend) for order, mode, objective in FAMILIES if order in families
-                for backend in backends if backend != "flex" or device.type == "cuda"]
+        layout = init_model_parallel(1, 1)
+        steppers = [stepper(layout, order, mode, objective, backend) for order, mode, objective in FAMILIES
+                    if order in families for backend in backends if backend != "flex" or device.type == "cuda"]
+        rows = measure_rows(steppers, args.steps)
+        del steppers
         trainer = None
         if args.trainer:
             d = run_cfg.diffusion
             recipe = (d.order, d.mode, d.objective, make_backend(cfg.attention_backend).name)
-            trainer = bench_trainer.compare(args, overrides, corpus, lambda: row(*recipe), workdir)
+            trainer = bench_trainer.compare(args, overrides, corpus, lambda layout: stepper(layout, *recipe),
+                                            workdir)
     if device.type == "cpu":  # the peak again after the work: keep the better of the two readings
         later, _ = device_peak(device)
         peak = max(peak, later)
@@ -197,8 +222,8 @@ def summary_lines(result: dict) -> list[str]:
     if "trainer" in result:
         t = result["trainer"]
         lines.append(f"- trainer step ({t['family']}, {t['backend']}, ZeRO-{t['zero_stage']}, 1 process) "
-                     f"{t['trainer_step_s']:.3f} s against the bare step {t['bare_step_s']:.3f} s (before "
-                     f"{t['bare_step_s_before']:.3f}, after {t['bare_step_s_after']:.3f}): "
+                     f"{t['trainer_step_s']:.3f} s against the bare step {t['bare_step_s']:.3f} s (medians, "
+                     f"the two taking turns): "
                      f"{t['trainer_overhead']:.3f}x (target <= 1.10x); fastest steps "
                      f"{t['trainer_overhead_fastest']:.3f}x")
     return lines

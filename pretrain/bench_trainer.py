@@ -3,17 +3,16 @@
 The trainer runs as setdiff-pretrain builds it, ``Trainer(cfg).train()`` on the recipe with
 one process: a prepared corpus read through the DataLoader workers, packed documents with
 document masks, the DeepSpeed engine (ZeRO-1), gradient clipping, EMA, the loss breakdown and
-TensorBoard metrics. Its step times are read from what it logs: with train.log_interval=1
-every step's tokens/s lands in TensorBoard, measured from one progress line to the next (the
-step and its per-step checks, not the logging itself), so tokens per step / tokens/s is that
-step's time. The first step warms up and is left out, as are the final evaluation and save.
+TensorBoard metrics (train.log_interval=1: every step is logged, more than a real run does).
 
-The bare step (bench_train.measure_row: forward, loss, backward, fused AdamW) runs the same
-model shape and family on a micro-batch of the same corpus, once before and once after the
-trainer; the overhead ratio divides by the mean of the two medians, so a change of machine
-load during the run shows in the two readings rather than silently biasing the ratio. The
-ratio of the fastest steps is kept beside it: on a loaded machine noise only adds time, so
-the fastest step of each side is the better estimate of its cost.
+The two sides take turns in one process: before each trainer step, one bare step
+(bench_train.BareStep: forward, loss, backward, fused AdamW on a model of the same shape and
+family, on a micro-batch of the same corpus) runs and is timed on its own. A trainer step is
+the time from the start of its ``train_step`` to the start of the next one (everything the
+training loop does per step: data, engine, EMA, logging), less the bare step run in between.
+So a drift of the machine's speed reaches both sides alike; the first step of each side warms
+up and is left out, as are the final evaluation and save. The ratio of the fastest steps is
+kept beside the median one: on a loaded machine noise only adds time.
 """
 from __future__ import annotations
 
@@ -21,6 +20,7 @@ import contextlib
 import gc
 import pathlib
 import statistics
+import time
 
 TRAINER_OVERRIDES = ["train.grad_accum=1", "train.log_interval=1", "train.eval_interval=0",
                      "train.save_interval=0", "train.eval_batches=1", "train.keep_last=1",
@@ -49,43 +49,42 @@ def corpus_sequences(corpus: pathlib.Path, data_cfg, seq_len: int, micro_batch: 
                           min_sequences=micro_batch), vocab
 
 
-def trainer_step_times(config: str, overrides: list[str], corpus: pathlib.Path, steps: int, micro_batch: int,
-                       workdir: pathlib.Path) -> list[float]:
-    """Seconds of each trainer step after the first, from the tokens/s it logged."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
+def compare(args, overrides: list[str], corpus: pathlib.Path, make_bare, workdir: pathlib.Path) -> dict:
+    """Trainer steps and bare steps (``make_bare(layout)`` builds the bare side), taking turns."""
     from model.config import load_config
     from pretrain.trainer import Trainer
 
-    cfg = load_config(config, overrides + TRAINER_OVERRIDES + [
-        f"data.path={corpus}", f"out_dir={workdir}", f"train.steps={steps + 1}",
-        f"train.micro_batch_size={micro_batch}", f"train.global_batch_size={micro_batch}"])
+    steps = args.steps
+    cfg = load_config(args.config, overrides + TRAINER_OVERRIDES + [
+        f"data.path={corpus}", f"out_dir={workdir}", f"train.steps={steps + 2}",
+        f"train.micro_batch_size={args.micro_batch}", f"train.global_batch_size={args.micro_batch}"])
     with open(workdir / "trainer.log", "w") as log, contextlib.redirect_stdout(log):
         trainer = Trainer(cfg)
-        result = trainer.train()
-        run_dir = trainer.run_dir
-        del trainer
-        gc.collect()
-    if result["steps"] != steps + 1:
-        raise RuntimeError(f"the trainer stopped at step {result['steps']} of {steps + 1}: see {workdir}/trainer.log")
-    events = EventAccumulator(str(run_dir / "tensorboard"))
-    events.Reload()
-    tokens_per_step = micro_batch * cfg.model.seq_len
-    return [tokens_per_step / e.value for e in events.Scalars("train/tokens_per_s") if e.step > 1]
-
-
-def compare(args, overrides: list[str], corpus: pathlib.Path, bare_row, workdir: pathlib.Path) -> dict:
-    """Time the trainer between two bare readings (``bare_row()`` measures one)."""
-    before = bare_row()
-    print(f"  trainer      {before['family']:<12} {before['backend']:<6} ({args.steps} steps after a warm-up)",
+    bare = make_bare(trainer.layout)
+    print(f"  trainer      {bare.order:<12} {bare.backend:<6} ({steps} steps after a warm-up, each after a bare step)",
           flush=True)
-    trainer_times = trainer_step_times(args.config, overrides, corpus, args.steps, args.micro_batch, workdir)
-    after = bare_row()
-    trainer_s = statistics.median(trainer_times)
-    bare_s = (before["step_s"] + after["step_s"]) / 2
-    bare_times = before["step_times_s"] + after["step_times_s"]
-    return {"family": before["family"], "backend": before["backend"], "zero_stage": 1,
+    starts, bare_times = [], []
+    real_step = trainer.train_step
+
+    def train_step(step: int) -> None:
+        if step:  # between trainer steps step - 1 and step: the bare step (the first one warms up)
+            bare_times.append(bare())
+        starts.append(time.perf_counter())
+        real_step(step)
+
+    trainer.train_step = train_step
+    with open(workdir / "trainer.log", "a") as log, contextlib.redirect_stdout(log):
+        result = trainer.train()
+    if result["steps"] != steps + 2:
+        raise RuntimeError(f"the trainer stopped at step {result['steps']} of {steps + 2}: see {workdir}/trainer.log")
+    # trainer step k (1..steps) runs from starts[k] to starts[k + 1], with bare_times[k] run in between
+    trainer_times = [starts[k + 1] - starts[k] - bare_times[k] for k in range(1, steps + 1)]
+    bare_times, family, backend = bare_times[1:], bare.order, bare.backend
+    del trainer, bare
+    gc.collect()
+    trainer_s, bare_s = statistics.median(trainer_times), statistics.median(bare_times)
+    return {"family": family, "backend": backend, "zero_stage": 1,
             "trainer_step_s": trainer_s, "trainer_step_times_s": trainer_times,
-            "bare_step_s": bare_s, "bare_step_s_before": before["step_s"], "bare_step_s_after": after["step_s"],
-            "bare_step_times_s": bare_times, "trainer_overhead": trainer_s / bare_s,
+            "bare_step_s": bare_s, "bare_step_times_s": bare_times, "trainer_overhead": trainer_s / bare_s,
             "trainer_overhead_fastest": min(trainer_times) / min(bare_times)}
+

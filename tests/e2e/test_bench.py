@@ -45,14 +45,13 @@ def test_bench_train_times_every_family_and_the_trainer(tiny_corpus, tmp_path):
     assert 2 - 2 * head / ar["flops_per_step"] < staggered["x_ar_floor"] < 2.0
     assert staggered["x_ar_floor"] == pytest.approx(staggered["flops_per_step"] / ar["flops_per_step"])
 
-    trainer = result["trainer"]  # the recipe's family and backend, timed from the trainer's own log
+    trainer = result["trainer"]  # the recipe's family and backend, bare and trainer steps taking turns
     assert (trainer["family"], trainer["backend"], trainer["zero_stage"]) == ("staggered:4", "tiled", 1)
-    assert len(trainer["trainer_step_times_s"]) == 2 and trainer["trainer_step_s"] > 0
+    assert len(trainer["trainer_step_times_s"]) == len(trainer["bare_step_times_s"]) == 2
+    assert min(trainer["trainer_step_times_s"]) > 0 and min(trainer["bare_step_times_s"]) > 0
     assert result["trainer_overhead"] == pytest.approx(trainer["trainer_step_s"] / trainer["bare_step_s"])
-    assert trainer["bare_step_s"] == pytest.approx((trainer["bare_step_s_before"] + trainer["bare_step_s_after"]) / 2)
     assert trainer["trainer_overhead_fastest"] == pytest.approx(min(trainer["trainer_step_times_s"])
                                                                 / min(trainer["bare_step_times_s"]))
-    assert len(trainer["bare_step_times_s"]) == 4  # 2 steps before the trainer, 2 after
     summary = proc.stdout.split("---- summary")[1]
     assert "| staggered:8 | tiled |" in summary and "x the floor (target <= 1.10x)" in summary
     assert "trainer step (staggered:4, tiled, ZeRO-1, 1 process)" in summary and "Machine: " in summary
