@@ -5,7 +5,7 @@ is stored in (key, arrival) order: arrival is the document's position among the 
 of all parts (ranks, then slices, then documents), which only breaks ties between identical texts.
 
 A corpus of any size is ordered like an external radix sort. One pass over the parts appends a
-32-byte record per document to the file of its split and *group*, the key's top ``bits`` bits,
+36-byte record per document to the file of its split and *group*, the key's top ``bits`` bits,
 flushing a bounded buffer (``BUFFER_DOCS``). Groups are key ranges in increasing order, so the
 records of group 0 sorted, then group 1 sorted, ... are the whole split in order; each group
 holds about ``GROUP_DOCS`` documents, the most this process ever sorts at once. The order does
@@ -24,7 +24,7 @@ import numpy as np
 
 GROUP_DOCS = 1 << 18  # documents sorted at once (~8 MB of records)
 BUFFER_DOCS = 1 << 18  # records buffered before they are appended to the group files
-RECORD = np.dtype([("key", "<u8"), ("arrival", "<u8"), ("part", "<u4"), ("local", "<u4"), ("length", "<i8")])
+RECORD = np.dtype([("key", "<u8"), ("arrival", "<u8"), ("part", "<u4"), ("start", "<i8"), ("length", "<i8")])
 
 
 def mix64(values: np.ndarray, seed: int) -> np.ndarray:
@@ -108,8 +108,9 @@ def plan_shards(records: list[dict], rank_dirs: list[pathlib.Path], directory: p
             rows["key"] = mix64(hashes, seed)
             rows["arrival"] = np.arange(arrival, arrival + keep.size, dtype=np.uint64)
             rows["part"] = first_slice[r] + k
-            rows["local"] = keep
-            rows["length"] = np.diff(np.load(part_dir / "offsets.npy"))[keep]
+            offsets = np.load(part_dir / "offsets.npy")
+            rows["start"] = offsets[:-1][keep]  # in tokens, within the part
+            rows["length"] = np.diff(offsets)[keep]
             arrival += keep.size
             is_val = (hashes % np.uint64(100)) < np.uint64(val_percent)
             for split, member in (("train", ~is_val), ("val", is_val)):

@@ -32,7 +32,6 @@ from data_pipeline.readers import BadInput, content_hash
 from data_pipeline.shard_plan import RECORD, NpyWriter, ShardPlan, plan_shards
 
 ENCODE_BATCH = 256  # documents per encode_batch call: Encoding objects cost ~100 bytes a token
-OPEN_PARTS = 64  # part files a shard writer keeps open
 _worker: dict = {}
 
 
@@ -92,38 +91,43 @@ def read_rank_records(out: pathlib.Path, world: int) -> list[dict]:
     return records
 
 
-def _read_document(part: int, index: int) -> np.ndarray:
-    """One document of a part, read with seek + read: a memory map would leave every page it touched
-    resident in this process, so memory would grow with the corpus."""
-    cache = _worker["parts"]
-    if part not in cache:
-        if len(cache) >= OPEN_PARTS:
-            _, (old, _, _) = cache.popitem(last=False)
-            old.close()
-        path = _worker["plan"].part_dir(part)
-        handle = open(path / "tokens.npy", "rb")
-        version = np.lib.format.read_magic(handle)
-        (np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0)(handle)
-        cache[part] = (handle, handle.tell(), np.load(path / "offsets.npy"))
-    cache.move_to_end(part)
-    handle, start, offsets = cache[part]
-    handle.seek(start + 4 * int(offsets[index]))
-    return np.frombuffer(handle.read(4 * int(offsets[index + 1] - offsets[index])), dtype=np.int32)
+def _read_documents(parts: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> list[np.ndarray]:
+    """Documents given by (part, first token, length), read part by part in file order with seek +
+    read (a memory map would leave every page it touched resident, so memory would grow with the
+    corpus); each part file is opened once per shard."""
+    docs = [None] * len(parts)
+    order = np.lexsort((starts, parts))
+    handle, current, base = None, -1, 0
+    try:
+        for i in order.tolist():
+            if parts[i] != current:
+                if handle is not None:
+                    handle.close()
+                current = int(parts[i])
+                handle = open(_worker["plan"].part_dir(current) / "tokens.npy", "rb")
+                version = np.lib.format.read_magic(handle)
+                (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                 else np.lib.format.read_array_header_2_0)(handle)
+                base = handle.tell()
+            handle.seek(base + 4 * int(starts[i]))
+            docs[i] = np.frombuffer(handle.read(4 * int(lengths[i])), dtype=np.int32)
+    finally:
+        if handle is not None:
+            handle.close()
+    return docs
 
 
 def _start_writer(out: str, plan: ShardPlan) -> None:
-    _worker.update(out=pathlib.Path(out), plan=plan, parts=collections.OrderedDict())
+    _worker.update(out=pathlib.Path(out), plan=plan)
 
 
-def write_shard(split: str, number: int, first: int, part_ids: np.ndarray, local_ids: np.ndarray):
-    """One MDS and one WebDataset shard of the documents (part, index) given, in that order."""
+def write_shard(split: str, number: int, first: int, records: np.ndarray):
+    """One MDS and one WebDataset shard of the documents given (plan records), in that order."""
     import webdataset as wds
     from streaming import MDSWriter
 
     out = _worker["out"]
-    docs = []
-    for part_id, local in zip(part_ids.tolist(), local_ids.tolist()):
-        docs.append(_read_document(part_id, local))
+    docs = _read_documents(records["part"], records["start"], records["length"])
     mds_dir, tmp = out / "mds" / split, out / "mds" / split / f".tmp-{number:05d}"
     shutil.rmtree(tmp, ignore_errors=True)
     size_limit = 2 * sum(d.nbytes + 64 for d in docs) + (1 << 20)  # one file per shard
@@ -157,17 +161,17 @@ def _mds_row(info: dict, split: str, first: int) -> dict:
 
 
 def _shard_tasks(plan: ShardPlan, split: str, docs_per_shard: int, lengths: NpyWriter):
-    """(split, number, first, parts, locals) of each shard of ``split``, cut from its sorted groups."""
+    """(split, number, first, records) of each shard of ``split``, cut from its sorted groups."""
     number = first = 0
     carry = np.zeros(0, dtype=RECORD)
     for group in plan.sorted_groups(split):
         lengths.write(group["length"])
         carry = np.concatenate([carry, group])
         while len(carry) >= docs_per_shard:
-            yield split, number, first, carry["part"][:docs_per_shard].copy(), carry["local"][:docs_per_shard].copy()
+            yield split, number, first, carry[:docs_per_shard].copy()
             number, first, carry = number + 1, first + docs_per_shard, carry[docs_per_shard:]
     if len(carry):
-        yield split, number, first, carry["part"].copy(), carry["local"].copy()
+        yield split, number, first, carry
 
 
 def merge(out: pathlib.Path, world: int, manifest_head: dict, val_percent: int, docs_per_shard: int,
