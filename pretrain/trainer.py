@@ -34,7 +34,7 @@ from pretrain.checkpoint import (EMA_FILE, CheckpointWriter, free_bytes_at, load
                                  save_rank_state, tag_of)
 from pretrain.distributed import init_distributed, init_model_parallel
 from pretrain.ema import EMA
-from pretrain.engine import Engine, use_bf16
+from pretrain.engine import Engine, use_bf16, zero_stage_run
 from pretrain.flops import StageShare, device_peak
 from pretrain.metrics import LossBreakdown, Monitor
 from pretrain.run_dir import RunDirError, claim
@@ -52,6 +52,13 @@ def _stderr(message: str) -> None:
 
 class Preempted(Exception):
     """Raised after a signal-triggered save; the CLI exits with REQUEUE_EXIT_CODE."""
+
+
+def same_layout_record(saved: dict, now: dict) -> bool:
+    """Whether a checkpoint's layout record is this run's, so that DeepSpeed's own state (optimizer,
+    ZeRO partitions) loads as is. Records written before ``zero_stage_run`` existed ran their
+    configured stage."""
+    return {**saved, "zero_stage_run": saved.get("zero_stage_run", saved.get("zero_stage"))} == now
 
 
 class Trainer:
@@ -117,7 +124,8 @@ class Trainer:
         self.num_params_local = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
         self.step = 0
         self.fingerprints = {"data": manifest["fingerprint"], "tokenizer": manifest["tokenizer_sha256"]}
-        same_layout = resume_from is not None and read_trainer_state(resume_from)["layout"] == self._layout_record()
+        same_layout = resume_from is not None and same_layout_record(read_trainer_state(resume_from)["layout"],
+                                                                     self._layout_record())
         if resume_from is not None and not same_layout:  # weights only, before DeepSpeed copies them
             self._load_weights(model, resume_from)
         elif resume_from is None and t.init_from:
@@ -146,7 +154,9 @@ class Trainer:
         if torch.cuda.is_available():
             mem += f", GPU {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB"
         return (f"setdiff: world {dist.get_world_size()} = TP {lay.tensor} x PP {lay.pipeline} x "
-                f"DP {lay.data}, ZeRO-{self.cfg.parallel.zero_stage} | global batch "
+                f"DP {lay.data}, ZeRO-{self.cfg.parallel.zero_stage}"
+                + (f" (run as stage {self.engine.zero_stage}: one DP rank, fp32)"
+                   if self.engine.zero_stage != self.cfg.parallel.zero_stage else "") + " | global batch "
                 f"{t.micro_batch_size * t.grad_accum * lay.data} = micro {t.micro_batch_size} x accum "
                 f"{t.grad_accum} x DP {lay.data} | {m.num_layers} layers, "
                 f"hidden {m.hidden_size}, L {m.seq_len}, vocab {m.vocab_size} | "
@@ -239,7 +249,8 @@ class Trainer:
 
     def _layout_record(self) -> dict:
         p = self.cfg.parallel
-        return {"tensor": p.tensor, "pipeline": p.pipeline, "data": self.layout.data, "zero_stage": p.zero_stage}
+        return {"tensor": p.tensor, "pipeline": p.pipeline, "data": self.layout.data, "zero_stage": p.zero_stage,
+                "zero_stage_run": zero_stage_run(self.cfg, self.layout.data, p.pipeline > 1)}
 
     def save(self) -> pathlib.Path:
         """All ranks: checked for space, written into checkpoints/.partial/<tag>, published atomically
