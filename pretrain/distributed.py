@@ -53,7 +53,7 @@ def init_model_parallel(tensor: int, pipeline: int) -> Layout:
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    cpu_compat.apply()
+    cpu_compat.apply()  # the one place: before any megatron layer is built
     world = dist.get_world_size()
     if world % (tensor * pipeline):
         raise ValueError(f"parallel layout: world size {world} is not divisible by "
