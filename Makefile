@@ -15,7 +15,7 @@ VPY := $(VENV)/bin/python
 DEMO_CONFIG ?= configs/demo_cpu.yaml
 PYTEST_ARGS ?=
 
-.PHONY: env demo test system-deps clean-venv
+.PHONY: env demo test test-fast system-deps clean-venv
 env: $(VENV)/.deps-$(DEPS_HASH)
 
 $(DEPS_ENV)/.complete:
@@ -46,6 +46,10 @@ demo: env
 
 test: env
 	$(VPY) -m pytest $(PYTEST_ARGS)
+
+# The unit tests only (markers in setup.cfg): under a minute, for the edit-test loop.
+test-fast: env
+	$(VPY) -m pytest -m unit $(PYTEST_ARGS)
 
 # Debian packages some tests need beyond Python: a real one-node Slurm (munge, slurmctld,
 # slurmd) for tests/e2e/test_slurm.py. Needs root; without them that test is skipped.

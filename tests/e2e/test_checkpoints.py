@@ -12,14 +12,12 @@ import time
 
 import pytest
 
-from fresh_env import fresh_env, signal_after_step
+from helpers import fresh_env, signal_after_step, tiny_run
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 STEPS = 30
-TINY = ["model.num_layers=2", "model.hidden_size=64", "model.num_heads=4", "model.seq_len=64",
-        "train.micro_batch_size=8", "train.lr=3e-3", "train.warmup_steps=3", "train.log_interval=1",
-        "train.eval_batches=1", "train.ema=0.9", "data.num_workers=2", f"train.steps={STEPS}",
-        "train.lr_schedule=cosine", "train.min_lr=1e-4"]
+TINY = tiny_run("train.lr=3e-3", "train.ema=0.9", "data.num_workers=2", f"train.steps={STEPS}",
+                "train.lr_schedule=cosine", "train.min_lr=1e-4", micro_batch_size=8, warmup_steps=3)
 
 
 def command(corpus, out_dir, *extra):

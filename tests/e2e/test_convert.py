@@ -17,12 +17,11 @@ from pretrain.checkpoint import read_trainer_state
 from pretrain.convert import main as convert_main
 from pretrain.state import load_full_state
 
-from fresh_env import fresh_env
+from helpers import fresh_env, tiny_run
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-TINY = ["model.num_layers=2", "model.hidden_size=64", "model.num_heads=4", "model.seq_len=32",
-        "train.micro_batch_size=4", "train.warmup_steps=1", "train.steps=3", "train.eval_batches=1",
-        "data.num_workers=0", "model.attention_backend=sdpa"]
+TINY = tiny_run("train.steps=3", "data.num_workers=0", "model.attention_backend=sdpa", seq_len=32,
+                log_interval=None)
 
 
 def train_checkpoint(corpus, out_dir, nproc: int, extra=()) -> pathlib.Path:

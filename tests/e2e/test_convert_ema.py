@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from fresh_env import fresh_env
+from helpers import fresh_env
 from test_convert import TINY, train_checkpoint
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
