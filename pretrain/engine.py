@@ -11,24 +11,22 @@ import math
 import torch
 
 from model.config import RunConfig, TrainConfig
+from pretrain.distributed import Layout
 
 
-class MegatronMPU:
-    """The ``mpu`` interface DeepSpeed expects, over megatron-core's parallel_state.
+class LayoutMPU:
+    """The ``mpu`` interface DeepSpeed expects, over the layout's process groups.
 
-    megatron-core 0.16 has no get_model_parallel_rank/world_size (model parallel = TP x PP)
-    nor get_data_parallel_group_ranks; they are derived here. It must not define
-    ``initialize_sequence_parallel``: with it, ZeRO ignores the model-parallel group and
-    clips with wrong norms.
+    megatron-core's names, with model parallel = TP x PP and the data-parallel group ranks
+    derived here. It must not define ``initialize_sequence_parallel``: with it, ZeRO ignores
+    the model-parallel group and clips with wrong norms.
     """
 
-    def __init__(self):
-        from megatron.core import parallel_state
-
-        self.ps = parallel_state
+    def __init__(self, layout: Layout):
+        self.layout = layout
 
     def get_model_parallel_group(self):
-        return self.ps.get_model_parallel_group()
+        return self.layout.mp_group
 
     def get_model_parallel_rank(self):
         return torch.distributed.get_rank(group=self.get_model_parallel_group())
@@ -37,34 +35,34 @@ class MegatronMPU:
         return torch.distributed.get_world_size(group=self.get_model_parallel_group())
 
     def get_data_parallel_group(self):
-        return self.ps.get_data_parallel_group()
+        return self.layout.dp_group
 
     def get_data_parallel_rank(self):
-        return self.ps.get_data_parallel_rank()
+        return torch.distributed.get_rank(group=self.get_data_parallel_group())
 
     def get_data_parallel_world_size(self):
-        return self.ps.get_data_parallel_world_size()
+        return torch.distributed.get_world_size(group=self.get_data_parallel_group())
 
     def get_data_parallel_group_ranks(self):
         return torch.distributed.get_process_group_ranks(self.get_data_parallel_group())
 
     def get_tensor_model_parallel_group(self):
-        return self.ps.get_tensor_model_parallel_group()
+        return self.layout.parallel.tp_group
 
     def get_tensor_model_parallel_rank(self):
-        return self.ps.get_tensor_model_parallel_rank()
+        return torch.distributed.get_rank(group=self.get_tensor_model_parallel_group())
 
     def get_tensor_model_parallel_world_size(self):
-        return self.ps.get_tensor_model_parallel_world_size()
+        return torch.distributed.get_world_size(group=self.get_tensor_model_parallel_group())
 
     def get_pipeline_model_parallel_group(self):
-        return self.ps.get_pipeline_model_parallel_group()
+        return self.layout.pp_group
 
     def get_pipeline_model_parallel_rank(self):
-        return self.ps.get_pipeline_model_parallel_rank()
+        return torch.distributed.get_rank(group=self.get_pipeline_model_parallel_group())
 
     def get_pipeline_model_parallel_world_size(self):
-        return self.ps.get_pipeline_model_parallel_world_size()
+        return torch.distributed.get_world_size(group=self.get_pipeline_model_parallel_group())
 
 
 def lr_lambda(train: TrainConfig):
@@ -122,7 +120,7 @@ class Engine:
     the module's own loss function.
     """
 
-    def __init__(self, model: torch.nn.Module, cfg: RunConfig, dp_size: int):
+    def __init__(self, model: torch.nn.Module, cfg: RunConfig, layout: Layout):
         import deepspeed
         from deepspeed.pipe import PipelineModule
 
@@ -131,9 +129,9 @@ class Engine:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,
             model_parameters=[p for p in model.parameters() if p.requires_grad],
-            config=deepspeed_config(cfg, dp_size),
+            config=deepspeed_config(cfg, layout.data),
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.train)),
-            mpu=None if self.pipelined else MegatronMPU(),  # a PipelineModule brings its own grid
+            mpu=None if self.pipelined else LayoutMPU(layout),  # a PipelineModule brings its own grid
         )
         self._own_clip = clips_outside_deepspeed(cfg)
         self._own_norm: float | None = None

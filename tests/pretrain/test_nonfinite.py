@@ -33,7 +33,7 @@ def test_engine_skips_a_non_finite_update(single_process_layout, stage):
                              f"parallel.zero_stage={stage}", "train.warmup_steps=0", "train.grad_clip=1.0"])
     cfg.model.vocab_size = 20
     model = SetDiffusionTransformer(cfg.model, single_process_layout.parallel, init_seed=0)
-    engine = Engine(model, cfg, dp_size=1)
+    engine = Engine(model, cfg, single_process_layout)
     collate = SetDiffusionCollator(CollatorConfig(order="staggered:2", objective="ordered_ce", mask_id=20))
     tokens = torch.randint(0, 20, (2, 8), generator=torch.Generator().manual_seed(0))
     good = collate(tokens, torch.zeros_like(tokens), step=0)
