@@ -2,7 +2,9 @@
 
 The trainer hands in a model, the run config and the parallel layout; it gets back an
 object with ``forward``/``backward``/``step``, the learning rate, the gradient norm, and
-checkpoint save. Nothing outside this file branches on the ZeRO stage.
+checkpoint save and load. Nothing outside this file branches on the ZeRO stage or touches
+DeepSpeed's parameter partitions: EMA, state gathering and checkpoints ask the functions at
+the end of this file.
 """
 from __future__ import annotations
 
@@ -210,8 +212,6 @@ class Engine:
 
     def load(self, directory: str, tag: str) -> dict:
         """Model, optimizer, ZeRO partitions and LR scheduler, loaded with weights_only=True."""
-        from pretrain.checkpoint import SafeCheckpointEngine, allow_deepspeed_checkpoint_types
-
         allow_deepspeed_checkpoint_types()
         if not isinstance(self.engine.checkpoint_engine, SafeCheckpointEngine):
             self.engine.checkpoint_engine = SafeCheckpointEngine(self.engine.checkpoint_engine)
@@ -224,3 +224,73 @@ class Engine:
         """Point the LR schedule at ``step`` (when only the weights were carried over)."""
         self.scheduler.last_epoch = step - 1
         self.scheduler.step()
+
+
+class SafeCheckpointEngine:
+    """DeepSpeed's torch checkpoint engine, but loading with ``weights_only=True``."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def load(self, path: str, map_location=None):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def allow_deepspeed_checkpoint_types() -> None:
+    """Plain data types DeepSpeed pickles into its checkpoints, allowed for weights_only loads."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    torch.serialization.add_safe_globals([ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler])
+
+
+# ------------------------------------------------------------------ ZeRO-3 parameter partitions
+# Under ZeRO-3 DeepSpeed partitions every parameter over the data-parallel ranks: ``.data`` is an
+# empty placeholder and this rank holds a flat slice of the (tensor-parallel) shard. EMA, state
+# gathering and checkpoints reach those slices through these functions only.
+
+def is_partitioned(p: torch.nn.Parameter) -> bool:
+    """Whether ZeRO-3 partitions ``p``."""
+    return hasattr(p, "ds_id")
+
+
+def local_piece(p: torch.nn.Parameter) -> torch.Tensor:
+    """The part of ``p`` this rank holds: under ZeRO-3 its partition (a flat slice of the
+    tensor-parallel shard, ``.data`` being an empty placeholder), else the shard itself."""
+    return p.ds_tensor if hasattr(p, "ds_tensor") else p.data
+
+
+def shard_shape(p: torch.nn.Parameter) -> torch.Size:
+    """The shape of ``p``'s tensor-parallel shard, partitioned or not."""
+    return p.ds_shape if hasattr(p, "ds_shape") else p.shape
+
+
+def gather_partitions(piece: torch.Tensor, p) -> torch.Tensor:
+    """All ranks' ZeRO-3 partitions of ``p`` (or of a tensor laid out like it) -> the shard.
+    Rank r of ``p``'s partition group holds flat elements [r * n, (r + 1) * n), the last one padded."""
+    pieces = [torch.empty_like(piece) for _ in range(torch.distributed.get_world_size(p.ds_process_group))]
+    torch.distributed.all_gather(pieces, piece.contiguous(), group=p.ds_process_group)
+    return torch.cat(pieces)[: p.ds_numel].view(p.ds_shape)
+
+
+def partition_of(shard: torch.Tensor, p) -> torch.Tensor:
+    """This rank's ZeRO-3 partition of a tensor shaped like ``p``'s shard (gather_partitions' inverse)."""
+    size = p.ds_tensor.ds_numel
+    start = size * torch.distributed.get_rank(group=p.ds_process_group)
+    piece = shard.reshape(-1)[start:start + size]
+    return torch.cat([piece, piece.new_zeros(size - piece.numel())])
+
+
+def refresh_gathered(params: list[torch.nn.Parameter]) -> None:
+    """After the ZeRO-3 partitions changed: re-gather the parameters DeepSpeed holds whole
+    (the persistent small ones) from them, so the next forward sees the new values."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    whole = [p for p in params if is_partitioned(p) and p.ds_status == ZeroParamStatus.AVAILABLE]
+    if whole:
+        whole[0].partition(param_list=whole)  # drop the stale whole copies (the partitions stay)
+        whole[0].all_gather(param_list=whole)
