@@ -91,7 +91,7 @@ def measure_row(cfg, layout, batch: dict, order: str, mode: str, objective: str,
 
 def bench_train(args) -> dict:
     from model.attention import make_backend
-    from model.config import load_config
+    from pretrain.config import load_config
     from pretrain.distributed import init_distributed, init_model_parallel
     from pretrain.flops import device_peak
 

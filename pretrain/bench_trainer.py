@@ -54,7 +54,7 @@ def trainer_step_times(config: str, overrides: list[str], corpus: pathlib.Path, 
     """Seconds of each trainer step after the first, from the tokens/s it logged."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from model.config import load_config
+    from pretrain.config import load_config
     from pretrain.trainer import Trainer
 
     cfg = load_config(config, overrides + TRAINER_OVERRIDES + [

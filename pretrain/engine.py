@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from model.config import RunConfig, TrainConfig
+from pretrain.config import RunConfig, TrainConfig
 from pretrain.distributed import Layout
 
 

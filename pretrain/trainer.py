@@ -19,19 +19,19 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from data_pipeline.collator import CollatorConfig, SetDiffusionCollator, evaluation_objective, share_step_normalizer
+from data_pipeline.collator import CollatorConfig, SetDiffusionCollator
 from data_pipeline.loader import (MicroBatches, ResumableLoader, check_tokenizer, fetch_corpus, open_sequences,
                                   read_manifest)
 from data_pipeline.shard_cache import parse_size
 from data_pipeline.sampler import StepSampler
 from model.attention import make_backend
-from model.config import RunConfig, config_to_dict, resolve_global_batch
-from model.objectives import forward_step
+from model.objectives import evaluation_objective, forward_step, share_step_normalizer
 from model.orders import parse_order_mixture
 from model.pipeline import BlockPipe, HeadPipe, build_pipeline_module, pipeline_name_to_flat
 from model.transformer import ModelParts, SetDiffusionTransformer
 from pretrain.checkpoint import (EMA_FILE, CheckpointWriter, free_bytes_at, load_rank_state, read_trainer_state,
                                  save_rank_state, tag_of)
+from pretrain.config import RunConfig, config_to_dict, resolve_global_batch
 from pretrain.distributed import init_distributed, init_model_parallel
 from pretrain.ema import EMA
 from pretrain.engine import Engine, use_bf16

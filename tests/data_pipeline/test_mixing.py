@@ -8,7 +8,7 @@ import pytest
 
 from data_pipeline.loader import open_sequences, read_manifest
 from data_pipeline.sampler import StepSampler
-from model.config import DataConfig
+from pretrain.config import DataConfig
 
 pytestmark = pytest.mark.slow  # prepares a corpus of 2,000 articles
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from data_pipeline.collator import CollatorConfig, SetDiffusionCollator
-from model.config import config_from_dict
 from model.masks import dense_mask, two_copy_meta
 from model.transformer import SetDiffusionTransformer
 from pretrain.checkpoint import read_trainer_state
+from pretrain.config import config_from_dict
 from pretrain.convert import main as convert_main
 from pretrain.state import load_full_state
 
@@ -71,7 +71,7 @@ def test_reverse_mapping_and_eval(tiny_corpus, tmp_path):
 
     from safetensors.torch import load_file
 
-    from pretrain.evaluate import read_model_dir
+    from pretrain.convert import read_model_dir
 
     checkpoint = train_checkpoint(tiny_corpus, tmp_path, 1)
     out = tmp_path / "hf"

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from helpers import tiny_run
-from model.config import load_config
+from pretrain.config import load_config
 from pretrain.trainer import Trainer
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from data_pipeline.collator import CollatorConfig, SetDiffusionCollator
-from model.config import load_config
 from model.objectives import forward_step
 from model.transformer import SetDiffusionTransformer
+from pretrain.config import load_config
 from pretrain.engine import Engine
 from pretrain.trainer import NonFiniteError, NonFiniteGuard
 
