@@ -3,20 +3,25 @@
 # Third-party packages (torch alone is several GB) live in one shared environment per
 # dependency set, keyed by a hash of setup.cfg's requirements and the constraints file,
 # under $(ENV_ROOT). Each clone gets a small .venv that sees that environment through a
-# .pth file and holds only this project, installed in editable mode.
+# .pth file and holds only this project, installed in editable mode. `make env` registers the
+# clone under $(ENV_ROOT)/clones; `make clean-envs` removes the environments no clone uses.
 
 PYTHON ?= python3
 PIP_CONSTRAINTS ?= requirements/constraints.txt
 ENV_ROOT ?= $(HOME)/.cache/setdiff/envs
-DEPS_HASH := $(shell $(PYTHON) tools/deps.py hash)
+DEPS_HASH := $(shell $(PYTHON) tools/deps.py hash $(PIP_CONSTRAINTS))
+ifeq ($(DEPS_HASH),)
+$(error tools/deps.py could not name the dependency set (PIP_CONSTRAINTS=$(PIP_CONSTRAINTS)))
+endif
 DEPS_ENV := $(ENV_ROOT)/$(DEPS_HASH)
 VENV := .venv
 VPY := $(VENV)/bin/python
 DEMO_CONFIG ?= configs/demo_cpu.yaml
 PYTEST_ARGS ?=
 
-.PHONY: env demo test system-deps clean-venv
+.PHONY: env demo test test-fast system-deps clean-venv clean-envs
 env: $(VENV)/.deps-$(DEPS_HASH)
+	@$(PYTHON) tools/deps.py register $(ENV_ROOT) $(CURDIR)
 
 $(DEPS_ENV)/.complete:
 	mkdir -p $(ENV_ROOT)
@@ -47,6 +52,10 @@ demo: env
 test: env
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
+# The unit tests only (markers in setup.cfg): under a minute, for the edit-test loop.
+test-fast: env
+	$(VPY) -m pytest -m unit $(PYTEST_ARGS)
+
 # Debian packages some tests need beyond Python: a real one-node Slurm (munge, slurmctld,
 # slurmd) for tests/e2e/test_slurm.py. Needs root; without them that test is skipped.
 system-deps:
@@ -58,3 +67,10 @@ system-deps:
 
 clean-venv:
 	rm -rf $(VENV)
+
+# The shared environments under $(ENV_ROOT) that no registered clone uses (a clone registers at
+# `make env`; one that has not run it since cannot be known), never this clone's.
+clean-envs:
+	mkdir -p $(ENV_ROOT)
+	$(PYTHON) tools/deps.py register $(ENV_ROOT) $(CURDIR)
+	flock $(ENV_ROOT)/.lock $(PYTHON) tools/deps.py clean $(ENV_ROOT) $(DEPS_HASH)

@@ -15,6 +15,7 @@ import pathlib
 import numpy as np
 import torch
 
+from data_pipeline import mds_format
 from data_pipeline.collator import SetDiffusionCollator
 from data_pipeline.manifest import SPLITS, check_tokenizer, manifest_path, read_manifest, verify_shards  # noqa: F401
 from data_pipeline.packing import PackedSequences
@@ -27,8 +28,6 @@ def fetch_corpus(remote: str, cache_dir: str = "") -> pathlib.Path:
     files and tokenizer downloaded from the remote into ``<cache>/<key>/corpus``, fetched anew
     each time (a remote re-prepared in place is read as it now is). Returns that directory,
     which then serves as ``data.path``; the shards stay remote."""
-    from streaming.base.storage.download import CloudDownloader
-
     out = cache_root(cache_dir) / source_key(remote, local=False) / "corpus"
     out.mkdir(parents=True, exist_ok=True)
 
@@ -37,7 +36,7 @@ def fetch_corpus(remote: str, cache_dir: str = "") -> pathlib.Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.{os.getpid()}")
         try:
-            CloudDownloader.direct_download(where, str(tmp))
+            mds_format.download(where, str(tmp))
         except Exception as err:  # the downloaders raise their SDKs' own errors
             raise FileNotFoundError(f"data.remote: cannot download {where} ({err}); is {remote} a corpus "
                                     f"prepared by setdiff-prepare?") from None

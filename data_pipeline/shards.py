@@ -37,6 +37,7 @@ import weakref
 
 import numpy as np
 
+from data_pipeline import mds_format
 from data_pipeline.manifest import CorpusError
 from data_pipeline.shard_cache import ShardCache, parse_size
 
@@ -76,12 +77,6 @@ def _atomic_write(path: pathlib.Path, data: bytes) -> None:
     with os.fdopen(fd, "wb") as f:
         f.write(data)
     os.replace(tmp, path)
-
-
-def _xxh64(data: bytes) -> str:
-    from streaming.base.hashing import get_hash
-
-    return get_hash("xxh64", data)
 
 
 def sweep_orphans(root: pathlib.Path, keep: pathlib.Path | None = None) -> None:
@@ -138,7 +133,7 @@ class MDSDocuments(_ShardedDocuments):
         self._check_index(infos)
         self.infos = infos
         self.open_shards = open_shards
-        self._open: collections.OrderedDict[int, tuple[int, mmap.mmap, object]] = collections.OrderedDict()
+        self._open: collections.OrderedDict[int, tuple[int, mmap.mmap]] = collections.OrderedDict()
         self._verified: set[int] = set()
         self._claim_cache()
         sweep_orphans(root, keep=self.cache)
@@ -152,8 +147,6 @@ class MDSDocuments(_ShardedDocuments):
 
     def _download(self, name: str, to: pathlib.Path | None = None) -> pathlib.Path:
         """``name`` of a remote source, downloaded to ``to`` or a private temporary file (the caller removes it)."""
-        from streaming.base.storage.download import CloudDownloader
-
         if to is None:
             self.cache.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.cache, prefix=f".download.{name}.")
@@ -161,7 +154,7 @@ class MDSDocuments(_ShardedDocuments):
             os.unlink(tmp)
             to = pathlib.Path(tmp)
         try:
-            CloudDownloader.direct_download(self._where(name), str(to))
+            mds_format.download(self._where(name), str(to))
         except Exception as err:  # the downloaders raise their SDKs' own errors
             raise CorpusError(f"{self._where(name)}: cannot download ({err})") from None
         return to
@@ -195,6 +188,8 @@ class MDSDocuments(_ShardedDocuments):
         if [fields(i) for i in infos] != listed:
             raise CorpusError(f"{self._where('index.json')}: does not list the shards the corpus manifest lists "
                              f"(the MDS split was rewritten or damaged); re-run setdiff-prepare")
+        for info in infos:
+            mds_format.check_shard_info(info, self._where("index.json"))
 
     def _claim_cache(self) -> None:
         """Mark the cache directory as this source's and drop shards the corpus no longer lists."""
@@ -220,12 +215,10 @@ class MDSDocuments(_ShardedDocuments):
         data = self._read(name, scratch)
         if len(data) != row["bytes"]:
             raise CorpusError(f"{where}: truncated ({len(data)} of {row['bytes']} bytes)")
-        if _xxh64(data) != row["xxh64"]:
+        if mds_format.xxh64(data) != row["xxh64"]:
             raise CorpusError(f"{where}: corrupt (xxh64 does not match the manifest)")
-        from streaming.base.compression import decompress
-
-        data = decompress(info["compression"], data)
-        if len(data) != row["raw"]["bytes"] or _xxh64(data) != row["raw"]["xxh64"]:
+        data = mds_format.decompress(data)
+        if len(data) != row["raw"]["bytes"] or mds_format.xxh64(data) != row["raw"]["xxh64"]:
             raise CorpusError(f"{where}: corrupt (decompresses to other data than the manifest lists)")
         part.write_bytes(data)
 
@@ -235,17 +228,15 @@ class MDSDocuments(_ShardedDocuments):
             self._close_oldest()
 
     def _close_oldest(self) -> None:
-        _, (fd, view, _) = self._open.popitem(last=False)
+        _, (fd, view) = self._open.popitem(last=False)
         view.close()
         os.close(fd)
 
-    def _opened(self, shard: int) -> tuple[mmap.mmap, object]:
+    def _opened(self, shard: int) -> mmap.mmap:
         """The shard's decompressed bytes, mapped from the cache (and checked once per process)."""
         if shard in self._open:
             self._open.move_to_end(shard)
-            return self._open[shard][1:]
-        from streaming.base.format import reader_from_json
-
+            return self._open[shard][1]
         row = self.rows[shard]
         entry = self.cache / "raw" / raw_key(row["raw"])
         download = 0 if self.local is not None else row["bytes"]
@@ -256,7 +247,7 @@ class MDSDocuments(_ShardedDocuments):
                                        download=download, make_room=self.close)
             view = mmap.mmap(fd, 0, prot=mmap.PROT_READ) if os.fstat(fd).st_size else None
             good = view is not None and len(view) == row["raw"]["bytes"] and (
-                shard in self._verified or _xxh64(view[:]) == row["raw"]["xxh64"])
+                shard in self._verified or mds_format.xxh64(view[:]) == row["raw"]["xxh64"])
             if good:
                 break
             if view is not None:
@@ -267,16 +258,14 @@ class MDSDocuments(_ShardedDocuments):
             raise CorpusError(f"{self._where(self.infos[shard]['zip_data']['basename'])}: its cached copy "
                               f"{entry} is damaged again right after being rebuilt")
         self._verified.add(shard)
-        reader = reader_from_json(str(entry.parent), None, self.infos[shard])
-        self._open[shard] = (fd, view, reader)
-        return view, reader
+        self._open[shard] = (fd, view)
+        return view
 
     def document(self, i: int) -> np.ndarray:
         shard, offset = self._locate(i)
-        view, reader = self._opened(shard)
+        view = self._opened(shard)
         begin, end = np.frombuffer(view, np.uint32, count=2, offset=(1 + offset) * 4)
-        sample = reader.decode_sample(view[int(begin):int(end)])
-        return np.asarray(sample["tokens"], dtype=np.int32)
+        return np.asarray(mds_format.decode_tokens(view[int(begin):int(end)]), dtype=np.int32)
 
 
 class WebDatasetDocuments(_ShardedDocuments):

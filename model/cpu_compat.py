@@ -4,28 +4,57 @@ megatron-core 0.16 calls CUDA directly in two ways that matter to us:
 
 1. ``torch.cuda.current_device()`` names the device of buffers it allocates (the
    sequence-parallel gathers in ``tensor_parallel.mappings``, the global memory buffer,
-   the GPU init path of the parallel layers). Without CUDA that call can only raise, so
-   here it names the CPU instead.
+   the GPU init path of the parallel layers). Without CUDA that call can only raise. The
+   modules that make it (``DEVICE_MODULES``) get their own view of ``torch`` whose
+   ``cuda.current_device()`` names the CPU; ``torch.cuda`` itself is left alone (its
+   ``current_device()`` still returns an int, or raises, for everyone else).
 2. The model-parallel RNG tracker (``tensor_parallel.random``) snapshots and restores
    CUDA generator states, used by ``model_parallel_cuda_manual_seed``, by dropout inside
-   tensor-parallel regions and by megatron's activation checkpointing. Here it is
-   replaced by a tracker that keeps one CPU generator state per name and swaps it into
-   the default CPU generator inside ``fork()``.
+   tensor-parallel regions and by megatron's activation checkpointing. Its
+   ``initialize_rng_tracker`` is replaced by one that installs a tracker keeping one CPU
+   generator state per name and swapping it into the default CPU generator inside ``fork()``.
 
-``apply()`` changes nothing when CUDA is present; it is idempotent, and every module that
-builds megatron layers calls it before doing so.
+``apply()`` changes nothing when CUDA is present; it is idempotent, and
+``pretrain.distributed.init_model_parallel`` calls it, before any megatron layer is built.
 """
 from __future__ import annotations
 
 import contextlib
+import importlib
+import types
 
 import torch
+
+# megatron-core modules whose buffers are placed with torch.cuda.current_device()
+DEVICE_MODULES = ("megatron.core.utils", "megatron.core.tensor_parallel.layers",
+                  "megatron.core.tensor_parallel.mappings", "megatron.core.tensor_parallel.utils")
 
 _APPLIED = False
 
 
-def _cpu_current_device() -> torch.device:
-    return torch.device("cpu")
+class _CpuCuda(types.ModuleType):
+    """``torch.cuda`` as the patched megatron modules see it: the CPU is the current device."""
+
+    def __init__(self):
+        super().__init__("torch.cuda")
+
+    def __getattr__(self, name):
+        return getattr(torch.cuda, name)
+
+    @staticmethod
+    def current_device() -> torch.device:
+        return torch.device("cpu")
+
+
+class _TorchForMegatron(types.ModuleType):
+    """``torch`` with ``cuda`` replaced by _CpuCuda; every other name is torch's own."""
+
+    def __init__(self):
+        super().__init__("torch")
+        self.cuda = _CpuCuda()
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
 
 
 def _make_cpu_tracker_class():
@@ -70,7 +99,9 @@ def apply() -> bool:
         return True
     from megatron.core.tensor_parallel import random as mp_random
 
-    torch.cuda.current_device = _cpu_current_device
+    torch_view = _TorchForMegatron()
+    for name in DEVICE_MODULES:
+        importlib.import_module(name).torch = torch_view
     tracker_class = _make_cpu_tracker_class()
     original_initialize = mp_random.initialize_rng_tracker
 

@@ -21,6 +21,7 @@ import torch
 
 from model.attention import make_backend
 from model.masks import causal_meta, two_copy_meta
+from model.objectives import weighted_loss
 from model.transformer import (Block, Embedding, Head, ModelParts, branch_dropout, component_seed, rotary_cos_sin,
                                seeded, vocab_parallel_token_loss)
 
@@ -98,7 +99,7 @@ def pipeline_loss(logits: torch.Tensor, labels, recorder=None) -> torch.Tensor:
     token_ce = vocab_parallel_token_loss(logits, targets)
     if recorder is not None:
         recorder(token_ce.detach(), loss_weight, set_rank, family_id, sequence_normalizer)
-    return (token_ce * loss_weight).sum() / loss_normalizer
+    return weighted_loss(token_ce, loss_weight, loss_normalizer)
 
 
 def build_pipeline_module(parts: ModelParts, num_stages: int, activation_checkpointing: bool, recorder=None):

@@ -25,7 +25,6 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from model import cpu_compat
 from model.attention import AttentionBackend, make_backend
 from model.config import ModelConfig
 from model.dropout import ATTENTION, MLP, BranchDropout
@@ -264,7 +263,6 @@ class ModelParts:
 
     def __init__(self, cfg: ModelConfig, parallel: ParallelContext, *, set_mode: bool, init_seed: int,
                  params_dtype: torch.dtype = torch.float32):
-        cpu_compat.apply()
         if cfg.vocab_size <= 0:
             raise ValueError("model.vocab_size must be set (> 0) before building the model")
         self.cfg, self.parallel, self.set_mode, self.init_seed = cfg, parallel, set_mode, init_seed

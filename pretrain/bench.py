@@ -69,7 +69,7 @@ def collator_rate(order: str, objective: str, seq_len: int, micro_batch: int, wo
 def training_rate(config_path: str, seq_len: int, vocab: int, backend: str | None) -> tuple[float, str, bool]:
     """(sequences/s one fp32 optimizer step of the recipe consumes here, its shape, whether its
     attention backend takes the collator's bit-packed dense mask)."""
-    from model.config import load_config
+    from pretrain.config import load_config
     from data_pipeline.collator import CollatorConfig, SetDiffusionCollator
     from model.attention import make_backend
     from pretrain.distributed import init_distributed, init_model_parallel

@@ -116,7 +116,7 @@ def measure_rows(steppers: list[BareStep], steps: int) -> list[dict]:
 
 def bench_train(args) -> dict:
     from model.attention import make_backend
-    from model.config import load_config
+    from pretrain.config import load_config
     from pretrain.distributed import init_distributed, init_model_parallel
     from pretrain.flops import device_peak
 

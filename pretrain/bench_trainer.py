@@ -51,7 +51,7 @@ def corpus_sequences(corpus: pathlib.Path, data_cfg, seq_len: int, micro_batch: 
 
 def compare(args, overrides: list[str], corpus: pathlib.Path, make_bare, workdir: pathlib.Path) -> dict:
     """Trainer steps and bare steps (``make_bare(layout)`` builds the bare side), taking turns."""
-    from model.config import load_config
+    from pretrain.config import load_config
     from pretrain.trainer import Trainer
 
     steps = args.steps

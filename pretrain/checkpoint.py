@@ -42,17 +42,22 @@ FILES = "files.json"  # every file of the checkpoint and its size, written last
 RANK_FILE = re.compile(r"^rank_\d{5}\.safetensors$")
 
 
+def _fsync_dir(directory: pathlib.Path) -> None:
+    """Make the directory's entries (names created, renamed, removed) durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _fsync_tree(path: pathlib.Path) -> None:
     for item in sorted(path.rglob("*")):
         if item.is_file():
             with open(item, "rb") as f:
                 os.fsync(f.fileno())
     for directory in [path, *[p for p in path.rglob("*") if p.is_dir()]]:
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync_dir(directory)
 
 
 def _write_atomic(path: pathlib.Path, text: str) -> None:
@@ -62,11 +67,7 @@ def _write_atomic(path: pathlib.Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync_dir(path.parent)
 
 
 def tag_of(step: int) -> str:
@@ -196,28 +197,6 @@ def required_state_problems(directory: pathlib.Path, saved: dict, ranks: int, em
     return missing
 
 
-class SafeCheckpointEngine:
-    """DeepSpeed's torch checkpoint engine, but loading with ``weights_only=True``."""
-
-    def __init__(self, inner):
-        self.inner = inner
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def load(self, path: str, map_location=None):
-        return torch.load(path, map_location=map_location, weights_only=True)
-
-
-def allow_deepspeed_checkpoint_types() -> None:
-    """Plain data types DeepSpeed pickles into its checkpoints, allowed for weights_only loads."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    torch.serialization.add_safe_globals([ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler])
-
-
 def rank_file(directory: pathlib.Path, rank: int) -> pathlib.Path:
     return directory / f"rank_{rank:05d}.safetensors"
 
@@ -255,11 +234,7 @@ def publish(partial_dir: pathlib.Path, root: pathlib.Path, keep_last: int, warn=
         os.rename(final, replaced)
         shutil.rmtree(replaced)
     os.rename(partial_dir, final)
-    fd = os.open(root, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync_dir(root)
     _write_atomic(root / "latest", final.name)
     older = [p for p in complete_checkpoints(root) if int(TAG.match(p.name).group(1)) < step]
     later = [p.name for p in complete_checkpoints(root) if int(TAG.match(p.name).group(1)) > step]

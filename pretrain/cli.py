@@ -5,7 +5,8 @@ import argparse
 import sys
 
 
-def main(argv=None) -> int:
+def main(argv=None, trainer_options: dict | None = None) -> int:
+    """``trainer_options``: keyword arguments for the Trainer (tests inject their hooks so)."""
     parser = argparse.ArgumentParser(prog="setdiff-pretrain", description="Pretrain a set diffusion LM.")
     parser.add_argument("--config", required=True, help="YAML recipe, e.g. configs/demo_cpu.yaml")
     parser.add_argument("--resume", help="'auto' (newest complete checkpoint of the run), 'none', or a "
@@ -13,7 +14,7 @@ def main(argv=None) -> int:
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher adds it
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4")
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after --resume
-    from model.config import load_config
+    from pretrain.config import load_config
 
     overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
     try:
@@ -26,7 +27,7 @@ def main(argv=None) -> int:
     from pretrain.trainer import INTERRUPTED_EXIT_CODE, REQUEUE_EXIT_CODE, NonFiniteError, Preempted, Trainer
 
     try:
-        trainer = Trainer(cfg)
+        trainer = Trainer(cfg, **(trainer_options or {}))
     except (ValueError, FileNotFoundError) as err:
         print(f"setdiff-pretrain: error: {err}", file=sys.stderr)
         return 2

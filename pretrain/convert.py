@@ -26,10 +26,11 @@ import tempfile
 
 import torch
 
-from model.config import ModelConfig, config_from_dict
+from model.config import ModelConfig
 from model.orders import parse_order_mixture
 from pretrain.checkpoint import EMA_FILE
 from pretrain.cli_errors import EXPECTED, error_line, error_text, load_tokenizer, load_weights, read_json
+from pretrain.config import config_from_dict
 
 
 def hf_state_dict(full: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -98,6 +99,23 @@ def read_llama_dir(model_dir: pathlib.Path) -> tuple[dict, dict[str, torch.Tenso
     except KeyError as err:
         raise KeyError(f"{model_dir}: the weights lack {err.args[0]}") from None
     return hf, {name: tensor.float() for name, tensor in full.items()}
+
+
+def read_model_dir(model_dir: pathlib.Path) -> tuple[ModelConfig, dict, dict[str, torch.Tensor]]:
+    """(our ModelConfig, the setdiff fields, our full state dict) from a converted directory."""
+    hf, full = read_llama_dir(model_dir)
+    if "setdiff" not in hf:
+        raise ValueError(f"{model_dir / 'config.json'} has no 'setdiff' section: not a set-diffusion model")
+    missing = [key for key in ("hidden_size", "num_attention_heads", "intermediate_size",
+                               "max_position_embeddings", "rope_theta", "rms_norm_eps") if key not in hf]
+    missing += [f"setdiff.{key}" for key in ("mask_token_id", "order", "objective") if key not in hf["setdiff"]]
+    if missing:
+        raise ValueError(f"{model_dir / 'config.json'} lacks {', '.join(missing)}")
+    cfg = ModelConfig(num_layers=hf["num_hidden_layers"], hidden_size=hf["hidden_size"],
+                      num_heads=hf["num_attention_heads"], ffn_hidden_size=hf["intermediate_size"],
+                      vocab_size=hf["setdiff"]["mask_token_id"], seq_len=hf["max_position_embeddings"],
+                      rope_theta=hf["rope_theta"], norm_eps=hf["rms_norm_eps"], attention_backend="auto")
+    return cfg, hf["setdiff"], full
 
 
 def decoding_fields(mode: str, order: str, seq_len: int) -> dict:

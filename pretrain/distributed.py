@@ -1,7 +1,9 @@
 """Process-group set-up: torch.distributed through DeepSpeed, then megatron's layout.
 
 World size 1 is just the smallest layout: a single process still gets a (gloo) process
-group, so the same code paths run from a laptop to a cluster.
+group, so the same code paths run from a laptop to a cluster. This module and
+``model/pipeline.py`` are the only readers of megatron's ``parallel_state``: everything else
+gets its process groups from the ``Layout``.
 """
 from __future__ import annotations
 
@@ -22,23 +24,34 @@ def free_port() -> int:
 
 
 def init_distributed() -> None:
-    """Join (or create, for a lone process) the default process group."""
+    """Join (or create, for a lone process) the default process group. Called at start-up,
+    before anything reads the launcher variables."""
     import deepspeed
     import torch.distributed as dist
 
     if dist.is_initialized():
         return
-    if "RANK" not in os.environ:  # a plain `python ...` run: a world of one
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if "RANK" in os.environ:  # under a launcher: the world it describes
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        deepspeed.init_distributed(dist_backend=backend)
+        return
+    # a plain `python ...` run: a world of one, passed explicitly. DeepSpeed's engine and
+    # PipelineModule read LOCAL_RANK from the environment, the one variable written here.
+    os.environ["LOCAL_RANK"] = "0"
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    deepspeed.init_distributed(dist_backend=backend)
+        torch.cuda.set_device(0)
+    port = os.environ.get("MASTER_PORT") or str(free_port())
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, init_method=f"tcp://127.0.0.1:{port}",
+                               rank=0, world_size=1)
 
 
 @dataclass
 class Layout:
+    """The parallel layout of this rank and every process group the trainer, the engine, the
+    metrics and the checkpoints need."""
+
     tensor: int
     pipeline: int
     data: int
@@ -46,6 +59,11 @@ class Layout:
     dp_group: object
     """The ranks holding other slices of the same global batch (this rank's TP/PP peers see its data)."""
     parallel: ParallelContext
+    """The groups the model itself needs (tensor parallel)."""
+    pp_group: object
+    """The ranks holding the other pipeline stages of this rank's model replica."""
+    mp_group: object
+    """Tensor x pipeline: the ranks holding one model replica between them."""
 
 
 def init_model_parallel(tensor: int, pipeline: int) -> Layout:
@@ -53,7 +71,7 @@ def init_model_parallel(tensor: int, pipeline: int) -> Layout:
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    cpu_compat.apply()
+    cpu_compat.apply()  # the one place: before any megatron layer is built
     world = dist.get_world_size()
     if world % (tensor * pipeline):
         raise ValueError(f"parallel layout: world size {world} is not divisible by "
@@ -66,4 +84,6 @@ def init_model_parallel(tensor: int, pipeline: int) -> Layout:
         tensor=tensor, pipeline=pipeline, data=world // (tensor * pipeline),
         dp_rank=parallel_state.get_data_parallel_rank(), dp_group=parallel_state.get_data_parallel_group(),
         parallel=ParallelContext(tp_group=parallel_state.get_tensor_model_parallel_group()),
+        pp_group=parallel_state.get_pipeline_model_parallel_group(),
+        mp_group=parallel_state.get_model_parallel_group(),
     )

@@ -1,7 +1,7 @@
 """Exponential moving average of the weights, kept in fp32 beside the optimizer.
 
-The shadow holds, per parameter, a copy of what this rank holds (state.local_piece): the
-tensor-parallel shard, or under ZeRO-3 the partition ``ds_tensor``. It is sharded exactly
+The shadow holds, per parameter, a copy of what this rank holds (engine.local_piece): the
+tensor-parallel shard, or under ZeRO-3 this rank's partition of it. It is sharded exactly
 like the weights and its update costs no communication. A checkpoint stores it unsharded
 (``ema.safetensors``, gathered like ``model.safetensors``), so any layout can continue it.
 """
@@ -11,18 +11,7 @@ import contextlib
 
 import torch
 
-from pretrain.state import local_piece
-
-
-def _refresh_zero3_gathered(params: list[torch.nn.Parameter]) -> None:
-    """After the ZeRO-3 partitions changed: re-gather the parameters DeepSpeed holds whole
-    (the persistent small ones) from them, so the next forward sees the new values."""
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
-    whole = [p for p in params if hasattr(p, "ds_id") and p.ds_status == ZeroParamStatus.AVAILABLE]
-    if whole:
-        whole[0].partition(param_list=whole)  # drop the stale whole copies (the partitions stay)
-        whole[0].all_gather(param_list=whole)
+from pretrain.engine import local_piece, refresh_gathered
 
 
 class EMA:
@@ -62,7 +51,7 @@ class EMA:
     def _write(self, tensors: list[torch.Tensor]) -> None:
         for p, tensor in zip(self.params, tensors):
             local_piece(p).copy_(tensor)
-        _refresh_zero3_gathered(self.params)
+        refresh_gathered(self.params)
 
     @contextlib.contextmanager
     def swapped_in(self):

@@ -2,7 +2,9 @@
 
 The trainer hands in a model, the run config and the parallel layout; it gets back an
 object with ``forward``/``backward``/``step``, the learning rate, the gradient norm, and
-checkpoint save. Nothing outside this file branches on the ZeRO stage.
+checkpoint save and load. Nothing outside this file branches on the ZeRO stage or touches
+DeepSpeed's parameter partitions: EMA, state gathering and checkpoints ask the functions at
+the end of this file.
 """
 from __future__ import annotations
 
@@ -10,25 +12,23 @@ import math
 
 import torch
 
-from model.config import RunConfig, TrainConfig
+from pretrain.config import RunConfig, TrainConfig
+from pretrain.distributed import Layout
 
 
-class MegatronMPU:
-    """The ``mpu`` interface DeepSpeed expects, over megatron-core's parallel_state.
+class LayoutMPU:
+    """The ``mpu`` interface DeepSpeed expects, over the layout's process groups.
 
-    megatron-core 0.16 has no get_model_parallel_rank/world_size (model parallel = TP x PP)
-    nor get_data_parallel_group_ranks; they are derived here. It must not define
-    ``initialize_sequence_parallel``: with it, ZeRO ignores the model-parallel group and
-    clips with wrong norms.
+    megatron-core's names, with model parallel = TP x PP and the data-parallel group ranks
+    derived here. It must not define ``initialize_sequence_parallel``: with it, ZeRO ignores
+    the model-parallel group and clips with wrong norms.
     """
 
-    def __init__(self):
-        from megatron.core import parallel_state
-
-        self.ps = parallel_state
+    def __init__(self, layout: Layout):
+        self.layout = layout
 
     def get_model_parallel_group(self):
-        return self.ps.get_model_parallel_group()
+        return self.layout.mp_group
 
     def get_model_parallel_rank(self):
         return torch.distributed.get_rank(group=self.get_model_parallel_group())
@@ -37,34 +37,34 @@ class MegatronMPU:
         return torch.distributed.get_world_size(group=self.get_model_parallel_group())
 
     def get_data_parallel_group(self):
-        return self.ps.get_data_parallel_group()
+        return self.layout.dp_group
 
     def get_data_parallel_rank(self):
-        return self.ps.get_data_parallel_rank()
+        return torch.distributed.get_rank(group=self.get_data_parallel_group())
 
     def get_data_parallel_world_size(self):
-        return self.ps.get_data_parallel_world_size()
+        return torch.distributed.get_world_size(group=self.get_data_parallel_group())
 
     def get_data_parallel_group_ranks(self):
         return torch.distributed.get_process_group_ranks(self.get_data_parallel_group())
 
     def get_tensor_model_parallel_group(self):
-        return self.ps.get_tensor_model_parallel_group()
+        return self.layout.parallel.tp_group
 
     def get_tensor_model_parallel_rank(self):
-        return self.ps.get_tensor_model_parallel_rank()
+        return torch.distributed.get_rank(group=self.get_tensor_model_parallel_group())
 
     def get_tensor_model_parallel_world_size(self):
-        return self.ps.get_tensor_model_parallel_world_size()
+        return torch.distributed.get_world_size(group=self.get_tensor_model_parallel_group())
 
     def get_pipeline_model_parallel_group(self):
-        return self.ps.get_pipeline_model_parallel_group()
+        return self.layout.pp_group
 
     def get_pipeline_model_parallel_rank(self):
-        return self.ps.get_pipeline_model_parallel_rank()
+        return torch.distributed.get_rank(group=self.get_pipeline_model_parallel_group())
 
     def get_pipeline_model_parallel_world_size(self):
-        return self.ps.get_pipeline_model_parallel_world_size()
+        return torch.distributed.get_world_size(group=self.get_pipeline_model_parallel_group())
 
 
 def lr_lambda(train: TrainConfig):
@@ -138,7 +138,7 @@ class Engine:
     the module's own loss function.
     """
 
-    def __init__(self, model: torch.nn.Module, cfg: RunConfig, dp_size: int):
+    def __init__(self, model: torch.nn.Module, cfg: RunConfig, layout: Layout):
         import deepspeed
         from deepspeed.pipe import PipelineModule
 
@@ -147,11 +147,11 @@ class Engine:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,
             model_parameters=[p for p in model.parameters() if p.requires_grad],
-            config=deepspeed_config(cfg, dp_size, self.pipelined),
+            config=deepspeed_config(cfg, layout.data, self.pipelined),
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.train)),
-            mpu=None if self.pipelined else MegatronMPU(),  # a PipelineModule brings its own grid
+            mpu=None if self.pipelined else LayoutMPU(layout),  # a PipelineModule brings its own grid
         )
-        self.zero_stage = zero_stage_run(cfg, dp_size, self.pipelined)
+        self.zero_stage = zero_stage_run(cfg, layout.data, self.pipelined)
         self._own_clip = clips_outside_deepspeed(cfg, self.zero_stage)
         self._own_norm: float | None = None
 
@@ -229,8 +229,6 @@ class Engine:
 
     def load(self, directory: str, tag: str) -> dict:
         """Model, optimizer, ZeRO partitions and LR scheduler, loaded with weights_only=True."""
-        from pretrain.checkpoint import SafeCheckpointEngine, allow_deepspeed_checkpoint_types
-
         allow_deepspeed_checkpoint_types()
         if not isinstance(self.engine.checkpoint_engine, SafeCheckpointEngine):
             self.engine.checkpoint_engine = SafeCheckpointEngine(self.engine.checkpoint_engine)
@@ -243,3 +241,73 @@ class Engine:
         """Point the LR schedule at ``step`` (when only the weights were carried over)."""
         self.scheduler.last_epoch = step - 1
         self.scheduler.step()
+
+
+class SafeCheckpointEngine:
+    """DeepSpeed's torch checkpoint engine, but loading with ``weights_only=True``."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def load(self, path: str, map_location=None):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def allow_deepspeed_checkpoint_types() -> None:
+    """Plain data types DeepSpeed pickles into its checkpoints, allowed for weights_only loads."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    torch.serialization.add_safe_globals([ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler])
+
+
+# ------------------------------------------------------------------ ZeRO-3 parameter partitions
+# Under ZeRO-3 DeepSpeed partitions every parameter over the data-parallel ranks: ``.data`` is an
+# empty placeholder and this rank holds a flat slice of the (tensor-parallel) shard. EMA, state
+# gathering and checkpoints reach those slices through these functions only.
+
+def is_partitioned(p: torch.nn.Parameter) -> bool:
+    """Whether ZeRO-3 partitions ``p``."""
+    return hasattr(p, "ds_id")
+
+
+def local_piece(p: torch.nn.Parameter) -> torch.Tensor:
+    """The part of ``p`` this rank holds: under ZeRO-3 its partition (a flat slice of the
+    tensor-parallel shard, ``.data`` being an empty placeholder), else the shard itself."""
+    return p.ds_tensor if hasattr(p, "ds_tensor") else p.data
+
+
+def shard_shape(p: torch.nn.Parameter) -> torch.Size:
+    """The shape of ``p``'s tensor-parallel shard, partitioned or not."""
+    return p.ds_shape if hasattr(p, "ds_shape") else p.shape
+
+
+def gather_partitions(piece: torch.Tensor, p) -> torch.Tensor:
+    """All ranks' ZeRO-3 partitions of ``p`` (or of a tensor laid out like it) -> the shard.
+    Rank r of ``p``'s partition group holds flat elements [r * n, (r + 1) * n), the last one padded."""
+    pieces = [torch.empty_like(piece) for _ in range(torch.distributed.get_world_size(p.ds_process_group))]
+    torch.distributed.all_gather(pieces, piece.contiguous(), group=p.ds_process_group)
+    return torch.cat(pieces)[: p.ds_numel].view(p.ds_shape)
+
+
+def partition_of(shard: torch.Tensor, p) -> torch.Tensor:
+    """This rank's ZeRO-3 partition of a tensor shaped like ``p``'s shard (gather_partitions' inverse)."""
+    size = p.ds_tensor.ds_numel
+    start = size * torch.distributed.get_rank(group=p.ds_process_group)
+    piece = shard.reshape(-1)[start:start + size]
+    return torch.cat([piece, piece.new_zeros(size - piece.numel())])
+
+
+def refresh_gathered(params: list[torch.nn.Parameter]) -> None:
+    """After the ZeRO-3 partitions changed: re-gather the parameters DeepSpeed holds whole
+    (the persistent small ones) from them, so the next forward sees the new values."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    whole = [p for p in params if is_partitioned(p) and p.ds_status == ZeroParamStatus.AVAILABLE]
+    if whole:
+        whole[0].partition(param_list=whole)  # drop the stale whole copies (the partitions stay)
+        whole[0].all_gather(param_list=whole)

@@ -21,28 +21,8 @@ import sys
 
 import torch
 
-from model.config import ModelConfig
 from pretrain.cli_errors import EXPECTED, at_least, check_decoding_flags, error_line, read_json
 from pretrain.quiet import default_debug_log, third_party_output_to
-
-
-def read_model_dir(model_dir: pathlib.Path) -> tuple[ModelConfig, dict, dict[str, torch.Tensor]]:
-    """(our ModelConfig, the setdiff fields, our full state dict) from a converted directory."""
-    from pretrain.convert import read_llama_dir
-
-    hf, full = read_llama_dir(model_dir)
-    if "setdiff" not in hf:
-        raise ValueError(f"{model_dir / 'config.json'} has no 'setdiff' section: not a set-diffusion model")
-    missing = [key for key in ("hidden_size", "num_attention_heads", "intermediate_size",
-                               "max_position_embeddings", "rope_theta", "rms_norm_eps") if key not in hf]
-    missing += [f"setdiff.{key}" for key in ("mask_token_id", "order", "objective") if key not in hf["setdiff"]]
-    if missing:
-        raise ValueError(f"{model_dir / 'config.json'} lacks {', '.join(missing)}")
-    cfg = ModelConfig(num_layers=hf["num_hidden_layers"], hidden_size=hf["hidden_size"],
-                      num_heads=hf["num_attention_heads"], ffn_hidden_size=hf["intermediate_size"],
-                      vocab_size=hf["setdiff"]["mask_token_id"], seq_len=hf["max_position_embeddings"],
-                      rope_theta=hf["rope_theta"], norm_eps=hf["rms_norm_eps"], attention_backend="auto")
-    return cfg, hf["setdiff"], full
 
 
 def check_corpus_tokenizer(model_dir: pathlib.Path, data: pathlib.Path) -> None:
@@ -76,20 +56,16 @@ def check_corpus_tokenizer(model_dir: pathlib.Path, data: pathlib.Path) -> None:
 @torch.no_grad()
 def evaluate(model_dir: pathlib.Path, data: pathlib.Path, *, order: str | None = None, objective: str | None = None,
              orders: int = 4, batches: int = 8, micro_batch: int = 4, fmt: str = "mds", seed: int = 0) -> dict:
-    from data_pipeline.collator import CollatorConfig, SetDiffusionCollator, evaluation_objective
+    from data_pipeline.collator import CollatorConfig, SetDiffusionCollator
     from data_pipeline.loader import open_sequences
-    from model.objectives import forward_step
-    from model.transformer import SetDiffusionTransformer
-    from pretrain.distributed import init_distributed, init_model_parallel
-    from pretrain.state import load_full_state
+    from model.objectives import evaluation_objective, forward_step
+    from pretrain.convert import read_model_dir
+    from pretrain.standalone import single_process_model
 
     cfg, fields, full = read_model_dir(model_dir)
     check_corpus_tokenizer(model_dir, data)
-    init_distributed()
-    layout = init_model_parallel(1, 1)
     set_mode = fields.get("mode", "set") == "set"
-    model = SetDiffusionTransformer(cfg, layout.parallel, set_mode=set_mode).eval()
-    load_full_state(model, full, layout.parallel.tp_group)
+    model = single_process_model(cfg, set_mode=set_mode, weights=full).eval()
     order = order or fields["order"]
     # a likelihood bound whatever the training loss (masked_ce models report the NELBO)
     objective = evaluation_objective(objective or fields["objective"])

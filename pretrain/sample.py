@@ -41,10 +41,8 @@ MASK_MARKER = re.compile(r"<mask:(\d+)>")
 def load_model(model_dir: pathlib.Path, device: str = "auto"):
     """(model, setdiff fields, tokenizer, eos id or None) from a setdiff-convert directory, on
     ``device`` (auto: CUDA when present, else the CPU)."""
-    from model.transformer import SetDiffusionTransformer
-    from pretrain.distributed import init_distributed, init_model_parallel
-    from pretrain.evaluate import read_model_dir
-    from pretrain.state import load_full_state
+    from pretrain.convert import read_model_dir
+    from pretrain.standalone import single_process_model
 
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model directory {model_dir} does not exist")
@@ -54,10 +52,7 @@ def load_model(model_dir: pathlib.Path, device: str = "auto"):
     tokenizer = load_tokenizer(tokenizer_path)
     cfg, fields, full = read_model_dir(model_dir)
     cfg.attention_backend = "sdpa"  # the recompute reference runs the model's dense-mask path
-    init_distributed()
-    layout = init_model_parallel(1, 1)
-    model = SetDiffusionTransformer(cfg, layout.parallel, set_mode=fields.get("mode", "set") == "set").eval()
-    load_full_state(model, full, layout.parallel.tp_group)
+    model = single_process_model(cfg, set_mode=fields.get("mode", "set") == "set", weights=full).eval()
     model = model.to(resolve_device(device))
     generation = model_dir / "generation_config.json"
     eos_id = read_json(generation).get("eos_token_id") if generation.is_file() else None

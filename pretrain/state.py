@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from pretrain.engine import gather_partitions, is_partitioned, local_piece, partition_of, shard_shape
+
 
 def gather_tensor_parallel(local: torch.Tensor, dim: int, stride: int, tp_group) -> torch.Tensor:
     world = tp_group.size() if tp_group is not None else 1
@@ -19,32 +21,6 @@ def gather_tensor_parallel(local: torch.Tensor, dim: int, stride: int, tp_group)
     dist.all_gather(pieces, local.contiguous(), group=tp_group)
     chunks = [piece.chunk(stride, dim=dim) for piece in pieces]
     return torch.cat([chunks[r][j] for j in range(stride) for r in range(world)], dim=dim)
-
-
-def local_piece(p: torch.nn.Parameter) -> torch.Tensor:
-    """The part of ``p`` this rank holds: under ZeRO-3 its partition ``ds_tensor`` (a flat slice
-    of the tensor-parallel shard, ``.data`` being an empty placeholder), else the shard itself."""
-    return p.ds_tensor if hasattr(p, "ds_tensor") else p.data
-
-
-def _shard_shape(p: torch.nn.Parameter) -> torch.Size:
-    return p.ds_shape if hasattr(p, "ds_shape") else p.shape
-
-
-def _zero3_unpartition(piece: torch.Tensor, p) -> torch.Tensor:
-    """All ranks' ZeRO-3 partitions of ``p`` (or of a tensor laid out like it) -> the shard.
-    Rank r of ``p.ds_process_group`` holds flat elements [r * n, (r + 1) * n), the last one padded."""
-    pieces = [torch.empty_like(piece) for _ in range(dist.get_world_size(p.ds_process_group))]
-    dist.all_gather(pieces, piece.contiguous(), group=p.ds_process_group)
-    return torch.cat(pieces)[: p.ds_numel].view(p.ds_shape)
-
-
-def _zero3_partition(shard: torch.Tensor, p) -> torch.Tensor:
-    """This rank's ZeRO-3 partition of a tensor shaped like ``p``'s shard (the inverse above)."""
-    size = p.ds_tensor.ds_numel
-    start = size * dist.get_rank(group=p.ds_process_group)
-    piece = shard.reshape(-1)[start:start + size]
-    return torch.cat([piece, piece.new_zeros(size - piece.numel())])
 
 
 @torch.no_grad()
@@ -63,8 +39,8 @@ def full_state_dict(module: torch.nn.Module, tp_group, trim_rows: dict[str, int]
         if pieces is not None and name not in pieces:
             continue
         tensor = (local_piece(p) if pieces is None else pieces[name]).detach()
-        if hasattr(p, "ds_id"):
-            tensor = _zero3_unpartition(tensor, p)
+        if is_partitioned(p):
+            tensor = gather_partitions(tensor, p)
         if getattr(p, "tensor_model_parallel", False):
             tensor = gather_tensor_parallel(tensor, p.partition_dim, p.partition_stride, tp_group)
         if name in trim_rows:
@@ -80,16 +56,16 @@ def _tensor_parallel_shard(key: str, tensor: torch.Tensor, p, tp_group) -> torch
     rank = tp_group.rank() if tp_group is not None else 0
     if getattr(p, "tensor_model_parallel", False):
         dim, stride = p.partition_dim, p.partition_stride
-        global_size = _shard_shape(p)[dim] * world
+        global_size = shard_shape(p)[dim] * world
         if tensor.shape[dim] < global_size:  # vocabulary padding
             pad_shape = list(tensor.shape)
             pad_shape[dim] = global_size - tensor.shape[dim]
             tensor = torch.cat([tensor, tensor.new_zeros(pad_shape)], dim=dim)
         chunks = tensor.chunk(world * stride, dim=dim)
         tensor = torch.cat([chunks[j * world + rank] for j in range(stride)], dim=dim)
-    if tensor.shape != _shard_shape(p):
+    if tensor.shape != shard_shape(p):
         raise ValueError(f"checkpoint weight {key} has shape {tuple(tensor.shape)}, the model "
-                         f"{tuple(_shard_shape(p))}")
+                         f"{tuple(shard_shape(p))}")
     return tensor
 
 
@@ -120,5 +96,5 @@ def local_pieces(module: torch.nn.Module, full: dict[str, torch.Tensor], tp_grou
     for name in names:
         p, key = params[name], rename(name)
         shard = _tensor_parallel_shard(key, _full_tensor(full, key).float(), p, tp_group)
-        out[name] = _zero3_partition(shard, p) if hasattr(p, "ds_id") else shard
+        out[name] = partition_of(shard, p) if is_partitioned(p) else shard
     return out

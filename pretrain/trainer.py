@@ -19,19 +19,19 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from data_pipeline.collator import CollatorConfig, SetDiffusionCollator, evaluation_objective, share_step_normalizer
+from data_pipeline.collator import CollatorConfig, SetDiffusionCollator
 from data_pipeline.loader import (MicroBatches, ResumableLoader, check_tokenizer, fetch_corpus, open_sequences,
                                   read_manifest)
 from data_pipeline.shard_cache import parse_size
 from data_pipeline.sampler import StepSampler
 from model.attention import make_backend
-from model.config import RunConfig, config_to_dict, resolve_global_batch
-from model.objectives import forward_step
+from model.objectives import evaluation_objective, forward_step, share_step_normalizer
 from model.orders import parse_order_mixture
 from model.pipeline import BlockPipe, HeadPipe, build_pipeline_module, pipeline_name_to_flat
 from model.transformer import ModelParts, SetDiffusionTransformer
 from pretrain.checkpoint import (EMA_FILE, CheckpointWriter, free_bytes_at, load_rank_state, read_trainer_state,
                                  save_rank_state, tag_of)
+from pretrain.config import RunConfig, config_to_dict, resolve_global_batch
 from pretrain.distributed import init_distributed, init_model_parallel
 from pretrain.ema import EMA
 from pretrain.engine import Engine, use_bf16, zero_stage_run
@@ -62,8 +62,11 @@ def same_layout_record(saved: dict, now: dict) -> bool:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, free_bytes=free_bytes_at):
-        self.cfg = cfg
+    def __init__(self, cfg: RunConfig, free_bytes=free_bytes_at, after_write=None):
+        """``free_bytes(path)``: the free space a save checks (tests simulate a full disk with it).
+        ``after_write(step, partial_dir)``: called on rank 0 once a checkpoint's files are written,
+        before they are published (tests pause there to kill a save midway)."""
+        self.cfg, self.after_write = cfg, after_write
         init_distributed()
         self.layout = init_model_parallel(cfg.parallel.tensor, cfg.parallel.pipeline)
         resolve_global_batch(cfg.train, self.layout.data)
@@ -130,7 +133,7 @@ class Trainer:
             self._load_weights(model, resume_from)
         elif resume_from is None and t.init_from:
             self._init_weights_from(model, pathlib.Path(t.init_from))
-        self.engine = Engine(model, cfg, self.layout.data)
+        self.engine = Engine(model, cfg, self.layout)
         self.ema = EMA(self.engine.module, t.ema) if t.ema > 0 else None
         if resume_from is not None:
             self._resume(resume_from, same_layout)
@@ -170,16 +173,12 @@ class Trainer:
         return {k: v.to(self.engine.device, non_blocking=True) for k, v in batch.items()}
 
     def _dp_mean(self, value: float) -> float:
-        from megatron.core import parallel_state
-
         tensor = torch.tensor([value], dtype=torch.float64, device=self.engine.device)
-        dist.all_reduce(tensor, group=parallel_state.get_data_parallel_group())
+        dist.all_reduce(tensor, group=self.layout.dp_group)
         return float(tensor) / self.layout.data
 
     def _step_window(self) -> StepWindow:
         """The logging window's accounting; FLOPs counted for this rank's share of the model."""
-        from megatron.core import parallel_state
-
         module = self.engine.module
         if self.engine.pipelined:
             share = StageShare(layers=sum(isinstance(m, BlockPipe) for m in module.modules()),
@@ -188,7 +187,7 @@ class Trainer:
         else:
             share = StageShare(layers=self.cfg.model.num_layers, head=True, tensor_parallel=self.layout.tensor)
         counter = FlopCounter(self.cfg.model, share, self.set_mode)
-        return StepWindow(counter, self.engine.device, self.peak_flops, parallel_state.get_data_parallel_group(),
+        return StepWindow(counter, self.engine.device, self.peak_flops, self.layout.dp_group,
                           model_parallel_size=self.layout.tensor * self.layout.pipeline)
 
     def _forward_step(self, batch, model):
@@ -233,8 +232,6 @@ class Trainer:
     def full_state(self, pieces: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """The whole model's weights (or, given ``pieces``, tensors laid out like them: the EMA)
         under the flat model's names, on every rank."""
-        from megatron.core import parallel_state
-
         module, tp_group = self.engine.module, self.layout.parallel.tp_group
         if not self.engine.pipelined:
             return full_state_dict(module, tp_group, module.vocab_parameter_rows(), pieces)
@@ -242,7 +239,7 @@ class Trainer:
         rows = {name: self.cfg.model.vocab_size + 1 for name in ("0.word.weight", f"{n + 1}.output.weight")}
         local = {pipeline_name_to_flat(k, n): v for k, v in full_state_dict(module, tp_group, rows, pieces).items()}
         stages = [None] * self.layout.pipeline
-        dist.all_gather_object(stages, local, group=parallel_state.get_pipeline_model_parallel_group())
+        dist.all_gather_object(stages, local, group=self.layout.pp_group)
         return {k: v for stage in stages for k, v in stage.items()}
 
     # -------------------------------------------------------------------------- checkpoints
@@ -279,9 +276,8 @@ class Trainer:
                              "layout": self._layout_record(), "world_size": dist.get_world_size(),
                              "fingerprints": self.fingerprints, "data_state": data_states}
             (partial / "trainer.json").write_text(json.dumps(trainer_state, indent=2))
-            pause = os.environ.get("SETDIFF_SAVE_PAUSE", "")  # "STEP:SECONDS", for crash-safety tests
-            if pause and int(pause.split(":")[0]) == self.step:
-                time.sleep(float(pause.split(":")[1]))
+            if self.after_write is not None:
+                self.after_write(self.step, partial)
 
     def _from_rank0(self, value):
         """Rank 0's ``value`` on every rank."""

@@ -1,5 +1,6 @@
-"""Shared fixtures. Single-process tests get a world of one (gloo) with megatron's
-parallel_state initialized, exactly as the trainer sets it up for one process."""
+"""Shared fixtures, and each test's kind. Single-process tests get a world of one (gloo) with
+megatron's parallel_state initialized, exactly as the trainer sets it up for one process.
+Helpers for tests that start processes live in helpers.py."""
 from __future__ import annotations
 
 import json
@@ -9,9 +10,23 @@ import pathlib
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
+TESTS = pathlib.Path(__file__).resolve().parent
+FIXTURES = TESTS / "fixtures"
+# a test's kind follows its folder (the markers are registered in setup.cfg); a test in a unit
+# folder that trains, prepares corpora, starts processes or decodes at length is marked slow
+# instead, and is not a unit test
+KIND_OF_FOLDER = {"model": "unit", "data_pipeline": "unit", "pretrain": "unit",
+                  "distributed": "distributed", "e2e": "e2e", "gpu": "e2e"}
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        parts = item.path.resolve().relative_to(TESTS).parts
+        kind = KIND_OF_FOLDER.get(parts[0]) if len(parts) > 1 else "unit"  # tests/*.py: the whole tree's checks
+        if kind is not None and not (kind == "unit" and item.get_closest_marker("slow")):
+            item.add_marker(kind)
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from data_pipeline.collator import CollatorConfig, SetDiffusionCollator, share_step_normalizer
+from data_pipeline.collator import CollatorConfig, SetDiffusionCollator
+from model.objectives import share_step_normalizer
 from model.orders import set_order
 
 MASK = 50

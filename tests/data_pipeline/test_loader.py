@@ -13,6 +13,7 @@ from data_pipeline.loader import MicroBatches, ResumableLoader, open_sequences, 
 from data_pipeline.sampler import StepSampler
 from model.masks import dense_mask, flex_block_mask, block_mask_to_dense, two_copy_meta, unpack_bits
 
+pytestmark = pytest.mark.slow  # a prepared corpus read through DataLoader worker processes
 L = 64
 
 

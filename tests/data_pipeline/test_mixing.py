@@ -8,7 +8,9 @@ import pytest
 
 from data_pipeline.loader import open_sequences, read_manifest
 from data_pipeline.sampler import StepSampler
-from model.config import DataConfig
+from pretrain.config import DataConfig
+
+pytestmark = pytest.mark.slow  # prepares a corpus of 2,000 articles
 
 L, MICRO, GAS, DP = 64, 8, 2, 4  # a global batch of 64 sequences
 

@@ -12,6 +12,8 @@ from data_pipeline.embedded_corpus import PACKAGE, locate_corpus
 from data_pipeline.loader import check_tokenizer, open_documents, read_manifest
 from data_pipeline.prepare import BadInput, main, prepare
 
+pytestmark = pytest.mark.slow  # prepares corpora
+
 TEXTS = ["The cat sat on the mat.", "A second document, with ümlauts and emoji 🙂.",
          "Third: " + "many words " * 200, "Short."]
 

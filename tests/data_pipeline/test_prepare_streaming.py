@@ -20,6 +20,7 @@ from data_pipeline.loader import open_documents, read_manifest
 from data_pipeline.prepare import TEST_EXIT_AFTER_SLICES, merge_ranks, prepare, train_tokenizer
 from data_pipeline.readers import BadInput, iter_documents, tokenizer_sample
 
+pytestmark = pytest.mark.slow  # prepares corpora, one of them in a process it kills
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 

@@ -18,7 +18,9 @@ from data_pipeline.loader import MicroBatches, ResumableLoader, open_documents, 
 from data_pipeline.manifest import CorpusError
 from data_pipeline.sampler import StepSampler
 from data_pipeline.shard_cache import parse_size
-from model.config import config_from_dict, validate
+from pretrain.config import config_from_dict, validate
+
+pytestmark = pytest.mark.slow  # prepared corpora read through DataLoader worker processes
 
 L = 64
 

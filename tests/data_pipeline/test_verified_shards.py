@@ -13,6 +13,8 @@ from data_pipeline.embedded_corpus import locate_corpus, read_articles
 from data_pipeline.loader import check_tokenizer, open_documents, open_sequences, read_manifest
 from data_pipeline.prepare import BadInput, prepare
 
+pytestmark = pytest.mark.slow  # prepares a corpus per test
+
 
 def articles(first: int, count: int) -> list[str]:
     texts = [text for _, text in read_articles(locate_corpus())]

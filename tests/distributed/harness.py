@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 import tempfile
+
+from pretrain.distributed import free_port
 
 RUNNER = r"""
 import importlib.util, json, os, sys, torch
@@ -32,17 +33,11 @@ os._exit(0)  # skip interpreter teardown, where C++ helper threads have aborted 
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_distributed(fn: str, world_size: int, timeout: float = 600, **kwargs) -> list:
     import torch
 
     path, name = fn.rsplit(":", 1)
-    port = str(_free_port())
+    port = str(free_port())
     root = pathlib.Path(__file__).resolve().parents[2]
     with tempfile.TemporaryDirectory() as out:
         procs = []

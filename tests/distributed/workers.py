@@ -18,7 +18,7 @@ def train_layout(data_path: str, out_dir: str, overrides: list[str]) -> dict:
     """Train a tiny model under the layout the overrides give; return losses, norms, weights."""
     import torch.distributed as dist
 
-    from model.config import load_config
+    from pretrain.config import load_config
     from pretrain.trainer import Trainer
 
     base = ["model.num_layers=2", "model.hidden_size=64", "model.num_heads=4", "model.seq_len=32",

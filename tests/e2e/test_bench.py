@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from fresh_env import fresh_env
+from helpers import fresh_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 

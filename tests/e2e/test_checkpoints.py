@@ -12,18 +12,18 @@ import time
 
 import pytest
 
-from fresh_env import fresh_env, signal_after_step
+from helpers import fresh_env, signal_after_step, tiny_run
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 STEPS = 30
-TINY = ["model.num_layers=2", "model.hidden_size=64", "model.num_heads=4", "model.seq_len=64",
-        "train.micro_batch_size=8", "train.lr=3e-3", "train.warmup_steps=3", "train.log_interval=1",
-        "train.eval_batches=1", "train.ema=0.9", "data.num_workers=2", f"train.steps={STEPS}",
-        "train.lr_schedule=cosine", "train.min_lr=1e-4"]
+TINY = tiny_run("train.lr=3e-3", "train.ema=0.9", "data.num_workers=2", f"train.steps={STEPS}",
+                "train.lr_schedule=cosine", "train.min_lr=1e-4", micro_batch_size=8, warmup_steps=3)
 
 
-def command(corpus, out_dir, *extra):
-    return [sys.executable, "-m", "pretrain.cli", "--config", str(ROOT / "configs/demo_cpu.yaml"),
+def command(corpus, out_dir, *extra, pause: str | None = None):
+    """``pause`` "STEP:SECONDS": the run sleeps in that step's save, files written, before publishing."""
+    entry = ["-m", "pretrain.cli"] if pause is None else [str(ROOT / "tests/e2e/save_pause.py"), *pause.split(":")]
+    return [sys.executable, *entry, "--config", str(ROOT / "configs/demo_cpu.yaml"),
             f"data.path={corpus}", f"out_dir={out_dir}", "name=run", *TINY, *extra]
 
 
@@ -67,9 +67,8 @@ def test_stop_and_resume_is_bit_exact(tiny_corpus, tmp_path, straight):
 
 
 def test_sigkill_during_a_save_leaves_the_previous_checkpoint(tiny_corpus, tmp_path, straight):
-    env = environment(SETDIFF_SAVE_PAUSE="10:600")
-    proc = subprocess.Popen(command(tiny_corpus, tmp_path, "train.save_interval=10"), cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(command(tiny_corpus, tmp_path, "train.save_interval=10", pause="10:600"), cwd=ROOT,
+                            env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     partial = tmp_path / "run" / "checkpoints" / ".partial" / "step_0000010" / "trainer.json"
     deadline = time.time() + 300
     while not partial.exists() and time.time() < deadline and proc.poll() is None:
@@ -80,8 +79,9 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint(tiny_corpus, tmp_p
     checkpoints = tmp_path / "run" / "checkpoints"
     assert not (checkpoints / "step_0000010").exists() and not (checkpoints / "latest").exists()
     # nothing complete yet: a fresh start; then crash the second save and resume from the first
-    proc = subprocess.Popen(command(tiny_corpus, tmp_path, "train.save_interval=10", "--resume", "auto"),
-                            cwd=ROOT, env=environment(SETDIFF_SAVE_PAUSE="20:600"),
+    proc = subprocess.Popen(command(tiny_corpus, tmp_path, "train.save_interval=10", "--resume", "auto",
+                                    pause="20:600"),
+                            cwd=ROOT, env=environment(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     partial = checkpoints / ".partial" / "step_0000020" / "trainer.json"
     deadline = time.time() + 300
@@ -154,8 +154,8 @@ def digest(directory: pathlib.Path) -> dict[str, str]:
 
 
 def test_a_second_trainer_on_a_run_stops_and_the_first_finishes_untouched(tiny_corpus, tmp_path, straight):
-    first = subprocess.Popen(command(tiny_corpus, tmp_path), cwd=ROOT, stdout=subprocess.PIPE,
-                             stderr=subprocess.DEVNULL, text=True, env=environment(SETDIFF_SAVE_PAUSE=f"{STEPS}:15"))
+    first = subprocess.Popen(command(tiny_corpus, tmp_path, pause=f"{STEPS}:15"), cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True, env=environment())
     for line in first.stdout:
         if line.startswith("step      1/"):
             break
@@ -196,8 +196,8 @@ def test_ctrl_c_saves_like_sigterm_and_a_second_one_exits_at_once(tiny_corpus, t
     fresh = run(tiny_corpus, again, "--resume", "auto", "train.stop_at_step=1")
     assert "no loadable checkpoint" in fresh.stderr and "starting fresh at step 0" in fresh.stderr
     saved = digest(again / "run" / "checkpoints" / "step_0000001")
-    proc = subprocess.Popen(command(tiny_corpus, again, "--resume", "auto", "train.save_interval=3"), cwd=ROOT,
-                            env=environment(SETDIFF_SAVE_PAUSE="3:60"), start_new_session=True,
+    proc = subprocess.Popen(command(tiny_corpus, again, "--resume", "auto", "train.save_interval=3", pause="3:60"),
+                            cwd=ROOT, env=environment(), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     partial = again / "run" / "checkpoints" / ".partial" / "step_0000003" / "trainer.json"
     deadline = time.time() + 300

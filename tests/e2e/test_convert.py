@@ -10,19 +10,18 @@ import pytest
 import torch
 
 from data_pipeline.collator import CollatorConfig, SetDiffusionCollator
-from model.config import config_from_dict
 from model.masks import dense_mask, two_copy_meta
 from model.transformer import SetDiffusionTransformer
 from pretrain.checkpoint import read_trainer_state
+from pretrain.config import config_from_dict
 from pretrain.convert import main as convert_main
 from pretrain.state import load_full_state
 
-from fresh_env import fresh_env
+from helpers import fresh_env, tiny_run
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-TINY = ["model.num_layers=2", "model.hidden_size=64", "model.num_heads=4", "model.seq_len=32",
-        "train.micro_batch_size=4", "train.warmup_steps=1", "train.steps=3", "train.eval_batches=1",
-        "data.num_workers=0", "model.attention_backend=sdpa"]
+TINY = tiny_run("train.steps=3", "data.num_workers=0", "model.attention_backend=sdpa", seq_len=32,
+                log_interval=None)
 
 
 def train_checkpoint(corpus, out_dir, nproc: int, extra=()) -> pathlib.Path:
@@ -72,7 +71,7 @@ def test_reverse_mapping_and_eval(tiny_corpus, tmp_path):
 
     from safetensors.torch import load_file
 
-    from pretrain.evaluate import read_model_dir
+    from pretrain.convert import read_model_dir
 
     checkpoint = train_checkpoint(tiny_corpus, tmp_path, 1)
     out = tmp_path / "hf"

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from fresh_env import fresh_env
+from helpers import fresh_env
 from test_convert import TINY, train_checkpoint
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -45,7 +45,7 @@ def mixture_run(tiny_corpus, tmp_path_factory) -> pathlib.Path:
 
 def initial_weights(run: pathlib.Path, layout) -> dict[str, torch.Tensor]:
     """The weights before step 1: the recipe's initialization, built again from its seed."""
-    from model.config import config_from_dict
+    from pretrain.config import config_from_dict
     from model.transformer import SetDiffusionTransformer
     from pretrain.checkpoint import read_trainer_state
     from pretrain.state import full_state_dict
@@ -81,7 +81,7 @@ def test_validation_logs_the_ema_loss(mixture_run):
 
 
 def test_convert_writes_the_ema_by_default_and_the_raw_weights_on_request(mixture_run, tmp_path):
-    from pretrain.evaluate import read_model_dir
+    from pretrain.convert import read_model_dir
 
     checkpoint = mixture_run / "checkpoints" / "step_0000003"
     shadow, raw = read(checkpoint / "ema.safetensors"), read(checkpoint / "model.safetensors")
@@ -99,7 +99,7 @@ def test_convert_writes_the_ema_by_default_and_the_raw_weights_on_request(mixtur
 def test_a_mixture_converts_loads_in_transformers_and_samples(mixture_run, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from model.config import config_from_dict
+    from pretrain.config import config_from_dict
     from pretrain.checkpoint import read_trainer_state
     from pretrain.convert import hf_state_dict
 

@@ -11,13 +11,11 @@ import sys
 
 import pytest
 
-from fresh_env import fresh_env
+from helpers import fresh_env, tiny_run
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-TINY = ["model.num_layers=2", "model.hidden_size=64", "model.num_heads=4", "model.seq_len=64",
-        "train.micro_batch_size=4", "train.lr=3e-3", "train.warmup_steps=1", "train.log_interval=1",
-        "train.eval_batches=1", "train.eval_interval=0", "train.save_interval=0", "train.steps=3",
-        "data.num_workers=0"]
+TINY = tiny_run("train.lr=3e-3", "train.eval_interval=0", "train.save_interval=0", "train.steps=3",
+                "data.num_workers=0")
 
 
 def run(module: str, args: list[str], cache: pathlib.Path) -> subprocess.CompletedProcess:

@@ -7,7 +7,7 @@ import json
 import subprocess
 import sys
 
-from fresh_env import fresh_env
+from helpers import fresh_env
 from pretrain.convert import main as convert_main
 from test_convert import ROOT, train_checkpoint
 

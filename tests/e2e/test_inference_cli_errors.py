@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from fresh_env import fresh_env
+from helpers import fresh_env
 from test_convert import train_checkpoint
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]

@@ -5,26 +5,17 @@ import json
 import os
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
 
-from fresh_env import fresh_env, signal_after_step
+from helpers import free_port, fresh_env, signal_after_step, tiny_run
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-TINY = ["model.num_layers=2", "model.hidden_size=64", "model.num_heads=4", "model.seq_len=64",
-        "train.micro_batch_size=4", "train.warmup_steps=1", "train.log_interval=1", "train.eval_batches=1",
-        "data.num_workers=0"]
+TINY = tiny_run("data.num_workers=0")
 
 
 def clean_env(**extra):
     return fresh_env(PYTHON=sys.executable, **extra)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_multinode_dry_run_assembles_torchrun():

@@ -8,12 +8,11 @@ import sys
 
 import pytest
 
-from fresh_env import fresh_env
+from helpers import fresh_env, tiny_run
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-TINY = ["model.num_layers=2", "model.hidden_size=64", "model.num_heads=4", "model.seq_len=64",
-        "train.micro_batch_size=8", "train.lr=3e-3", "train.warmup_steps=5", "train.log_interval=5",
-        "train.eval_batches=2", "train.ema=0.9"]
+TINY = tiny_run("train.lr=3e-3", "train.ema=0.9", micro_batch_size=8, warmup_steps=5, log_interval=5,
+                eval_batches=2)
 
 
 def pretrain(args, timeout=600):
@@ -107,11 +106,10 @@ def test_reference_recipes_train_end_to_end(tiny_corpus, tmp_path, recipe):
     """Each OWT recipe, shrunk to CPU size but with its diffusion, dropout, EMA and global-batch
     settings, trains through the CLI and validates on the NELBO / next-token loss."""
     cmd = [sys.executable, "-m", "pretrain.cli", "--config", str(ROOT / f"configs/{recipe}.yaml"),
-           f"data.path={tiny_corpus}", f"out_dir={tmp_path}", "name=run", "model.num_layers=2",
-           "model.hidden_size=64", "model.num_heads=4", "model.ffn_hidden_size=0", "model.seq_len=64",
-           "model.attention_backend=tiled", "train.micro_batch_size=4", "train.global_batch_size=8",
-           "train.steps=4", "train.warmup_steps=2", "train.log_interval=1", "train.eval_interval=0",
-           "train.eval_batches=1", "train.save_interval=0", "parallel.zero_stage=0", "data.num_workers=0"]
+           f"data.path={tiny_corpus}", f"out_dir={tmp_path}", "name=run",
+           *tiny_run("model.ffn_hidden_size=0", "model.attention_backend=tiled", "train.global_batch_size=8",
+                     "train.steps=4", "train.eval_interval=0", "train.save_interval=0", "parallel.zero_stage=0",
+                     "data.num_workers=0", warmup_steps=2)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=fresh_env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "global batch 8 = micro 4 x accum 2 x DP 1" in proc.stdout

@@ -11,13 +11,11 @@ import time
 import pytest
 
 import slurm_cluster
-from fresh_env import fresh_env
+from helpers import fresh_env, tiny_run
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 STEPS = 40
-TINY = ["model.num_layers=2", "model.hidden_size=64", "model.num_heads=4", "model.seq_len=64",
-        "train.micro_batch_size=4", "train.warmup_steps=2", "train.log_interval=1", "train.eval_batches=1",
-        "data.num_workers=1", f"train.steps={STEPS}"]
+TINY = tiny_run("data.num_workers=1", f"train.steps={STEPS}", warmup_steps=2)
 
 pytestmark = pytest.mark.skipif(not slurm_cluster.available(),
                                 reason="needs root and Debian's slurmctld/slurmd/munge (.ci/run installs them)")

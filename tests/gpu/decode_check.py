@@ -11,8 +11,7 @@ import torch
 
 from model.config import ModelConfig
 from model.sampling import DecodeConfig, generate
-from model.transformer import SetDiffusionTransformer
-from pretrain.distributed import init_distributed, init_model_parallel
+from pretrain.standalone import single_process_model
 
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16, 17]]
 
@@ -22,11 +21,9 @@ def main() -> int:
     parser.add_argument("--cpu", action="store_true")
     args = parser.parse_args()
     device = torch.device("cpu" if args.cpu else "cuda")
-    init_distributed()
-    layout = init_model_parallel(1, 1)
     cfg = ModelConfig(num_layers=2, hidden_size=64, num_heads=4, vocab_size=97, seq_len=64,
                       attention_backend="sdpa", init_std=0.05)
-    model = SetDiffusionTransformer(cfg, layout.parallel, init_seed=0).eval().to(device)
+    model = single_process_model(cfg).eval().to(device)
     failures = 0
     for order, tau in (("staggered:4", 1.0), ("staggered:4", 1e-3), ("block:4", 1e-3), ("ar", 1.0)):
         runs = {}

@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from fresh_env import fresh_env
+from helpers import fresh_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 

@@ -11,6 +11,7 @@ from model.orders import parse_order, sample_set_rank
 from model.sampling import DecodeConfig, decode_canvases, generate, sample_top_p
 from model.transformer import SetDiffusionTransformer
 
+pytestmark = pytest.mark.slow  # decodes every step of several orders, cached and recomputed
 V = 97  # real vocabulary; [MASK] = 97
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16, 17]]
 

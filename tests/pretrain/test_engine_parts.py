@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from model.config import load_config
+from pretrain.config import load_config
 from pretrain.ema import EMA
 from pretrain.engine import clips_outside_deepspeed, deepspeed_config, lr_lambda
 

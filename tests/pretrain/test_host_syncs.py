@@ -17,7 +17,8 @@ import traceback
 import pytest
 import torch
 
-from model.config import load_config
+from helpers import tiny_run
+from pretrain.config import load_config
 from pretrain.trainer import Trainer
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -59,13 +60,13 @@ def test_the_counter_sees_each_kind_of_read_back():
     assert [name for name, _ in counter.seen] == list(READ_BACKS)
 
 
+@pytest.mark.slow  # a real Trainer
 @pytest.mark.parametrize("backend", ["sdpa"])
 def test_no_read_back_inside_the_micro_batch_loop(tiny_corpus, tmp_path, backend):
     cfg = load_config(None, [
-        f"data.path={tiny_corpus}", f"out_dir={tmp_path}", "name=run", "model.num_layers=2", "model.hidden_size=64",
-        "model.num_heads=4", "model.seq_len=32", f"model.attention_backend={backend}", "train.precision=fp32",
-        "train.micro_batch_size=2", "train.grad_accum=4", "train.steps=2", "train.warmup_steps=1",
-        "train.log_interval=2", "train.eval_batches=1", "data.num_workers=0", "parallel.zero_stage=1"])
+        f"data.path={tiny_corpus}", f"out_dir={tmp_path}", "name=run",
+        *tiny_run(f"model.attention_backend={backend}", "train.precision=fp32", "train.grad_accum=4", "train.steps=2",
+                  "data.num_workers=0", "parallel.zero_stage=1", seq_len=32, micro_batch_size=2, log_interval=2)])
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
     counter = ReadBackCounter()
     trainer = Trainer(cfg)

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from data_pipeline.collator import CollatorConfig, SetDiffusionCollator
-from model.config import load_config
 from model.objectives import forward_step
 from model.transformer import SetDiffusionTransformer
 from pretrain import engine as engine_module
+from pretrain.config import load_config
 from pretrain.engine import Engine
 from pretrain.trainer import NonFiniteError, NonFiniteGuard
 
@@ -37,7 +37,7 @@ def test_engine_skips_a_non_finite_update(single_process_layout, stage, monkeypa
                              f"parallel.zero_stage={stage}", "train.warmup_steps=0", "train.grad_clip=1.0"])
     cfg.model.vocab_size = 20
     model = SetDiffusionTransformer(cfg.model, single_process_layout.parallel, init_seed=0)
-    engine = Engine(model, cfg, dp_size=1)
+    engine = Engine(model, cfg, single_process_layout)
     assert engine.zero_stage == stage
     collate = SetDiffusionCollator(CollatorConfig(order="staggered:2", objective="ordered_ce", mask_id=20))
     tokens = torch.randint(0, 20, (2, 8), generator=torch.Generator().manual_seed(0))

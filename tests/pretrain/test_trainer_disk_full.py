@@ -8,20 +8,20 @@ import signal
 
 import pytest
 
-from model.config import load_config
+from helpers import tiny_run
 from pretrain.checkpoint import NoSpaceError
+from pretrain.config import load_config
 from pretrain.trainer import Trainer
 from test_checkpoint_safety import digest, size_of
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow  # a real Trainer
 def test_a_save_that_would_not_fit_stops_and_keeps_the_last_checkpoint(tiny_corpus, tmp_path):
     cfg = load_config(ROOT / "configs/demo_cpu.yaml", [
-        f"data.path={tiny_corpus}", f"out_dir={tmp_path}", "name=run", "model.num_layers=2", "model.hidden_size=64",
-        "model.num_heads=4", "model.seq_len=64", "train.micro_batch_size=4", "train.steps=3", "train.warmup_steps=1",
-        "train.save_interval=1", "train.log_interval=1", "train.eval_batches=1", "train.ema=0.9",
-        "data.num_workers=0"])
+        f"data.path={tiny_corpus}", f"out_dir={tmp_path}", "name=run",
+        *tiny_run("train.steps=3", "train.save_interval=1", "train.ema=0.9", "data.num_workers=0")])
     checkpoints = tmp_path / "run" / "checkpoints"
     asked, before = [], {}
 

@@ -8,7 +8,7 @@ import signal
 import pytest
 import torch
 
-from model.config import load_config
+from pretrain.config import load_config
 from pretrain import engine as engine_module
 from pretrain.engine import zero_stage_run
 from pretrain.trainer import Trainer, same_layout_record

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from model.config import RunConfig, config_to_dict, load_config
+from pretrain.config import RunConfig, config_to_dict, load_config
 
 CONFIGS = sorted((pathlib.Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 
@@ -97,7 +97,7 @@ def test_missing_and_malformed_files(tmp_path):
 
 def test_round_trip_through_a_dict():
     cfg = load_config(None, ["model.num_layers=5"])
-    from model.config import config_from_dict
+    from pretrain.config import config_from_dict
 
     assert config_from_dict(config_to_dict(cfg)) == cfg
 
@@ -111,7 +111,7 @@ def test_pipeline_limits_of_deepspeed_are_named():
 
 
 def test_global_batch_size_derives_the_accumulation_for_any_data_parallel_size():
-    from model.config import resolve_global_batch
+    from pretrain.config import resolve_global_batch
 
     for dp, accum in [(1, 8), (2, 4), (4, 2), (8, 1)]:
         cfg = load_config(None, ["train.global_batch_size=64", "train.micro_batch_size=8"])

@@ -1,0 +1,22 @@
+"""A model in a world of one, as the CLIs (setdiff-sample, setdiff-eval) and the benches build
+it: the trainer's own process-group and layout set-up, at TP = PP = 1."""
+from __future__ import annotations
+
+import torch
+
+from model.config import ModelConfig
+from model.transformer import SetDiffusionTransformer
+from pretrain.distributed import init_distributed, init_model_parallel
+from pretrain.state import load_full_state
+
+
+def single_process_model(cfg: ModelConfig, *, set_mode: bool = True, init_seed: int = 0,
+                         weights: dict[str, torch.Tensor] | None = None) -> SetDiffusionTransformer:
+    """The model of ``cfg`` on this process alone, initialized from ``init_seed`` or, given
+    ``weights`` (full tensors under the flat model's names), holding them."""
+    init_distributed()
+    layout = init_model_parallel(1, 1)
+    model = SetDiffusionTransformer(cfg, layout.parallel, set_mode=set_mode, init_seed=init_seed)
+    if weights is not None:
+        load_full_state(model, weights, layout.parallel.tp_group)
+    return model
