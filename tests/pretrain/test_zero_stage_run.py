@@ -47,6 +47,8 @@ def _train(tiny_corpus, tmp_path, name: str, force_configured_stage: bool, monke
         try:
             trainer = Trainer(cfg)
             assert trainer.engine.zero_stage == (1 if force_configured_stage else 0)
+            # and stage 0 on one rank skips DeepSpeed's identity all-reduce of the gradients
+            assert trainer.engine.engine.enable_backward_allreduce is force_configured_stage
             result = trainer.train()
         finally:
             for number, handler in handlers.items():
