@@ -32,6 +32,7 @@ from data_pipeline.readers import BadInput, content_hash
 from data_pipeline.shard_plan import RECORD, NpyWriter, ShardPlan, plan_shards
 
 ENCODE_BATCH = 256  # documents per encode_batch call: Encoding objects cost ~100 bytes a token
+WRITER_SHARDS = 32  # shards a writer process writes before a fresh one (forked again) takes over
 _worker: dict = {}
 
 
@@ -179,7 +180,9 @@ def merge(out: pathlib.Path, world: int, manifest_head: dict, val_percent: int, 
     """Write the shards of all ranks' parts and, last and atomically, manifest.json; then drop the parts.
 
     Memory is bounded whatever the corpus size: the order comes from data_pipeline/shard_plan.py's
-    group files, and at most ``2 * workers`` shards are in flight."""
+    group files, at most ``2 * workers`` shards are in flight, and each writer process is replaced
+    after WRITER_SHARDS shards (a long-lived writer's memory grew with the shards it had written:
+    2 writers, 362 MB PSS after 94 shards, 483 MB after 371)."""
     records = read_rank_records(out, world)
     rank_dirs = [world_dir(out, world) / r["dir"] for r in records]
     plan = plan_shards(records, rank_dirs, world_dir(out, world) / "plan", val_percent, seed)
@@ -200,8 +203,8 @@ def merge(out: pathlib.Path, world: int, manifest_head: dict, val_percent: int, 
         infos[split][number], wds_rows[split][number] = info, wds_row
         tokens[split] += count
 
-    with multiprocessing.get_context("fork").Pool(max(1, workers), initializer=_start_writer,
-                                                  initargs=(str(out), plan)) as pool:
+    with multiprocessing.get_context("fork").Pool(max(1, workers), initializer=_start_writer, initargs=(str(out), plan),
+                                                  maxtasksperchild=WRITER_SHARDS) as pool:
         pending = collections.deque()
         for split in SPLITS:
             lengths = NpyWriter(out / f"{split}.lengths.npy", plan.documents[split])
