@@ -19,6 +19,9 @@ Output (set mode, B sequences of length L; "set order" = positions sorted by set
     dropout_key   [B]      key of the sequence's dropout masks, from (seed, step, slot) (model/dropout.py)
 AR baseline mode: input_ids = x0 and targets = x0 shifted by one, positions 0..L-1.
 
+Prompt/response data (``context``, a flag per token): context tokens are never masked and carry
+no loss, and go first in the order (model/orders.py); the family orders the rest.
+
 The objectives' weights and normalizers are model/objectives.py's; "loss tokens" are the real
 (non-padding) positions, less position 0 under keep_clean_bos. A masked_ce set that drew no
 mask is re-masked: a uniform count in 1..|set| of its tokens, chosen uniformly (BD3-LM).
@@ -82,22 +85,27 @@ class SetDiffusionCollator:
             raise ValueError(f"objective 'ordered_ce' needs singleton sets; order {cfg.order!r} has larger sets")
 
     def __call__(self, tokens: torch.Tensor, doc_id: torch.Tensor, *, step: int, first_slot: int = 0,
-                 global_batch: int | None = None) -> dict[str, torch.Tensor]:
+                 global_batch: int | None = None, context: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """tokens, doc_id [B, L]: the sequences at slots first_slot .. first_slot+B-1 of the
-        step's global batch of ``global_batch`` sequences (default: this batch alone)."""
+        step's global batch of ``global_batch`` sequences (default: this batch alone).
+        context [B, L] bool (optional): prompt tokens, always clean and without loss; they go
+        first in the order (model/orders.py sample_set_rank)."""
         if tokens.shape != doc_id.shape or tokens.dim() != 2:
             raise ValueError(f"collator: tokens {tuple(tokens.shape)} and doc_id {tuple(doc_id.shape)} "
                              "must both be [B, L]")
+        if context is not None and (context.shape != tokens.shape or context.dtype != torch.bool):
+            raise ValueError(f"collator: context must be a bool [B, L] like tokens {tuple(tokens.shape)}, "
+                             f"got {context.dtype} {tuple(context.shape)}")
         B, L = tokens.shape
         global_batch = global_batch or B
         keys = dropout_keys(self.cfg.seed, step, range(first_slot, first_slot + B))
         if self.cfg.mode == "ar_baseline":
-            return {**self._ar_batch(tokens, doc_id), "dropout_key": keys}
+            return {**self._ar_batch(tokens, doc_id, context), "dropout_key": keys}
         set_rank = torch.empty_like(tokens)
         masked = torch.zeros(B, L, dtype=torch.bool)
         weight = torch.zeros(B, L, dtype=torch.float64)
         real = doc_id >= 0
-        loss_token = real.clone()  # positions that may carry loss
+        loss_token = real.clone() if context is None else real & ~context  # positions that may carry loss
         if self.cfg.keep_clean_bos:
             loss_token[:, 0] = False
         family_id = torch.zeros(B, dtype=torch.long)
@@ -108,7 +116,8 @@ class SetDiffusionCollator:
                 u = float(torch.rand((), generator=g, dtype=torch.float64))
                 family_id[b] = min(int(np.searchsorted(self.cumulative, u, side="right")), len(self.mixture) - 1)
             family = self.mixture[int(family_id[b])][0]
-            set_rank[b] = sample_set_rank(family, L, g, doc_id[b], keep_first=self.cfg.keep_clean_bos)
+            set_rank[b] = sample_set_rank(family, L, g, doc_id[b], keep_first=self.cfg.keep_clean_bos,
+                                          context=None if context is None else context[b])
             objective, nelbo_weight = family_objective(self.cfg.objective, family.singleton), None
             if objective == "ordered_ce":
                 masked[b] = loss_token[b]
@@ -152,12 +161,15 @@ class SetDiffusionCollator:
         masked = (torch.rand(L, generator=g, dtype=torch.float64) < prob) & real
         return masked, weight
 
-    def _ar_batch(self, tokens: torch.Tensor, doc_id: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One copy; position 0 is never a target, so keep_clean_bos holds by construction."""
+    def _ar_batch(self, tokens: torch.Tensor, doc_id: torch.Tensor, context: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """One copy; position 0 is never a target, so keep_clean_bos holds by construction; a
+        context token is never a target either."""
         B, L = tokens.shape
         targets = torch.roll(tokens, -1, dims=1)
         has_next = torch.zeros_like(doc_id, dtype=torch.bool)
         has_next[:, :-1] = (doc_id[:, 1:] >= 0) & (doc_id[:, :-1] >= 0)
+        if context is not None:
+            has_next[:, :-1] &= ~context[:, 1:]
         loss_normalizer, sequence_normalizer = normalizers(has_next)
         return {
             "input_ids": tokens,

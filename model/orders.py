@@ -102,12 +102,31 @@ def _ranks_from_order(order: torch.Tensor) -> torch.Tensor:
 
 
 def sample_set_rank(family: OrderFamily, L: int, generator: torch.Generator,
-                    doc_id: torch.Tensor | None = None, keep_first: bool = False) -> torch.Tensor:
+                    doc_id: torch.Tensor | None = None, keep_first: bool = False,
+                    context: torch.Tensor | None = None) -> torch.Tensor:
     """Draw one partition of L positions; returns set_rank [L] (int64).
 
     ``keep_first``: position 0 becomes a set of its own at rank 0 (the reference's
     keep_clean_bos); the other positions keep the family's relative order.
+    ``context`` [L] bool: prompt positions. Singleton families put them first, each a set of
+    its own in position order (SET_DIFFUSION.md §1: T = +inf; the sampler's prefill takes a
+    prompt so), the other positions keeping the family's order drawn over all L. block:S and
+    mdlm keep their sets (blocks aligned at position 0, as decoding cuts them); a block holding
+    both keeps its context tokens clean (the collator's part).
     """
+    pos = torch.arange(L)
+    rank = _family_rank(family, L, generator)
+    if context is not None and family.singleton and bool(context.any()):
+        key = torch.where(context, pos - L, rank)  # context: -L..-1 by position, below every rank
+        rank = _ranks_from_order(torch.argsort(key, stable=True))
+    if keep_first and L > 1:
+        rank = _dense(torch.where(pos == 0, 0, rank + 1))
+    if doc_id is not None:
+        rank = _padding_last(rank, doc_id < 0)
+    return rank
+
+
+def _family_rank(family: OrderFamily, L: int, generator: torch.Generator) -> torch.Tensor:
     pos = torch.arange(L)
     if family.name == "ar":
         rank = pos.clone()
@@ -127,10 +146,6 @@ def sample_set_rank(family: OrderFamily, L: int, generator: torch.Generator,
         rank = _ranks_from_order(torch.sort(-t, stable=True).indices)
     else:  # parse_order admits nothing else
         raise AssertionError(family)
-    if keep_first and L > 1:
-        rank = _dense(torch.where(pos == 0, 0, rank + 1))
-    if doc_id is not None:
-        rank = _padding_last(rank, doc_id < 0)
     return rank
 
 
