@@ -37,6 +37,15 @@ class Example:
     line: int
 
 
+@dataclass(frozen=True)
+class ChatFormat:
+    """How setdiff-prepare --format chat reads and checks examples."""
+    template: "ChatTemplate | None"
+    """The tokenizer's chat template (None: prompt/response records only)."""
+    max_tokens: int = 0
+    """Longest example kept, in tokens without its EOS (--seq-len - 1); 0: no limit."""
+
+
 class ChatTemplate:
     """A tokenizer_config.json's chat template, rendered as transformers renders it (a sandboxed
     Jinja environment with trim_blocks, lstrip_blocks, loop controls, ``tojson`` and

@@ -19,7 +19,7 @@ import numpy as np
 
 class PackedSequences:
     def __init__(self, documents, lengths: np.ndarray, seq_len: int, eos_id: int, pack: bool = True,
-                 whole: bool = False):
+                 whole: bool = False, context: bool = False):
         if len(documents) != len(lengths):
             raise ValueError(f"packing: {len(documents)} documents but {len(lengths)} lengths")
         self.documents, self.seq_len, self.eos_id, self.pack = documents, seq_len, eos_id, pack
@@ -27,6 +27,9 @@ class PackedSequences:
         self.doc_starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
         self.total = int(sizes.sum())
         self.whole_first = _whole_sequences(sizes, seq_len) if whole else None
+        if context and not whole:
+            raise ValueError("packing: context flags need whole documents (whole=True)")
+        self.has_context = context  # documents.context(d): the prompt flag of each token (a chat corpus)
         if whole:
             self.count = len(self.whole_first) - 1
         elif pack:
@@ -79,6 +82,16 @@ class PackedSequences:
             tokens[filled:filled + take.size], doc[filled:filled + take.size] = take, local
             filled, d, local = filled + take.size, d + 1, local + 1
         return tokens, doc
+
+    def sequence_context(self, j: int) -> np.ndarray:
+        """[L] bool: the prompt tokens of sequence j (its EOS and padding are not context)."""
+        context = np.zeros(self.seq_len, dtype=bool)
+        filled = 0
+        for d in range(int(self.whole_first[j]), int(self.whole_first[j + 1])):
+            flags = self.documents.context(d)
+            context[filled:filled + flags.size] = flags
+            filled += flags.size + 1
+        return context
 
     def shard_blocks(self, shard_ranges: list[tuple[int, int]]) -> list[np.ndarray]:
         """Sequence indices grouped by the shard holding each sequence's first document."""
