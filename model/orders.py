@@ -60,6 +60,43 @@ def parse_order_mixture(spec: str) -> list[tuple[OrderFamily, float]]:
     return [(family, w / total) for family, w in mixture]
 
 
+def schedule_orders(spec: str) -> list[tuple[int, str]]:
+    """An order curriculum 'STEP:ORDER;STEP:ORDER;...' -> [(first step, order spec)]: each ORDER (a
+    family or a mixture) from its STEP on, the first STEP 0, the steps increasing. E.g.
+    '0:ar;1000:staggered:2;3000:staggered:8' (AR first, then larger sets, as AR models are
+    adapted into diffusion models by annealing their attention)."""
+    phases = []
+    for part in [p.strip() for p in spec.split(";") if p.strip()]:
+        step, colon, order = part.partition(":")
+        if not colon or not step.strip().isdigit():
+            raise ValueError(f"order schedule {spec!r}: {part!r} is not 'STEP:ORDER'")
+        phases.append((int(step), order.strip()))
+    if not phases:
+        raise ValueError(f"order schedule {spec!r} is empty")
+    starts = [start for start, _ in phases]
+    if starts[0] != 0 or any(b <= a for a, b in zip(starts, starts[1:])):
+        raise ValueError(f"order schedule {spec!r}: the steps must start at 0 and increase, got {starts}")
+    return phases
+
+
+def parse_order_schedule(spec: str) -> list[tuple[int, list[tuple[OrderFamily, float]]]]:
+    """[(first step, mixture)] of an order curriculum (schedule_orders)."""
+    return [(start, parse_order_mixture(order)) for start, order in schedule_orders(spec)]
+
+
+def schedule_families(phases: list[tuple[int, list[tuple[OrderFamily, float]]]]) -> list[OrderFamily]:
+    """Every family of a schedule once, in order of first appearance (the family ids of batches)."""
+    families = []
+    for _, mixture in phases:
+        families += [family for family, _ in mixture if family not in families]
+    return families
+
+
+def phase_at(phases: list[tuple[int, list]], step: int):
+    """The mixture in force at ``step``."""
+    return next(mixture for start, mixture in reversed(phases) if step >= start)
+
+
 @dataclass(frozen=True)
 class StaggeredParams:
     a: float
@@ -180,7 +217,8 @@ def num_sets(set_rank: torch.Tensor) -> int:
 
 
 __all__ = [
-    "OrderFamily", "parse_order", "parse_order_mixture", "StaggeredParams", "staggered_params", "staggered_loc",
+    "OrderFamily", "parse_order", "parse_order_mixture", "parse_order_schedule", "schedule_orders", "schedule_families", "phase_at",
+    "StaggeredParams", "staggered_params", "staggered_loc",
     "staggered_hitting_times", "sample_set_rank", "set_order", "mean_abs_rank_minus_position",
     "num_sets",
 ]
