@@ -328,7 +328,7 @@ class Trainer:
         """Weights of a Llama-architecture directory, checked against the recipe and corpus."""
         from tokenizers import Tokenizer
 
-        from pretrain.convert import read_llama_dir
+        from pretrain.llama_weights import read_llama_dir
 
         hf, full = read_llama_dir(model_dir)
         m = self.cfg.model

@@ -22,7 +22,7 @@ import sys
 import torch
 
 from pretrain.cli_errors import EXPECTED, at_least, check_decoding_flags, error_line, read_json
-from pretrain.quiet import default_debug_log, third_party_output_to
+from pretrain.inference.quiet import default_debug_log, third_party_output_to
 
 
 def check_corpus_tokenizer(model_dir: pathlib.Path, data: pathlib.Path) -> None:
@@ -59,7 +59,7 @@ def evaluate(model_dir: pathlib.Path, data: pathlib.Path, *, order: str | None =
     from data_pipeline.collator import CollatorConfig, SetDiffusionCollator
     from data_pipeline.loader import open_sequences
     from model.objectives import evaluation_objective, forward_step
-    from pretrain.convert import read_model_dir
+    from pretrain.inference.convert import read_model_dir
     from pretrain.standalone import single_process_model
 
     cfg, fields, full = read_model_dir(model_dir)
@@ -120,7 +120,7 @@ def generative_perplexity(model_dir: pathlib.Path, judge_dir: pathlib.Path, *, s
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from model.sampling import generate, unigram_entropy
-    from pretrain.sample import decode_config, load_model
+    from pretrain.inference.sample import decode_config, load_model
 
     if not (pathlib.Path(judge_dir) / "config.json").is_file() and not gguf_file:
         raise FileNotFoundError(f"--judge {judge_dir}: no config.json (a transformers model directory, or "
