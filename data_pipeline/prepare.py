@@ -55,7 +55,6 @@ from data_pipeline.shard_writer import (_start_encoder, encode_slice, merge, ran
 
 __all__ = ["BadInput", "main", "prepare", "merge_ranks", "sha256_file"]
 SKIP_HINT = " (pass --skip-bad to skip such inputs and count them)"
-TEST_EXIT_AFTER_SLICES = "SETDIFF_TEST_EXIT_AFTER_SLICES"  # tests only: die like a killed job after K slices
 
 
 def train_tokenizer(texts, vocab_size: int):
@@ -157,9 +156,10 @@ def slices(sources: list[tuple[int, pathlib.Path]], text_field: str, embedded, s
 
 
 def tokenize_rank(out: pathlib.Path, sources, rank: int, world: int, fingerprint: str, tokenizer, text_field: str,
-                  embedded, slice_docs: int, skip_bad: bool, workers: int, chat=None) -> dict:
+                  embedded, slice_docs: int, skip_bad: bool, workers: int, chat=None, after_slice=None) -> dict:
     """Pass 1 of one rank: its inputs as tokenized parts, resuming from the slices already done.
-    ``chat``: a ChatFormat, for prompt/response examples (data_pipeline/chat.py)."""
+    ``chat``: a ChatFormat, for prompt/response examples (data_pipeline/chat.py).
+    ``after_slice(finished, pool)``: called each time a slice is written (tests kill the run there)."""
     done_file = rank_done_file(out, rank, world)
     if done_file.is_file() and json.loads(done_file.read_text()).get("fingerprint") == fingerprint:
         print(f"prepare: rank {rank} of {world} already done in {done_file.parent}")
@@ -190,7 +190,7 @@ def tokenize_rank(out: pathlib.Path, sources, rank: int, world: int, fingerprint
                            f"--seq-len {max_tokens + 1}" + (f" ({more} more in this slice)" if more else "")
                            + SKIP_HINT)
         skipped["long_examples"] += len(long)
-    exit_after = int(os.environ.get(TEST_EXIT_AFTER_SLICES, 0))
+
     count = reused = finished = 0
     with multiprocessing.get_context("spawn").Pool(max(1, workers), initializer=_start_encoder,
                                                    initargs=(str(tok_path),)) as pool:
@@ -206,9 +206,8 @@ def tokenize_rank(out: pathlib.Path, sources, rank: int, world: int, fingerprint
             while len(pending) > workers:  # bounded: at most workers + 1 slices in flight
                 finish(*pending.popleft())
                 finished += 1
-                if finished == exit_after:
-                    pool.terminate()
-                    os._exit(75)
+                if after_slice is not None:
+                    after_slice(finished, pool)
         for entry in pending:
             finish(*entry)
     if reused:
@@ -264,9 +263,10 @@ def prepare(out: pathlib.Path, inputs: list[pathlib.Path], *, embedded: bool = F
             tokenizer: pathlib.Path | None = None, vocab_size: int = 4096, val_percent: int = 2,
             docs_per_shard: int = 2048, skip_bad: bool = False, workers: int = 2, text_field: str = "text",
             tokenizer_sample_mb: float = 256, rank: int = 0, world: int = 1, slice_docs: int = 4096,
-            seed: int = 0, fmt: str = "text", seq_len: int = 0) -> dict | None:
+            seed: int = 0, fmt: str = "text", seq_len: int = 0, after_slice=None) -> dict | None:
     """Build (or find up to date) the prepared corpus in ``out``; returns the manifest, or None
-    for one rank of several (``merge_ranks`` writes the manifest once all are done)."""
+    for one rank of several (``merge_ranks`` writes the manifest once all are done).
+    ``after_slice``: see tokenize_rank."""
     for name, value, low in (("--docs-per-shard", docs_per_shard, 1), ("--slice-docs", slice_docs, 1),
                              ("--world", world, 1), ("--workers", workers, 1)):
         if value < low:
@@ -308,7 +308,7 @@ def prepare(out: pathlib.Path, inputs: list[pathlib.Path], *, embedded: bool = F
 
     start = time.perf_counter()
     tokenize_rank(out, mine, rank, world, fingerprint, make_tokenizer, text_field, corpus, slice_docs,
-                  skip_bad, workers, chat)
+                  skip_bad, workers, chat, after_slice)
     print(f"prepare: rank {rank} of {world}: tokenized in {time.perf_counter() - start:.1f} s")
     if world > 1:
         print(f"prepare: rank {rank} of {world} done; once every rank is: setdiff-prepare merge --out {out} "
@@ -352,7 +352,8 @@ def _check_common(parser, args) -> None:
         parser.error(f"--workers must be at least 1, got {args.workers}")
 
 
-def main(argv=None) -> int:
+def main(argv=None, after_slice=None) -> int:
+    """``after_slice``: passed to prepare (tests inject their hooks so)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     merging = bool(argv) and argv[0] == "merge"
     parser = argparse.ArgumentParser(prog="setdiff-prepare" + (" merge" if merging else ""), description=__doc__,
@@ -389,7 +390,8 @@ def main(argv=None) -> int:
                     vocab_size=args.vocab_size, val_percent=args.val_percent, docs_per_shard=args.docs_per_shard,
                     skip_bad=args.skip_bad, workers=args.workers, text_field=args.text_field,
                     tokenizer_sample_mb=args.tokenizer_sample_mb, rank=args.rank, world=args.world,
-                    slice_docs=args.slice_docs, seed=args.seed, fmt=args.fmt, seq_len=args.seq_len)
+                    slice_docs=args.slice_docs, seed=args.seed, fmt=args.fmt, seq_len=args.seq_len,
+                    after_slice=after_slice)
     except (BadInput, FileNotFoundError) as err:
         print(f"setdiff-prepare: error: {err}", file=sys.stderr)
         return 2

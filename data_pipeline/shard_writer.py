@@ -55,7 +55,10 @@ def write_json_atomic(path: pathlib.Path, value) -> None:
 
 
 def _start_encoder(tokenizer_path: str) -> None:
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # --workers processes are the parallelism
+    """A tokenizing worker's start-up: the pool's initializer, in a freshly spawned process, before
+    tokenizers is imported there. TOKENIZERS_PARALLELISM=false keeps the worker on one thread (the
+    --workers processes are the parallelism); the variable is the library's only switch for it."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     from tokenizers import Tokenizer
 
     _worker["tokenizer"] = Tokenizer.from_file(tokenizer_path)

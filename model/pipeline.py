@@ -21,15 +21,12 @@ import torch
 
 from model.attention import make_backend
 from model.masks import causal_meta, two_copy_meta
-from model.objectives import weighted_loss
-from model.transformer import (Block, Embedding, Head, ModelParts, branch_dropout, component_seed, rotary_cos_sin,
-                               seeded, vocab_parallel_token_loss)
+from model.objectives import loss_fn
+from model.transformer import Block, Embedding, Head, ModelParts, branch_dropout, rotary_cos_sin
 
 
 class EmbeddingPipe(Embedding):
-    def __init__(self, parts: ModelParts):
-        with seeded(component_seed(parts.init_seed, 0)):
-            super().__init__(parts.cfg, parts.mp_config, parts.parallel.tp_group, parts.padded_vocab)
+    """Pipeline layer 0: the embedding, passing the micro-batch's other inputs on."""
 
     def forward(self, inputs):
         input_ids, position_ids, set_rank, doc_id, dropout_key = inputs
@@ -58,8 +55,7 @@ class StageInputs:
 
 class BlockPipe(Block):
     def __init__(self, parts: ModelParts, layer: int, stage_inputs: StageInputs | None = None):
-        with seeded(component_seed(parts.init_seed, 1 + layer)):
-            super().__init__(parts.cfg, parts.mp_config, parts.parallel.tp_group, layer_index=layer)
+        super().__init__(parts, layer_index=layer)
         cfg = parts.cfg
         self.cfg = cfg
         self.set_mode = parts.set_mode
@@ -83,23 +79,22 @@ class BlockPipe(Block):
 
 
 class HeadPipe(Head):
-    def __init__(self, parts: ModelParts):
-        with seeded(component_seed(parts.init_seed, 1 + parts.cfg.num_layers)):
-            super().__init__(parts.cfg, parts.mp_config, parts.parallel.tp_group, parts.padded_vocab,
-                             parts.set_mode)
+    """Pipeline layer N + 1: the head, on the hidden states alone."""
 
     def forward(self, inputs):
         return super().forward(inputs[0])
 
 
 def pipeline_loss(logits: torch.Tensor, labels, recorder=None) -> torch.Tensor:
-    """labels: (targets, loss_weight, loss_normalizer, set_rank, family_id, sequence_normalizer);
-    ``recorder`` gets the per-token cross-entropy for the loss breakdown (last stage only)."""
+    """The flat model's ``loss_fn`` on the labels the pipeline engine passes: (targets, loss_weight,
+    loss_normalizer, set_rank, family_id, sequence_normalizer); ``recorder`` gets the per-token
+    cross-entropy for the loss breakdown (last stage only)."""
     targets, loss_weight, loss_normalizer, set_rank, family_id, sequence_normalizer = labels
-    token_ce = vocab_parallel_token_loss(logits, targets)
+    loss, token_ce = loss_fn({"targets": targets, "loss_weight": loss_weight, "loss_normalizer": loss_normalizer},
+                             logits)
     if recorder is not None:
-        recorder(token_ce.detach(), loss_weight, set_rank, family_id, sequence_normalizer)
-    return weighted_loss(token_ce, loss_weight, loss_normalizer)
+        recorder(token_ce, loss_weight, set_rank, family_id, sequence_normalizer)
+    return loss
 
 
 def build_pipeline_module(parts: ModelParts, num_stages: int, activation_checkpointing: bool, recorder=None):
@@ -135,3 +130,10 @@ def pipeline_name_to_flat(name: str, num_layers: int) -> str:
     if index == num_layers + 1:
         return f"head.{rest}"
     return f"layers.{index - 1}.{rest}"
+
+
+def pipeline_vocab_parameter_rows(parts: ModelParts) -> dict[str, int]:
+    """The PipelineModule's names of its vocabulary-sized parameters (layer 0's embedding, layer
+    N + 1's output) and their rows of real ids and [MASK]: the flat model's
+    ``vocab_parameter_rows`` under pipeline names."""
+    return parts.vocab_parameter_rows("0", str(parts.cfg.num_layers + 1))

@@ -169,16 +169,18 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, mp_config, tp_group, layer_index: int = 0):
+    def __init__(self, parts: ModelParts, layer_index: int = 0):
         super().__init__()
+        cfg, mp_config, tp_group = parts.cfg, parts.mp_config, parts.parallel.tp_group
         self.layer_index = layer_index  # keys this block's dropout masks
         # residual-branch outputs scaled by 1/sqrt(2 * layers), as in GPT-2 / Megatron
         std = cfg.init_std / math.sqrt(2.0 * cfg.num_layers)
         output_init = lambda w: nn.init.normal_(w, 0.0, std)  # noqa: E731
-        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.attn = Attention(cfg, mp_config, tp_group, output_init)
-        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.mlp = SwiGLU(cfg, mp_config, tp_group, output_init)
+        with parts.seeded(1 + layer_index):
+            self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+            self.attn = Attention(cfg, mp_config, tp_group, output_init)
+            self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+            self.mlp = SwiGLU(cfg, mp_config, tp_group, output_init)
 
     def forward(self, x_SBH, cos, sin, backend, mask, dropout: BranchDropout | None = None):
         """``dropout``: the micro-batch's keyed residual-branch dropout (training only), or None."""
@@ -195,13 +197,15 @@ class Block(nn.Module):
 class Embedding(nn.Module):
     """Vocab-parallel token embedding; [B, T] ids -> [T, B, H]."""
 
-    def __init__(self, cfg: ModelConfig, mp_config, tp_group, padded_vocab: int):
+    def __init__(self, parts: ModelParts):
         super().__init__()
         from megatron.core import tensor_parallel as tp
 
-        self.word = tp.VocabParallelEmbedding(
-            padded_vocab, cfg.hidden_size, config=mp_config,
-            init_method=vocab_rows_init(cfg.vocab_size + 1, cfg.init_std), tp_group=tp_group)
+        cfg = parts.cfg
+        with parts.seeded(0):
+            self.word = tp.VocabParallelEmbedding(
+                parts.padded_vocab, cfg.hidden_size, config=parts.mp_config,
+                init_method=vocab_rows_init(cfg.vocab_size + 1, cfg.init_std), tp_group=parts.parallel.tp_group)
 
     def forward(self, input_ids):
         return self.word(input_ids).transpose(0, 1).contiguous()
@@ -214,17 +218,19 @@ class Head(nn.Module):
     vocabulary rows get logit -inf, so they never receive probability.
     """
 
-    def __init__(self, cfg: ModelConfig, mp_config, tp_group, padded_vocab: int, set_mode: bool):
+    def __init__(self, parts: ModelParts):
         super().__init__()
         from megatron.core import tensor_parallel as tp
 
-        self.set_mode = set_mode
-        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.output = tp.ColumnParallelLinear(
-            cfg.hidden_size, padded_vocab, config=mp_config,
-            init_method=vocab_rows_init(cfg.vocab_size + 1, cfg.init_std), bias=False,
-            gather_output=False, tp_group=tp_group)
-        per_rank = padded_vocab // tp_group.size()
+        cfg, tp_group = parts.cfg, parts.parallel.tp_group
+        self.set_mode = parts.set_mode
+        with parts.seeded(1 + cfg.num_layers):
+            self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+            self.output = tp.ColumnParallelLinear(
+                cfg.hidden_size, parts.padded_vocab, config=parts.mp_config,
+                init_method=vocab_rows_init(cfg.vocab_size + 1, cfg.init_std), bias=False,
+                gather_output=False, tp_group=tp_group)
+        per_rank = parts.padded_vocab // tp_group.size()
         global_ids = torch.arange(per_rank) + tp_group.rank() * per_rank
         self.register_buffer("invalid_logit", global_ids >= cfg.vocab_size, persistent=False)
 
@@ -253,13 +259,9 @@ def seeded(seed: int):
         yield
 
 
-def build_seeded(seed: int, factory):
-    with seeded(seed):
-        return factory()
-
-
 class ModelParts:
-    """What every layout needs to build the network's components identically."""
+    """What every layout needs to build the network's components identically: each component
+    (Embedding, Block, Head, and their pipeline stages) is built from it under its own seed."""
 
     def __init__(self, cfg: ModelConfig, parallel: ParallelContext, *, set_mode: bool, init_seed: int,
                  params_dtype: torch.dtype = torch.float32):
@@ -270,17 +272,10 @@ class ModelParts:
                                               parallel.tp_size)
         self.mp_config = _megatron_config(parallel.tp_size, params_dtype)
 
-    def embedding(self) -> Embedding:
-        return build_seeded(component_seed(self.init_seed, 0), lambda: Embedding(
-            self.cfg, self.mp_config, self.parallel.tp_group, self.padded_vocab))
-
-    def block(self, i: int) -> Block:
-        return build_seeded(component_seed(self.init_seed, 1 + i), lambda: Block(
-            self.cfg, self.mp_config, self.parallel.tp_group, layer_index=i))
-
-    def head(self) -> Head:
-        return build_seeded(component_seed(self.init_seed, 1 + self.cfg.num_layers), lambda: Head(
-            self.cfg, self.mp_config, self.parallel.tp_group, self.padded_vocab, self.set_mode))
+    def seeded(self, component: int):
+        """Build component ``component`` (0 embedding, 1..N blocks, N+1 head) under its own seed,
+        whichever layout or pipeline stage builds it (the components call this themselves)."""
+        return seeded(component_seed(self.init_seed, component))
 
     def vocab_parameter_rows(self, embedding_name: str, head_name: str) -> dict[str, int]:
         rows = self.cfg.vocab_size + 1  # real ids and [MASK]
@@ -304,9 +299,9 @@ class SetDiffusionTransformer(nn.Module):
         self.mask_id = cfg.vocab_size
         self.padded_vocab = parts.padded_vocab
         self.activation_checkpointing = activation_checkpointing
-        self.embedding = parts.embedding()
-        self.layers = nn.ModuleList(parts.block(i) for i in range(cfg.num_layers))
-        self.head = parts.head()
+        self.embedding = Embedding(parts)
+        self.layers = nn.ModuleList(Block(parts, layer_index=i) for i in range(cfg.num_layers))
+        self.head = Head(parts)
         self.backend = make_backend(cfg.attention_backend)
         self._vocab_rows = parts.vocab_parameter_rows("embedding", "head")
 

@@ -37,8 +37,9 @@ def init_distributed() -> None:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         deepspeed.init_distributed(dist_backend=backend)
         return
-    # a plain `python ...` run: a world of one, passed explicitly. DeepSpeed's engine and
-    # PipelineModule read LOCAL_RANK from the environment, the one variable written here.
+    # a plain `python ...` run: a world of one, passed explicitly. LOCAL_RANK is the one variable
+    # written here, at start-up: DeepSpeed 0.19 reads it from the environment only (the engine asserts
+    # it is set, PipelineModule and ZeRO-3's parameter partitioning read it).
     os.environ["LOCAL_RANK"] = "0"
     if torch.cuda.is_available():
         torch.cuda.set_device(0)

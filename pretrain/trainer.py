@@ -1,11 +1,11 @@
-"""The pretraining loop. Builds in a straight line, then ``train()`` runs the steps:
+"""The pretraining loop. ``Trainer(cfg)`` builds in a straight line, then ``train()`` runs the steps:
 
-init distributed -> parallel layout -> seed -> data -> model -> (weights of a checkpoint from
-another layout) -> DeepSpeed engine -> EMA -> checkpoint restore -> monitoring -> train.
+init distributed -> parallel layout -> run directory -> seed -> data (pretrain/training_data.py)
+-> model -> (weights of a checkpoint from another layout, or of train.init_from:
+pretrain/restore.py) -> DeepSpeed engine -> EMA -> checkpoint restore -> monitoring -> train.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -19,27 +19,24 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from data_pipeline.collator import CollatorConfig, SetDiffusionCollator
-from data_pipeline.loader import (MicroBatches, ResumableLoader, check_tokenizer, fetch_corpus, open_sequences,
-                                  read_manifest)
-from data_pipeline.shard_cache import parse_size
-from data_pipeline.sampler import StepSampler
-from model.attention import make_backend
-from model.objectives import evaluation_objective, forward_step, share_step_normalizer
-from model.pipeline import BlockPipe, HeadPipe, build_pipeline_module, pipeline_name_to_flat
+from model.objectives import forward_step, share_step_normalizer
+from model.pipeline import BlockPipe, HeadPipe, build_pipeline_module, pipeline_vocab_parameter_rows
 from model.transformer import ModelParts, SetDiffusionTransformer
 from pretrain.checkpoint import (EMA_FILE, CheckpointWriter, free_bytes_at, load_rank_state, read_trainer_state,
                                  save_rank_state, tag_of)
 from pretrain.config import RunConfig, config_to_dict, resolve_global_batch
 from pretrain.distributed import init_distributed, init_model_parallel
 from pretrain.ema import EMA
-from pretrain.engine import Engine, use_bf16, zero_stage_run
+from pretrain.engine import Engine, use_bf16
 from pretrain.flops import StageShare, device_peak
 from pretrain.metrics import LossBreakdown, Monitor
+from pretrain.restore import (check_compatible, flat_names, init_weights_from, layout_record, load_checkpoint_weights,
+                              restore_ema, same_layout_record)
 from pretrain.run_dir import RunDirError, claim
-from pretrain.state import full_state_dict, load_full_state, local_pieces
+from pretrain.state import full_state_dict
 from pretrain.throughput import FlopCounter, NonFiniteGuard, StepWindow, WindowReport, peak_rss_mib
 from pretrain.throughput import NonFiniteError  # noqa: F401 (the CLI catches it from here)
+from pretrain.training_data import open_training_data
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "saved after a signal, start me again" (the Slurm script requeues)
 INTERRUPTED_EXIT_CODE = 130  # a second Ctrl-C: out at once, no save (the shell's code for SIGINT)
@@ -51,13 +48,6 @@ def _stderr(message: str) -> None:
 
 class Preempted(Exception):
     """Raised after a signal-triggered save; the CLI exits with REQUEUE_EXIT_CODE."""
-
-
-def same_layout_record(saved: dict, now: dict) -> bool:
-    """Whether a checkpoint's layout record is this run's, so that DeepSpeed's own state (optimizer,
-    ZeRO partitions) loads as is. Records written before ``zero_stage_run`` existed ran their
-    configured stage."""
-    return {**saved, "zero_stage_run": saved.get("zero_stage_run", saved.get("zero_stage"))} == now
 
 
 class Trainer:
@@ -76,72 +66,45 @@ class Trainer:
                                        is_main=self.is_main, barrier=dist.barrier, agree=self._from_rank0)
         torch.manual_seed(cfg.train.seed)
 
-        data, t, d = cfg.data, cfg.train, cfg.diffusion
-        data_path = data.path or str(fetch_corpus(data.remote, data.cache_dir))  # remote-only: fetched metadata
-        manifest = read_manifest(data_path)
-        self.tokenizer_path = pathlib.Path(data.tokenizer or pathlib.Path(data_path) / "tokenizer.json")
-        if not self.tokenizer_path.is_file():
-            raise FileNotFoundError(f"data.tokenizer: {self.tokenizer_path} not found")
-        check_tokenizer(manifest, data_path, self.tokenizer_path)
-        vocab = int(manifest["vocab_size"])
-        if cfg.model.vocab_size and cfg.model.vocab_size != vocab:
-            raise ValueError(f"model.vocab_size={cfg.model.vocab_size} does not match the corpus "
-                             f"vocabulary {vocab} in {pathlib.Path(data_path) / 'manifest.json'}")
-        cfg.model.vocab_size = vocab
-        self.set_mode = d.mode == "set"
-        collator_cfg = CollatorConfig(
-            order=d.order, order_schedule=d.order_schedule, objective=d.objective, mask_id=vocab,
-            schedule=d.schedule, t_min=d.t_min, t_max=d.t_max, antithetic=d.antithetic, mode=d.mode, seed=t.seed,
-            keep_clean_bos=d.keep_clean_bos,
-            mask_bits=self.set_mode and make_backend(cfg.model.attention_backend).name == "sdpa"
-            and cfg.parallel.pipeline == 1)
-        self.collator = SetDiffusionCollator(collator_cfg)
-        families = [str(f) for f in self.collator.families] if self.set_mode else ["ar_baseline"]
-        self.breakdown = LossBreakdown(families, cfg.model.seq_len)
-        # validation reports a likelihood bound whatever the training loss (masked_ce: the NELBO)
-        val_collator = SetDiffusionCollator(dataclasses.replace(collator_cfg,
-                                                                objective=evaluation_objective(d.objective)))
-        opened = {split: open_sequences(data_path, split, data.format, cfg.model.seq_len, data.pack,
-                                        data.remote, data.cache_dir,
-                                        min_sequences=t.micro_batch_size * t.grad_accum * self.layout.data,
-                                        cache_limit=parse_size(data.cache_limit))
-                  for split in ("train", "val")}
-        train_seq = opened["train"]
-        self.sampler = StepSampler(len(train_seq), t.micro_batch_size, t.grad_accum, self.layout.data, t.seed,
-                                   blocks=train_seq.shard_blocks(train_seq.documents.shard_ranges()),
-                                   shuffle_block=data.shuffle_block)
-        self.train_loader = ResumableLoader(MicroBatches(train_seq, self.sampler, self.collator,
-                                                         self.layout.dp_rank), data.num_workers)
-        # validation: fixed order, the training micro-batch layout (a pipeline runs grad_accum of them)
-        self.val_batches = MicroBatches(opened["val"], StepSampler(
-            len(opened["val"]), t.micro_batch_size, t.grad_accum, self.layout.data, t.seed, shuffle=False),
-            val_collator, self.layout.dp_rank)
-
-        if cfg.parallel.pipeline > 1:
-            parts = ModelParts(cfg.model, self.layout.parallel, set_mode=self.set_mode, init_seed=t.seed)
-            model = build_pipeline_module(parts, cfg.parallel.pipeline, t.activation_checkpointing, self._record)
-        else:
-            model = SetDiffusionTransformer(cfg.model, self.layout.parallel, set_mode=self.set_mode,
-                                            init_seed=t.seed, activation_checkpointing=t.activation_checkpointing)
+        self.data = open_training_data(cfg, self.layout)  # sets cfg.model.vocab_size from the corpus
+        self.set_mode = cfg.diffusion.mode == "set"
+        self.breakdown = LossBreakdown(self.data.families if self.set_mode else ["ar_baseline"], cfg.model.seq_len)
+        model, self.vocab_rows = self._build_model()
         self.num_params_local = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
         self.step = 0
-        self.fingerprints = {"data": manifest["fingerprint"], "tokenizer": manifest["tokenizer_sha256"]}
         same_layout = resume_from is not None and same_layout_record(read_trainer_state(resume_from)["layout"],
-                                                                     self._layout_record())
+                                                                     layout_record(cfg, self.layout))
         if resume_from is not None and not same_layout:  # weights only, before DeepSpeed copies them
-            self._load_weights(model, resume_from)
-        elif resume_from is None and t.init_from:
-            self._init_weights_from(model, pathlib.Path(t.init_from))
+            load_checkpoint_weights(model, resume_from, cfg, self.layout, self.data.fingerprints)
+        elif resume_from is None and cfg.train.init_from:
+            init_weights_from(model, pathlib.Path(cfg.train.init_from), cfg, self.layout, self.data.tokenizer_path,
+                              self.is_main)
         self.engine = Engine(model, cfg, self.layout)
-        self.ema = EMA(self.engine.module, t.ema) if t.ema > 0 else None
+        self.ema = EMA(self.engine.module, cfg.train.ema) if cfg.train.ema > 0 else None
         if resume_from is not None:
             self._resume(resume_from, same_layout)
+        self._start_monitoring(resume_from, same_layout)
 
+    def _build_model(self) -> tuple[torch.nn.Module, dict[str, int]]:
+        """(this rank's model: the flat one, or its stages of a PipelineModule under PP; the
+        rows of its vocabulary-sized parameters that hold real ids and [MASK])."""
+        m, t, stages = self.cfg.model, self.cfg.train, self.cfg.parallel.pipeline
+        if stages > 1:
+            parts = ModelParts(m, self.layout.parallel, set_mode=self.set_mode, init_seed=t.seed)
+            return (build_pipeline_module(parts, stages, t.activation_checkpointing, self._record),
+                    pipeline_vocab_parameter_rows(parts))
+        model = SetDiffusionTransformer(m, self.layout.parallel, set_mode=self.set_mode, init_seed=t.seed,
+                                        activation_checkpointing=t.activation_checkpointing)
+        return model, model.vocab_parameter_rows()
+
+    def _start_monitoring(self, resume_from: pathlib.Path | None, same_layout: bool) -> None:
+        """TensorBoard and the console from this step on; rank 0 writes the run's config and tokenizer."""
+        t = self.cfg.train
         self.monitor = Monitor(self.run_dir / "tensorboard", self.is_main, t.steps, first_step=self.step)
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-            shutil.copyfile(self.tokenizer_path, self.run_dir / "tokenizer.json")
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
+            shutil.copyfile(self.data.tokenizer_path, self.run_dir / "tokenizer.json")
         self.peak_flops, peak_source = device_peak(self.engine.device, use_bf16(t), t.peak_flops)
         self.window = self._step_window()
         peak = "" if self.peak_flops is None else f"{self.peak_flops / 1e9:.0f} GFLOP/s "
@@ -165,6 +128,72 @@ class Trainer:
                 f"{self.num_params_local / 1e6:.2f}M parameters per rank ({mem}) | "
                 f"{self.cfg.diffusion.mode} {self.cfg.diffusion.order} {self.cfg.diffusion.objective} | "
                 f"device {self.engine.device}")
+
+    # -------------------------------------------------------------------------- the loop
+
+    def train(self) -> dict:
+        """Steps until train.steps. A signal is noticed at the next log or save interval (the
+        stop check rides on the window's all-reduce), so a preempted run saves within
+        train.log_interval steps."""
+        self._install_signal_handlers()
+        first_step, guard, log, stopped = self.step, NonFiniteGuard(self.cfg.train.max_nonfinite_steps), [], None
+        self.window.reset()
+        while self.step < self.cfg.train.steps and not stopped:
+            self.train_step(self.step)
+            self.step += 1
+            stopped = self._check_in(guard, log)
+            if not stopped:
+                self._evaluate_and_save_on_schedule()
+        return self._finish(first_step, stopped, log)
+
+    def _check_in(self, guard: NonFiniteGuard, log: list[dict]) -> str | None:
+        """After a step: the log window at its interval (it carries the stop check), else the stop
+        check alone at a save interval. Returns why the run stops here ("preempted",
+        "stop_at_step") or None; a stopping run first logs the steps since the last log line."""
+        t, preempted = self.cfg.train, False
+        if self.step % t.log_interval == 0 or self.step == t.steps:
+            preempted = self._log_window(guard, log).stop_requested
+        elif t.save_interval and self.step % t.save_interval == 0:
+            preempted = self._stop_requested()
+        stopped = None
+        if preempted:
+            stopped = "preempted"
+        elif t.stop_at_step and self.step == t.stop_at_step and self.step < t.steps:
+            stopped = "stop_at_step"
+        if stopped and self.window.losses:
+            self._log_window(guard, log)
+        return stopped
+
+    def _evaluate_and_save_on_schedule(self) -> None:
+        """Validation and a checkpoint at their intervals; the last step does both in _finish."""
+        t = self.cfg.train
+        if t.eval_interval and self.step % t.eval_interval == 0 and self.step < t.steps:
+            self._log_eval()
+        if t.save_interval and self.step % t.save_interval == 0 and self.step < t.steps:
+            self.save()
+
+    def _finish(self, first_step: int, stopped: str | None, log: list[dict]) -> dict:
+        """The final validation (not after a stop) and checkpoint, result.json, and the run
+        directory released; raises Preempted after a signal's save."""
+        val_loss, val_loss_ema = (None, None) if stopped else self._log_eval()
+        checkpoint = self.save()
+        result = {"first_step": first_step, "steps": self.step, "stopped": stopped, "val_loss": val_loss,
+                  "val_loss_ema": val_loss_ema,
+                  "checkpoint": str(checkpoint), "tensorboard": str(self.run_dir / "tensorboard"),
+                  "log": log}
+        if self.is_main:
+            (self.run_dir / "result.json").write_text(json.dumps(result, indent=2))
+        what = {"preempted": "preempted: saved", "stop_at_step": "stopped at train.stop_at_step: saved"}
+        self.monitor.info(f"{what.get(stopped, 'done')}: checkpoint {checkpoint}\n"
+                          f"      tensorboard logs {self.run_dir / 'tensorboard'}"
+                          f" (tensorboard --logdir {self.run_dir / 'tensorboard'})")
+        self.monitor.close()
+        self.data.train_loader.close()
+        if self.lock is not None:
+            self.lock.release()
+        if stopped == "preempted":
+            raise Preempted(checkpoint)
+        return result
 
     # -------------------------------------------------------------------------- steps
 
@@ -207,9 +236,10 @@ class Trainer:
     def train_step(self, step: int) -> None:
         """One optimizer step. Its loss, gradient norm and FLOPs stay on the device, in
         ``self.window``, until the logging window is read (no host sync per micro-batch)."""
-        assert self.train_loader.next_index == step * self.cfg.train.grad_accum, "data stream out of step"
+        loader = self.data.train_loader
+        assert loader.next_index == step * self.cfg.train.grad_accum, "data stream out of step"
         wait_start = time.perf_counter()
-        micro_batches = [self._to_device(next(self.train_loader)) for _ in range(self.cfg.train.grad_accum)]
+        micro_batches = [self._to_device(next(loader)) for _ in range(self.cfg.train.grad_accum)]
         self.window.data_wait_s += time.perf_counter() - wait_start
         share_step_normalizer(micro_batches, self.layout.dp_group)
         self.window.add_micro_batches(micro_batches)
@@ -219,11 +249,12 @@ class Trainer:
         self.window.add_step(loss, self.engine.grad_norm())
 
     def evaluate(self) -> float:
-        sampler, gas = self.val_batches.sampler, self.cfg.train.grad_accum
+        val_batches, gas = self.data.val_batches, self.cfg.train.grad_accum
+        sampler = val_batches.sampler
         batches = max(1, min(self.cfg.train.eval_batches, sampler.n // sampler.global_batch))
         losses = []
         for i in range(batches):  # each the global token mean of one global batch, like a training step
-            micro_batches = [self._to_device(self.val_batches[i * gas + micro]) for micro in range(gas)]
+            micro_batches = [self._to_device(val_batches[i * gas + micro]) for micro in range(gas)]
             share_step_normalizer(micro_batches, self.layout.dp_group)
             losses.append(self.engine.eval_batch(micro_batches, self._forward_step))
         return self._dp_mean(sum(losses) / len(losses))
@@ -231,22 +262,56 @@ class Trainer:
     def full_state(self, pieces: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """The whole model's weights (or, given ``pieces``, tensors laid out like them: the EMA)
         under the flat model's names, on every rank."""
-        module, tp_group = self.engine.module, self.layout.parallel.tp_group
+        local = full_state_dict(self.engine.module, self.layout.parallel.tp_group, self.vocab_rows, pieces)
         if not self.engine.pipelined:
-            return full_state_dict(module, tp_group, module.vocab_parameter_rows(), pieces)
-        n = self.cfg.model.num_layers
-        rows = {name: self.cfg.model.vocab_size + 1 for name in ("0.word.weight", f"{n + 1}.output.weight")}
-        local = {pipeline_name_to_flat(k, n): v for k, v in full_state_dict(module, tp_group, rows, pieces).items()}
+            return local
+        flat_name = flat_names(self.cfg)
         stages = [None] * self.layout.pipeline
-        dist.all_gather_object(stages, local, group=self.layout.pp_group)
+        dist.all_gather_object(stages, {flat_name(k): v for k, v in local.items()}, group=self.layout.pp_group)
         return {k: v for stage in stages for k, v in stage.items()}
 
-    # -------------------------------------------------------------------------- checkpoints
+    # -------------------------------------------------------------------------- logging
 
-    def _layout_record(self) -> dict:
-        p = self.cfg.parallel
-        return {"tensor": p.tensor, "pipeline": p.pipeline, "data": self.layout.data, "zero_stage": p.zero_stage,
-                "zero_stage_run": zero_stage_run(self.cfg, self.layout.data, p.pipeline > 1)}
+    def _log_window(self, guard: NonFiniteGuard, log: list[dict]) -> WindowReport:
+        """Read the logging window back (its one sync), check it for non-finite steps, log it
+        (and append its means to ``log``, result.json's per-interval record).
+
+        A non-finite step is thus detected at the next read-back: its update was skipped on the
+        device already, and the guard stops the run after train.max_nonfinite_steps in a row.
+        """
+        memory = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else peak_rss_mib()
+        report = self.window.read(memory, stop_flag=bool(self._signal))
+        first = self.step - report.steps + 1
+        for i, (loss, norm) in enumerate(zip(report.losses, report.grad_norms)):
+            if guard.observe(first + i, loss, norm):
+                self.monitor.info(f"step {first + i:>6} | non-finite loss {loss} or grad norm {norm}: "
+                                  f"update skipped ({guard.in_a_row} in a row, {guard.total} in all)")
+                self.monitor.scalars(first + i, {"train/skipped_steps": guard.total})
+        tok_s = self.data.sampler.global_batch * self.cfg.model.seq_len * report.steps / report.seconds
+        lr = self.engine.lr()
+        self.monitor.scalars(self.step, {"train/loss": report.loss, "train/lr": lr, "train/grad_norm": report.grad_norm,
+                                         "train/tokens_per_s": tok_s, **report.scalars,
+                                         **self.breakdown.reduce(self.engine.device)})
+        self.monitor.progress(self.step, report.loss, lr, report.grad_norm, tok_s, report.scalars["train/mfu"],
+                              report.scalars["train/useful_mfu"])
+        self.last_window = report
+        log.append({"step": self.step, "steps": report.steps, "loss": report.loss, "grad_norm": report.grad_norm})
+        return report
+
+    def _log_eval(self) -> tuple[float, float | None]:
+        """Validation loss of the raw weights and, with train.ema > 0, of the EMA weights."""
+        val_loss, ema_loss = self.evaluate(), None
+        if self.ema is not None:
+            with self.ema.swapped_in():
+                ema_loss = self.evaluate()
+        ppl, ema_ppl = (None if loss is None else math.exp(min(loss, 50.0)) for loss in (val_loss, ema_loss))
+        self.monitor.scalars(self.step, {"val/loss": val_loss, "val/ppl": ppl,
+                                         "val/loss_ema": ema_loss, "val/ppl_ema": ema_ppl})
+        self.monitor.info(f"step {self.step:>6} | validation loss {val_loss:.4f} | ppl {ppl:.2f}"
+                          + ("" if ema_loss is None else f" | EMA loss {ema_loss:.4f} | EMA ppl {ema_ppl:.2f}"))
+        return val_loss, ema_loss
+
+    # -------------------------------------------------------------------------- checkpoints
 
     def save(self) -> pathlib.Path:
         """All ranks: checked for space, written into checkpoints/.partial/<tag>, published atomically
@@ -260,7 +325,7 @@ class Trainer:
                          {"step": self.step, "universal_checkpoint_info": {"universal_checkpoint_version": 0.2}})
         save_rank_state(partial, dist.get_rank(), {"rng_cpu": torch.get_rng_state()})
         data_states = [None] * dist.get_world_size()
-        dist.all_gather_object(data_states, {"dp_rank": self.layout.dp_rank, **self.train_loader.state_dict()})
+        dist.all_gather_object(data_states, {"dp_rank": self.layout.dp_rank, **self.data.train_loader.state_dict()})
         weights = self.full_state()
         ema_weights = None if self.ema is None else self.full_state(self.ema.pieces())
         if self.is_main:
@@ -269,11 +334,11 @@ class Trainer:
             save_file(weights, str(partial / "model.safetensors"))
             if ema_weights is not None:
                 save_file(ema_weights, str(partial / EMA_FILE))
-            shutil.copyfile(self.tokenizer_path, partial / "tokenizer.json")
-            tokens_seen = self.step * self.sampler.global_batch * self.cfg.model.seq_len
+            shutil.copyfile(self.data.tokenizer_path, partial / "tokenizer.json")
+            tokens_seen = self.step * self.data.sampler.global_batch * self.cfg.model.seq_len
             trainer_state = {"step": self.step, "tokens_seen": tokens_seen, "config": config_to_dict(self.cfg),
-                             "layout": self._layout_record(), "world_size": dist.get_world_size(),
-                             "fingerprints": self.fingerprints, "data_state": data_states}
+                             "layout": layout_record(self.cfg, self.layout), "world_size": dist.get_world_size(),
+                             "fingerprints": self.data.fingerprints, "data_state": data_states}
             (partial / "trainer.json").write_text(json.dumps(trainer_state, indent=2))
             if self.after_write is not None:
                 self.after_write(self.step, partial)
@@ -289,7 +354,8 @@ class Trainer:
         verdict = {}
         if self.is_main:
             try:
-                self.lock, resume_from = claim(self.run_dir, self.cfg.train, self._layout_record(), say=_stderr)
+                self.lock, resume_from = claim(self.run_dir, self.cfg.train, layout_record(self.cfg, self.layout),
+                                               say=_stderr)
                 verdict = {"resume": None if resume_from is None else str(resume_from)}
             except (ValueError, FileNotFoundError) as err:
                 verdict = {"error": str(err)}
@@ -298,69 +364,11 @@ class Trainer:
             raise RunDirError(verdict["error"])
         return None if verdict["resume"] is None else pathlib.Path(verdict["resume"])
 
-    def _check_compatible(self, saved: dict, directory: pathlib.Path) -> None:
-        if self.cfg.train.resume_override:
-            return
-        problems = []
-        # dropout is a training setting, not part of the network: it may change on resume
-        saved_model = {k: v for k, v in saved["config"]["model"].items() if k != "dropout"}
-        now_model = {k: v for k, v in config_to_dict(self.cfg)["model"].items() if k != "dropout"}
-        if saved_model != now_model:
-            diff = {k: (v, now_model.get(k)) for k, v in saved_model.items() if now_model.get(k) != v}
-            problems.append(f"model config differs (checkpoint vs now: {diff})")
-        if saved["fingerprints"]["tokenizer"] != self.fingerprints["tokenizer"]:
-            problems.append("the tokenizer differs")
-        if saved["fingerprints"]["data"] != self.fingerprints["data"]:
-            problems.append("the data fingerprint differs (another corpus or preparation)")
-        if problems:
-            raise ValueError(f"checkpoint {directory}: {'; '.join(problems)}. "
-                             "Set train.resume_override=true to resume anyway.")
-
-    def _load_weights(self, model: torch.nn.Module, directory: pathlib.Path) -> None:
-        from safetensors.torch import load_file
-
-        self._check_compatible(read_trainer_state(directory), directory)
-        full = load_file(str(directory / "model.safetensors"))
-        load_full_state(model, full, self.layout.parallel.tp_group, self._flat_name)
-
-    def _init_weights_from(self, model, model_dir: pathlib.Path) -> None:
-        """Weights of a Llama-architecture directory, checked against the recipe and corpus."""
-        from tokenizers import Tokenizer
-
-        from pretrain.convert import read_llama_dir
-
-        hf, full = read_llama_dir(model_dir)
-        m = self.cfg.model
-        mask_row = "setdiff" in hf  # setdiff-convert output carries [MASK]; a plain Llama gets ours
-        expected = {"num_hidden_layers": m.num_layers, "hidden_size": m.hidden_size,
-                    "num_attention_heads": m.num_heads, "intermediate_size": m.resolved_ffn_hidden_size(),
-                    "vocab_size": m.vocab_size + (1 if mask_row else 0)}
-        wrong = [f"{key}={hf.get(key)} (this run: {value})" for key, value in expected.items() if hf.get(key) != value]
-        if wrong:
-            raise ValueError(f"train.init_from: {model_dir / 'config.json'} does not fit this run's model: "
-                             + ", ".join(wrong))
-        tokenizer = model_dir / "tokenizer.json"
-        if not tokenizer.is_file():
-            raise FileNotFoundError(f"train.init_from: {tokenizer} not found (the run must use the model's tokenizer)")
-        if Tokenizer.from_file(str(tokenizer)).to_str() != Tokenizer.from_file(str(self.tokenizer_path)).to_str():
-            raise ValueError(f"train.init_from: {tokenizer} is not the corpus tokenizer {self.tokenizer_path} "
-                             f"(prepare the corpus with setdiff-prepare --tokenizer {tokenizer})")
-        if not mask_row:  # the [MASK] rows keep this model's own initialization
-            own = {self._flat_name(k): v for k, v in full_state_dict(model, self.layout.parallel.tp_group).items()}
-            for name in ("embedding.word.weight", "head.output.weight"):
-                if name in own:  # under PP only the stage holding it
-                    full[name] = torch.cat([full[name], own[name][m.vocab_size:m.vocab_size + 1]])
-        load_full_state(model, full, self.layout.parallel.tp_group, self._flat_name)
-        if self.is_main:
-            print(f"initialized the weights from {model_dir}", flush=True)
-
-    def _flat_name(self, name: str) -> str:
-        """The flat model's name of a parameter of this run's module (pipeline or flat)."""
-        return pipeline_name_to_flat(name, self.cfg.model.num_layers) if self.cfg.parallel.pipeline > 1 else name
-
     def _resume(self, directory: pathlib.Path, same_layout: bool) -> None:
+        """The step, the data position, the EMA and, in the same layout, DeepSpeed's whole state
+        and this rank's RNG (the weights of another layout are in the model already)."""
         saved = read_trainer_state(directory)
-        self._check_compatible(saved, directory)
+        check_compatible(self.cfg, saved, directory, self.data.fingerprints)
         self.step = int(saved["step"])
         if same_layout:
             self.engine.load(str(directory.parent), directory.name)
@@ -373,27 +381,10 @@ class Trainer:
         else:
             self.engine.set_step(self.step)
         if self.ema is not None:
-            self._restore_ema(directory, saved)
-        self.train_loader.load_state_dict({"next_micro_batch": self.step * self.cfg.train.grad_accum})
+            restore_ema(self.ema, self.engine.module, directory, saved, self.cfg, self.layout, self.is_main)
+        self.data.train_loader.load_state_dict({"next_micro_batch": self.step * self.cfg.train.grad_accum})
 
-    def _restore_ema(self, directory: pathlib.Path, saved: dict) -> None:
-        """The EMA from the checkpoint's unsharded copy, cut for this layout; a run trained
-        without EMA starts it from the weights."""
-        from safetensors.torch import load_file
-
-        path = directory / EMA_FILE
-        if path.is_file():
-            pieces = local_pieces(self.engine.module, load_file(str(path)), self.layout.parallel.tp_group,
-                                  self.ema.names, self._flat_name)
-            self.ema.load_state_dict({"shadow": pieces})
-            return
-        # a checkpoint trained with EMA but without its file gets here only with train.resume_override=true
-        self.ema.reset()
-        if self.is_main:
-            trained_without = float(saved["config"]["train"].get("ema", 0.0)) == 0.0
-            why = "was trained without EMA" if trained_without else f"has no {EMA_FILE}"
-            print(f"setdiff: warning: checkpoint {directory} {why}: the EMA (train.ema={self.cfg.train.ema}) "
-                  "starts from its weights", file=sys.stderr, flush=True)
+    # -------------------------------------------------------------------------- signals
 
     def _install_signal_handlers(self) -> None:
         """SIGTERM, SIGUSR1 and a first SIGINT (Ctrl-C) ask for a save at the next log or save interval; a
@@ -422,90 +413,3 @@ class Trainer:
         flag = torch.tensor([1.0 if self._signal else 0.0], device=self.engine.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
-
-    def _log_window(self, guard: NonFiniteGuard, log: list[dict]) -> WindowReport:
-        """Read the logging window back (its one sync), check it for non-finite steps, log it
-        (and append its means to ``log``, result.json's per-interval record).
-
-        A non-finite step is thus detected at the next read-back: its update was skipped on the
-        device already, and the guard stops the run after train.max_nonfinite_steps in a row.
-        """
-        memory = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else peak_rss_mib()
-        report = self.window.read(memory, stop_flag=bool(self._signal))
-        first = self.step - report.steps + 1
-        for i, (loss, norm) in enumerate(zip(report.losses, report.grad_norms)):
-            if guard.observe(first + i, loss, norm):
-                self.monitor.info(f"step {first + i:>6} | non-finite loss {loss} or grad norm {norm}: "
-                                  f"update skipped ({guard.in_a_row} in a row, {guard.total} in all)")
-                self.monitor.scalars(first + i, {"train/skipped_steps": guard.total})
-        tok_s = self.sampler.global_batch * self.cfg.model.seq_len * report.steps / report.seconds
-        lr = self.engine.lr()
-        self.monitor.scalars(self.step, {"train/loss": report.loss, "train/lr": lr, "train/grad_norm": report.grad_norm,
-                                         "train/tokens_per_s": tok_s, **report.scalars,
-                                         **self.breakdown.reduce(self.engine.device)})
-        self.monitor.progress(self.step, report.loss, lr, report.grad_norm, tok_s, report.scalars["train/mfu"],
-                              report.scalars["train/useful_mfu"])
-        self.last_window = report
-        log.append({"step": self.step, "steps": report.steps, "loss": report.loss, "grad_norm": report.grad_norm})
-        return report
-
-    def train(self) -> dict:
-        """Steps until train.steps. A signal is noticed at the next log or save interval (the
-        stop check rides on the window's all-reduce), so a preempted run saves within
-        train.log_interval steps."""
-        t = self.cfg.train
-        self._install_signal_handlers()
-        first_step, guard, log, stopped = self.step, NonFiniteGuard(t.max_nonfinite_steps), [], None
-        self.window.reset()
-        while self.step < t.steps:
-            self.train_step(self.step)
-            self.step += 1
-            preempted = False
-            if self.step % t.log_interval == 0 or self.step == t.steps:
-                preempted = self._log_window(guard, log).stop_requested
-            elif t.save_interval and self.step % t.save_interval == 0:
-                preempted = self._stop_requested()
-            if preempted:
-                stopped = "preempted"
-            elif t.stop_at_step and self.step == t.stop_at_step and self.step < t.steps:
-                stopped = "stop_at_step"
-            if stopped:
-                if self.window.losses:  # the steps since the last log line
-                    self._log_window(guard, log)
-                break
-            if t.eval_interval and self.step % t.eval_interval == 0 and self.step < t.steps:
-                self._log_eval()
-            if t.save_interval and self.step % t.save_interval == 0 and self.step < t.steps:
-                self.save()
-        val_loss, val_loss_ema = (None, None) if stopped else self._log_eval()
-        checkpoint = self.save()
-        result = {"first_step": first_step, "steps": self.step, "stopped": stopped, "val_loss": val_loss,
-                  "val_loss_ema": val_loss_ema,
-                  "checkpoint": str(checkpoint), "tensorboard": str(self.run_dir / "tensorboard"),
-                  "log": log}
-        if self.is_main:
-            (self.run_dir / "result.json").write_text(json.dumps(result, indent=2))
-        what = {"preempted": "preempted: saved", "stop_at_step": "stopped at train.stop_at_step: saved"}
-        self.monitor.info(f"{what.get(stopped, 'done')}: checkpoint {checkpoint}\n"
-                          f"      tensorboard logs {self.run_dir / 'tensorboard'}"
-                          f" (tensorboard --logdir {self.run_dir / 'tensorboard'})")
-        self.monitor.close()
-        self.train_loader.close()
-        if self.lock is not None:
-            self.lock.release()
-        if stopped == "preempted":
-            raise Preempted(checkpoint)
-        return result
-
-    def _log_eval(self) -> tuple[float, float | None]:
-        """Validation loss of the raw weights and, with train.ema > 0, of the EMA weights."""
-        val_loss, ema_loss = self.evaluate(), None
-        if self.ema is not None:
-            with self.ema.swapped_in():
-                ema_loss = self.evaluate()
-        ppl, ema_ppl = (None if loss is None else math.exp(min(loss, 50.0)) for loss in (val_loss, ema_loss))
-        self.monitor.scalars(self.step, {"val/loss": val_loss, "val/ppl": ppl,
-                                         "val/loss_ema": ema_loss, "val/ppl_ema": ema_ppl})
-        self.monitor.info(f"step {self.step:>6} | validation loss {val_loss:.4f} | ppl {ppl:.2f}"
-                          + ("" if ema_loss is None else f" | EMA loss {ema_loss:.4f} | EMA ppl {ema_ppl:.2f}"))
-        return val_loss, ema_loss

@@ -36,10 +36,9 @@ def spec_cases() -> dict:
 
 @pytest.fixture(scope="session")
 def single_process_layout():
-    from pretrain.distributed import init_distributed, init_model_parallel
+    from pretrain import standalone
 
-    init_distributed()
-    return init_model_parallel(1, 1)
+    return standalone.single_process_layout()
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""No import cycles among the project's modules (model, data_pipeline, pretrain).
+"""No import cycles among the project's modules (model, data_pipeline, pretrain), and no training
+module imports the tools built on top of it (pretrain/inference, pretrain/bench).
 
 Every import counts, also one deferred into a function: a cycle that only deferral keeps from
 failing is still two modules that each need the other."""
@@ -9,9 +10,8 @@ import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PACKAGES = ("model", "data_pipeline", "pretrain")
-# deferred imports that close a cycle, tolerated until their owner reworks them: pretrain/bench*.py
-# (SyntheticDocuments lives in bench.py, which imports bench_train; issue 15 item 6 moves the benches)
-EXEMPT_EDGES = {("pretrain.bench_train", "pretrain.bench")}
+# the tools around a trained model and the benchmarks: training code imports none of them
+TOOLS = ("pretrain.inference", "pretrain.bench")
 
 
 def project_modules() -> dict[str, pathlib.Path]:
@@ -69,8 +69,20 @@ def test_the_walk_sees_imports_and_finds_a_cycle():
 def test_no_import_cycles():
     modules = project_modules()
     graph = {name: imports_of(path, modules) - {name} for name, path in modules.items()}
-    for importer, imported in EXEMPT_EDGES:
-        assert imported in graph[importer], f"{importer} no longer imports {imported}: drop it from EXEMPT_EDGES"
-        graph[importer].discard(imported)
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def in_tools(module: str) -> bool:
+    return any(module == tool or module.startswith(tool + ".") for tool in TOOLS)
+
+
+def test_training_imports_no_tools():
+    """pretrain/inference and pretrain/bench sit on top of training, never under it."""
+    modules = project_modules()
+    assert {"pretrain.inference.convert", "pretrain.bench.cli"} <= set(modules)  # the walk sees the sub-packages
+    assert in_tools("pretrain.inference.sample") and not in_tools("pretrain.inference_x")
+    wrong = {name: sorted(filter(in_tools, imports_of(path, modules)))
+             for name, path in modules.items() if not in_tools(name)}
+    wrong = {name: tools for name, tools in wrong.items() if tools}
+    assert not wrong, f"training modules importing the tools: {wrong}"

@@ -6,7 +6,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import pytest
 from data_pipeline import shard_plan
 from data_pipeline.embedded_corpus import locate_corpus, read_articles
 from data_pipeline.loader import open_documents, read_manifest
-from data_pipeline.prepare import TEST_EXIT_AFTER_SLICES, merge_ranks, prepare, train_tokenizer
+from data_pipeline.prepare import merge_ranks, prepare, train_tokenizer
 from data_pipeline.readers import BadInput, iter_documents, tokenizer_sample
 
 pytestmark = pytest.mark.slow  # prepares corpora, one of them in a process it kills
@@ -146,11 +145,10 @@ def test_merge_in_small_groups_writes_the_same_shards(texts, tokenizer, referenc
 
 def test_killed_run_resumes_to_the_uninterrupted_shards(texts, tokenizer, reference, tmp_path, capsys):
     inputs, out = write_as(".jsonl.zst", texts, tmp_path / "in"), tmp_path / "out"
-    command = [sys.executable, "-m", "data_pipeline.prepare", "--input", str(inputs), "--out", str(out),
-               "--tokenizer", str(tokenizer), "--val-percent", "10", "--docs-per-shard", "16",
-               "--slice-docs", "32", "--workers", "2"]
-    killed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, TEST_EXIT_AFTER_SLICES: "2"})
+    command = [sys.executable, str(ROOT / "tests/data_pipeline/prepare_killed.py"), "2",  # killed after 2 slices
+               "--input", str(inputs), "--out", str(out), "--tokenizer", str(tokenizer), "--val-percent", "10",
+               "--docs-per-shard", "16", "--slice-docs", "32", "--workers", "2"]
+    killed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert killed.returncode == 75, killed.stderr[-2000:]
     assert not (out / "manifest.json").exists()
     prepare(out, [inputs], tokenizer=tokenizer, **SETTINGS)  # the same settings as the command

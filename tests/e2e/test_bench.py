@@ -60,7 +60,7 @@ def test_bench_train_times_every_family_and_the_trainer(tiny_corpus, tmp_path):
 @pytest.mark.parametrize("flags,named", [(["--backends", "fast"], "fast"), (["--families", "ar,blocky"], "--families"),
                                          (["--steps", "0"], "--steps"), (["--micro-batch", "0"], "--micro-batch")])
 def test_bench_train_rejects_bad_flags(flags, named, capsys):
-    from pretrain.bench import main
+    from pretrain.bench.cli import main
 
     # refused before any model is built
     assert main(["train", "--config", str(ROOT / "configs/small.yaml"), *flags]) == 2

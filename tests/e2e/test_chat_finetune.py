@@ -36,8 +36,8 @@ def train_and_score(tmp_path: pathlib.Path, name: str, steps: int) -> tuple[list
         f"out_dir={tmp_path}", f"name={name}", f"train.steps={steps}", "train.ema=0",
         *tiny_run("model.hidden_size=128", "train.lr=3e-3", "diffusion.order=staggered:4", seq_len=32,
                   micro_batch_size=32, warmup_steps=min(10, steps), log_interval=min(20, steps)))
-    run("pretrain.convert", str(tmp_path / name / "checkpoints" / f"step_{steps:07d}"), str(tmp_path / f"{name}-hf"))
-    scored = run("pretrain.evaluate", str(tmp_path / f"{name}-hf"), "--task", "answers", str(tmp_path / "test.jsonl"),
+    run("pretrain.inference.convert", str(tmp_path / name / "checkpoints" / f"step_{steps:07d}"), str(tmp_path / f"{name}-hf"))
+    scored = run("pretrain.inference.evaluate", str(tmp_path / f"{name}-hf"), "--task", "answers", str(tmp_path / "test.jsonl"),
                  "--order", "staggered:4", "--tau", "0.5")
     log = json.loads((tmp_path / name / "result.json").read_text())["log"]
     (row,) = json.loads(scored.stdout)["task"]["rows"]

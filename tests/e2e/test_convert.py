@@ -14,7 +14,7 @@ from model.masks import dense_mask, two_copy_meta
 from model.transformer import SetDiffusionTransformer
 from pretrain.checkpoint import read_trainer_state
 from pretrain.config import config_from_dict
-from pretrain.convert import main as convert_main
+from pretrain.inference.convert import main as convert_main
 from pretrain.state import load_full_state
 
 from helpers import fresh_env, tiny_run
@@ -71,7 +71,7 @@ def test_reverse_mapping_and_eval(tiny_corpus, tmp_path):
 
     from safetensors.torch import load_file
 
-    from pretrain.convert import read_model_dir
+    from pretrain.inference.convert import read_model_dir
 
     checkpoint = train_checkpoint(tiny_corpus, tmp_path, 1)
     out = tmp_path / "hf"
@@ -81,13 +81,13 @@ def test_reverse_mapping_and_eval(tiny_corpus, tmp_path):
     assert full.keys() == original.keys() and all(torch.equal(full[k], original[k]) for k in full)
     assert fields["mask_token_id"] == cfg.vocab_size and fields["order"] == "staggered:4"
     env = fresh_env()
-    proc = subprocess.run([sys.executable, "-m", "pretrain.evaluate", str(out), "--data", str(tiny_corpus),
+    proc = subprocess.run([sys.executable, "-m", "pretrain.inference.evaluate", str(out), "--data", str(tiny_corpus),
                            "--orders", "2", "--batches", "2"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout[proc.stdout.index("{"):])
     assert result["order"] == "staggered:4" and 1.0 < result["perplexity"] < 1e4
-    missing = subprocess.run([sys.executable, "-m", "pretrain.evaluate", str(tmp_path / "nope"), "--data",
+    missing = subprocess.run([sys.executable, "-m", "pretrain.inference.evaluate", str(tmp_path / "nope"), "--data",
                               str(tiny_corpus)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert missing.returncode == 2 and "config.json not found" in missing.stderr
 
@@ -111,16 +111,17 @@ def test_generative_perplexity_under_a_judge(tiny_corpus, tmp_path):
     judge.save_pretrained(judge_dir, safe_serialization=True)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copyfile(out / name, judge_dir / name)
-    proc = subprocess.run([sys.executable, "-m", "pretrain.evaluate", str(out), "--judge", str(judge_dir),
+    proc = subprocess.run([sys.executable, "-m", "pretrain.inference.evaluate", str(out), "--judge", str(judge_dir),
                            "--samples", "3", "--new-tokens", "12"], cwd=ROOT, env=fresh_env(HF_HUB_OFFLINE="1"),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout[proc.stdout.index("{"):])["generative"]
     assert result["samples"] == 3 and result["judge_tokens"] > 0 and result["tokens_per_forward"] >= 1
     assert result["generative_perplexity"] == pytest.approx(judge_vocab, rel=1e-4)
-    missing = subprocess.run([sys.executable, "-m", "pretrain.evaluate", str(out), "--judge", str(tmp_path / "no")],
+    missing = subprocess.run([sys.executable, "-m", "pretrain.inference.evaluate", str(out), "--judge",
+                              str(tmp_path / "no")],
                              cwd=ROOT, env=fresh_env(), capture_output=True, text=True, timeout=600)
     assert missing.returncode == 2 and "no config.json" in missing.stderr
-    neither = subprocess.run([sys.executable, "-m", "pretrain.evaluate", str(out)], cwd=ROOT, env=fresh_env(),
+    neither = subprocess.run([sys.executable, "-m", "pretrain.inference.evaluate", str(out)], cwd=ROOT, env=fresh_env(),
                              capture_output=True, text=True, timeout=600)
     assert neither.returncode == 2 and "--data" in neither.stderr and "--judge" in neither.stderr

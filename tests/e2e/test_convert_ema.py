@@ -81,14 +81,14 @@ def test_validation_logs_the_ema_loss(mixture_run):
 
 
 def test_convert_writes_the_ema_by_default_and_the_raw_weights_on_request(mixture_run, tmp_path):
-    from pretrain.convert import read_model_dir
+    from pretrain.inference.convert import read_model_dir
 
     checkpoint = mixture_run / "checkpoints" / "step_0000003"
     shadow, raw = read(checkpoint / "ema.safetensors"), read(checkpoint / "model.safetensors")
     for weights, flag, source in (("ema", [], shadow), ("raw", ["--weights", "raw"], raw),
                                   ("ema", ["--weights", "ema"], shadow)):
         out = tmp_path / f"hf_{weights}_{len(flag)}"
-        proc = cli("pretrain.convert", str(checkpoint), str(out), *flag)
+        proc = cli("pretrain.inference.convert", str(checkpoint), str(out), *flag)
         assert proc.returncode == 0, proc.stderr[-3000:]
         _, fields, full = read_model_dir(out)
         assert fields["weights"] == weights and fields["ema_decay"] == (DECAY if weights == "ema" else None)
@@ -101,10 +101,10 @@ def test_a_mixture_converts_loads_in_transformers_and_samples(mixture_run, tmp_p
 
     from pretrain.config import config_from_dict
     from pretrain.checkpoint import read_trainer_state
-    from pretrain.convert import hf_state_dict
+    from pretrain.llama_weights import hf_state_dict
 
     checkpoint, out = mixture_run / "checkpoints" / "step_0000003", tmp_path / "hf"
-    proc = cli("pretrain.convert", str(checkpoint), str(out))
+    proc = cli("pretrain.inference.convert", str(checkpoint), str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     fields = json.loads((out / "config.json").read_text())["setdiff"]
     assert fields["order"] == MIXTURE
@@ -114,7 +114,7 @@ def test_a_mixture_converts_loads_in_transformers_and_samples(mixture_run, tmp_p
     loaded = hf.state_dict()
     assert all(torch.equal(loaded[name], tensor)
                for name, tensor in hf_state_dict(read(checkpoint / "ema.safetensors"), cfg).items())
-    proc = cli("pretrain.sample", str(out), "--prompt", "The history of", "--max-new-tokens", "6", "--json")
+    proc = cli("pretrain.inference.sample", str(out), "--prompt", "The history of", "--max-new-tokens", "6", "--json")
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout[proc.stdout.index("{"):])
     assert result["order"] == "staggered:4" and result["texts"][0].startswith("The history of")
@@ -127,7 +127,7 @@ def test_ema_errors_and_a_checkpoint_trained_without_ema(tiny_corpus, tmp_path):
     assert pretrain(tiny_corpus, tmp_path, "train.ema=0", "train.stop_at_step=2").returncode == 0
     step2 = tmp_path / "run" / "checkpoints" / "step_0000002"
     assert not (step2 / "ema.safetensors").exists()
-    refused = cli("pretrain.convert", str(step2), str(tmp_path / "hf"), "--weights", "ema")
+    refused = cli("pretrain.inference.convert", str(step2), str(tmp_path / "hf"), "--weights", "ema")
     assert refused.returncode == 2 and str(step2) in refused.stderr and "--weights raw" in refused.stderr
     resumed = pretrain(tiny_corpus, tmp_path, f"train.ema={DECAY}", "--resume", "auto")
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -8,12 +8,12 @@ import subprocess
 import sys
 
 from helpers import fresh_env
-from pretrain.convert import main as convert_main
+from pretrain.inference.convert import main as convert_main
 from test_convert import ROOT, train_checkpoint
 
 
 def evaluate(model_dir, corpus, *extra) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "pretrain.evaluate", str(model_dir), "--data", str(corpus),
+    proc = subprocess.run([sys.executable, "-m", "pretrain.inference.evaluate", str(model_dir), "--data", str(corpus),
                            "--orders", "1", "--batches", "2", *extra], cwd=ROOT, env=fresh_env(),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

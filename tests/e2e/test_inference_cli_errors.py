@@ -49,7 +49,7 @@ def trained(tiny_corpus, tmp_path_factory) -> tuple[pathlib.Path, pathlib.Path]:
     """(a 3-step checkpoint with an EMA, its conversion by the CLI into a fresh directory)."""
     tmp = tmp_path_factory.mktemp("errors")
     checkpoint = train_checkpoint(tiny_corpus, tmp, 1)
-    proc = cli("pretrain.convert", checkpoint, tmp / "hf")
+    proc = cli("pretrain.inference.convert", checkpoint, tmp / "hf")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return checkpoint, tmp / "hf"
 
@@ -103,7 +103,7 @@ def test_convert_refuses_in_one_line_and_loses_nothing(trained, tmp_path, case):
     ck, out = copy_checkpoint(trained[0], work), work / "out"
     breakage(ck, out)
     before = tree(work)
-    proc = cli("pretrain.convert", ck, *(a.format(out=out, ck=ck) for a in args))
+    proc = cli("pretrain.inference.convert", ck, *(a.format(out=out, ck=ck) for a in args))
     assert_one_line_error(proc, "setdiff-convert", *(n.format(ck=ck, out=out) for n in named))
     assert tree(work) == before  # the output as it was, the checkpoint as it was, no partial directory
     assert not [p.name for p in work.iterdir() if p.name.startswith(".")]  # nor an empty staging directory
@@ -117,9 +117,9 @@ def test_convert_force_replaces_the_whole_directory(trained, tmp_path):
     (out / "model.safetensors").write_bytes(b"old weights")
     (out / "nested").mkdir()
     (out / "nested" / "old.bin").write_bytes(b"x")
-    refused = cli("pretrain.convert", checkpoint, out)
+    refused = cli("pretrain.inference.convert", checkpoint, out)
     assert_one_line_error(refused, "setdiff-convert", f"output {out} is not empty", "--force")
-    proc = cli("pretrain.convert", checkpoint, out, "--force")
+    proc = cli("pretrain.inference.convert", checkpoint, out, "--force")
     assert proc.returncode == 0, proc.stderr[-3000:]
     # exactly the files (and bytes) of a conversion into a fresh directory: nothing of the old contents
     assert tree(out) == tree(fresh)
@@ -130,7 +130,7 @@ def test_convert_into_an_empty_directory_needs_no_force(trained, tmp_path):
     checkpoint, fresh = trained
     out = tmp_path / "empty"
     out.mkdir()
-    proc = cli("pretrain.convert", checkpoint, out)
+    proc = cli("pretrain.inference.convert", checkpoint, out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert tree(out) == tree(fresh)
 
@@ -148,7 +148,7 @@ def other_corpus(tmp_path_factory) -> pathlib.Path:
 
 def test_eval_refuses_a_corpus_of_another_tokenizer(trained, tiny_corpus, other_corpus):
     model_dir = trained[1]
-    proc = cli("pretrain.evaluate", model_dir, "--data", other_corpus, "--orders", "1", "--batches", "1")
+    proc = cli("pretrain.inference.evaluate", model_dir, "--data", other_corpus, "--orders", "1", "--batches", "1")
     assert_one_line_error(proc, "setdiff-eval", str(model_dir / "tokenizer.json"),
                           str(other_corpus / "manifest.json"), "--tokenizer")
     assert proc.stdout == ""  # no perplexity printed
@@ -157,7 +157,7 @@ def test_eval_refuses_a_corpus_of_another_tokenizer(trained, tiny_corpus, other_
     corpus_hash = json.loads((other_corpus / "manifest.json").read_text())["tokenizer_sha256"]
     assert model_hash != corpus_hash and model_hash[:12] in proc.stderr and corpus_hash[:12] in proc.stderr
     # the corpus the model was trained on passes the same check
-    same = cli("pretrain.evaluate", model_dir, "--data", tiny_corpus, "--orders", "1", "--batches", "1")
+    same = cli("pretrain.inference.evaluate", model_dir, "--data", tiny_corpus, "--orders", "1", "--batches", "1")
     assert same.returncode == 0, same.stderr[-3000:]
     assert json.loads(same.stdout)["perplexity"] > 1.0
 
@@ -192,12 +192,14 @@ def test_a_damaged_model_directory_is_named(trained, tiny_corpus, tmp_path, prog
     model_dir = damaged_model_dir(trained[1], tmp_path, breakage)
     before = tree(model_dir)
     if program == "setdiff-sample":
-        proc = cli("pretrain.sample", model_dir, "--prompt", "The", "--max-new-tokens", "2")
+        proc = cli("pretrain.inference.sample", model_dir, "--prompt", "The", "--max-new-tokens", "2")
     else:
         if case == "damaged tokenizer.json":  # --data compares its hash; the sampler for --judge parses it
-            proc = cli("pretrain.evaluate", model_dir, "--judge", trained[1], "--samples", "1", "--new-tokens", "2")
+            proc = cli("pretrain.inference.evaluate", model_dir, "--judge", trained[1], "--samples", "1",
+                       "--new-tokens", "2")
         else:
-            proc = cli("pretrain.evaluate", model_dir, "--data", tiny_corpus, "--orders", "1", "--batches", "1")
+            proc = cli("pretrain.inference.evaluate", model_dir, "--data", tiny_corpus, "--orders", "1",
+                       "--batches", "1")
     assert_one_line_error(proc, program, named.format(m=model_dir))
     assert tree(model_dir) == before
 
@@ -227,7 +229,7 @@ FLAG_CASES = [
 
 @pytest.mark.parametrize("program,flags,named", FLAG_CASES, ids=[" ".join([c[0], *c[1][-2:]]) for c in FLAG_CASES])
 def test_a_value_no_run_can_use_is_named_by_its_flag(trained, tiny_corpus, program, flags, named):
-    module = {"setdiff-eval": "pretrain.evaluate", "setdiff-sample": "pretrain.sample"}[program]
+    module = {"setdiff-eval": "pretrain.inference.evaluate", "setdiff-sample": "pretrain.inference.sample"}[program]
     args = [f.format(corpus=tiny_corpus, model=trained[1]) for f in flags]
     proc = cli(module, trained[1], *args)
     assert_one_line_error(proc, program, named)

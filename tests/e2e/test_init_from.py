@@ -8,7 +8,7 @@ import shutil
 import torch
 from safetensors.torch import load_file
 
-from pretrain.convert import main as convert_main
+from pretrain.inference.convert import main as convert_main
 
 from test_convert import ROOT, TINY, train_checkpoint  # noqa: F401  (ROOT used by the helpers)
 from test_pretrain_cli import pretrain

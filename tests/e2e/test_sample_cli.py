@@ -10,7 +10,7 @@ from collections import Counter
 
 import pytest
 
-from pretrain.convert import main as convert_main
+from pretrain.inference.convert import main as convert_main
 
 from helpers import fresh_env
 from test_convert import train_checkpoint
@@ -19,7 +19,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def sample_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pretrain.sample", *args], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "pretrain.inference.sample", *args], cwd=ROOT,
                           env=fresh_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
 
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from pretrain.convert import decoding_fields
-from pretrain.sample import decode_config
+from pretrain.inference.convert import decoding_fields
+from pretrain.inference.sample import decode_config
 
 
 @pytest.mark.parametrize("mode,order,expected", [

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from pretrain.evaluate import is_correct, main, read_task
+from pretrain.inference.evaluate import is_correct, main, read_task
 
 
 @pytest.mark.parametrize("completion, answer, expected", [

@@ -11,7 +11,8 @@ import torch
 from pretrain.config import load_config
 from pretrain import engine as engine_module
 from pretrain.engine import zero_stage_run
-from pretrain.trainer import Trainer, same_layout_record
+from pretrain.restore import same_layout_record
+from pretrain.trainer import Trainer
 
 
 def test_which_stage_runs():

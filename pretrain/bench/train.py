@@ -15,7 +15,7 @@ Each family's ``x AR floor`` is its model FLOPs over the AR row's on the same da
 two-copy layout must cost at least (1.71x for singleton sets at GPT-2's vocabulary, close to
 2x at 4,096, where the output layer is small).
 
---trainer also times the real setdiff-pretrain step (pretrain/bench_trainer.py) on the
+--trainer also times the real setdiff-pretrain step (pretrain/bench/trainer.py) on the
 recipe's family and prints its overhead over the bare step of the same shapes.
 """
 from __future__ import annotations
@@ -29,11 +29,26 @@ import time
 import numpy as np
 import torch
 
-from pretrain import bench_trainer
+from pretrain.bench import trainer as bench_trainer
 
 GPT2_VOCAB, CORPUS_VOCAB = 50257, 4096
 FAMILIES = [("ar", "ar_baseline", "ordered_ce"), ("block:4", "set", "set_nelbo"),
             ("staggered:8", "set", "ordered_ce"), ("mdlm", "set", "set_nelbo")]
+
+
+class SyntheticDocuments:
+    """Random documents with Wikipedia-like lengths, so the benchmark needs no corpus."""
+
+    def __init__(self, count: int, vocab: int, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        self.lengths = rng.integers(50, 600, count)
+        self.vocab = vocab
+
+    def __len__(self) -> int:
+        return int(self.lengths.size)
+
+    def document(self, i: int) -> np.ndarray:
+        return np.random.default_rng(i).integers(1, self.vocab, self.lengths[i]).astype(np.int32)
 
 
 def packed_batch(sequences, order: str, mode: str, objective: str, vocab: int, micro_batch: int) -> dict:
@@ -50,7 +65,6 @@ def packed_batch(sequences, order: str, mode: str, objective: str, vocab: int, m
 def synthetic_sequences(vocab: int, seq_len: int, micro_batch: int):
     """Packed synthetic documents, enough for one micro-batch (they average ~325 tokens)."""
     from data_pipeline.packing import PackedSequences
-    from pretrain.bench import SyntheticDocuments
 
     docs = SyntheticDocuments(max(200, 2 * micro_batch * seq_len // 300), vocab)
     return PackedSequences(docs, docs.lengths, seq_len, eos_id=0)
@@ -63,14 +77,14 @@ class BareStep:
     def __init__(self, cfg, layout, batch: dict, order: str, mode: str, objective: str, backend: str,
                  device: torch.device, dtype: torch.dtype):
         from model.objectives import attention_meta
-        from model.transformer import SetDiffusionTransformer
         from pretrain.flops import allowed_pairs_per_sequence, step_flops
+        from pretrain.standalone import single_process_model
 
         self.cfg = dataclasses.replace(cfg, attention_backend=backend)
         self.order, self.mode, self.objective, self.backend, self.device = order, mode, objective, backend, device
         self.set_mode = mode == "set"
-        self.model = SetDiffusionTransformer(self.cfg, layout.parallel, set_mode=self.set_mode,
-                                             init_seed=0).to(device, dtype).train()
+        self.model = single_process_model(self.cfg, set_mode=self.set_mode, init_seed=0,
+                                          layout=layout).to(device, dtype).train()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.0, fused=True)  # as the trainer
         self.batch = {k: v.to(device) for k, v in batch.items()}
         B, T = self.batch["input_ids"].shape
@@ -117,8 +131,8 @@ def measure_rows(steppers: list[BareStep], steps: int) -> list[dict]:
 def bench_train(args) -> dict:
     from model.attention import make_backend
     from pretrain.config import load_config
-    from pretrain.distributed import init_distributed, init_model_parallel
     from pretrain.flops import device_peak
+    from pretrain.standalone import single_process_layout
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -137,7 +151,7 @@ def bench_train(args) -> dict:
         ["flex", "tiled", "sdpa"] if device.type == "cuda" else ["tiled", "sdpa"])
     for name in backends:
         make_backend(name)  # an unknown name stops here, before any timing
-    init_distributed()
+    layout = single_process_layout()
     with tempfile.TemporaryDirectory(prefix="setdiff-bench-") as tmp:
         workdir = pathlib.Path(tmp)
         if args.trainer or args.data:
@@ -155,7 +169,6 @@ def bench_train(args) -> dict:
             batch = packed_batch(sequences, order, mode, objective, vocab, args.micro_batch)
             return BareStep(cfg, layout, batch, order, mode, objective, backend, device, dtype)
 
-        layout = init_model_parallel(1, 1)
         steppers = [stepper(layout, order, mode, objective, backend) for order, mode, objective in FAMILIES
                     if order in families for backend in backends if backend != "flex" or device.type == "cuda"]
         rows = measure_rows(steppers, args.steps)

@@ -33,7 +33,7 @@ import sys
 import torch
 
 from pretrain.cli_errors import EXPECTED, at_least, check_decoding_flags, error_line, read_json
-from pretrain.quiet import default_debug_log, third_party_output_to
+from pretrain.inference.quiet import default_debug_log, third_party_output_to
 
 
 def check_corpus_tokenizer(model_dir: pathlib.Path, data: pathlib.Path) -> None:
@@ -70,7 +70,7 @@ def evaluate(model_dir: pathlib.Path, data: pathlib.Path, *, order: str | None =
     from data_pipeline.collator import CollatorConfig, SetDiffusionCollator
     from data_pipeline.loader import open_sequences
     from model.objectives import evaluation_objective, forward_step
-    from pretrain.convert import read_model_dir
+    from pretrain.inference.convert import read_model_dir
     from pretrain.standalone import single_process_model
 
     cfg, fields, full = read_model_dir(model_dir)
@@ -131,7 +131,7 @@ def generative_perplexity(model_dir: pathlib.Path, judge_dir: pathlib.Path, *, s
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from model.sampling import generate, unigram_entropy
-    from pretrain.sample import decode_config, load_model
+    from pretrain.inference.sample import decode_config, load_model
 
     if not (pathlib.Path(judge_dir) / "config.json").is_file() and not gguf_file:
         raise FileNotFoundError(f"--judge {judge_dir}: no config.json (a transformers model directory, or "
@@ -208,7 +208,7 @@ def task_accuracy(model_dir: pathlib.Path, task: pathlib.Path, *, orders: list[s
     (order, window, tau), with the decoding's tokens per forward and tokens/s."""
     from model.orders import parse_order
     from model.sampling import DecodeStats, generate
-    from pretrain.sample import decode_config, load_model
+    from pretrain.inference.sample import decode_config, load_model
 
     pairs = read_task(task)[:limit or None]
     model, fields, tokenizer, eos_id = load_model(model_dir, "cpu")

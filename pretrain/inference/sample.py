@@ -33,7 +33,7 @@ import sys
 import torch
 
 from pretrain.cli_errors import EXPECTED, at_least, check_decoding_flags, error_line, load_tokenizer, read_json
-from pretrain.quiet import default_debug_log, third_party_output_to
+from pretrain.inference.quiet import default_debug_log, third_party_output_to
 
 MASK_MARKER = re.compile(r"<mask:(\d+)>")
 
@@ -41,7 +41,7 @@ MASK_MARKER = re.compile(r"<mask:(\d+)>")
 def load_model(model_dir: pathlib.Path, device: str = "auto"):
     """(model, setdiff fields, tokenizer, eos id or None) from a setdiff-convert directory, on
     ``device`` (auto: CUDA when present, else the CPU)."""
-    from pretrain.convert import read_model_dir
+    from pretrain.inference.convert import read_model_dir
     from pretrain.standalone import single_process_model
 
     if not model_dir.is_dir():

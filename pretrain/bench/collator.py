@@ -1,46 +1,18 @@
-"""setdiff-bench: benchmarks that print numbers (ratios measured side by side in one run).
-
-    setdiff-bench collator [--seq-len 1024] [--workers 2] [--config configs/small.yaml]
-    setdiff-bench train [--config configs/small.yaml] [--layers N] [--steps N] [--trainer] [--json OUT]
-                                                                  (pretrain/bench_train.py, bench_trainer.py)
-    setdiff-bench decode [--new-tokens 512] [--batches 1 8] [--json OUT]          (pretrain/bench_decode.py)
-    setdiff-bench prepare [--size-mb 500] [--workers 2] [--json OUT]              (pretrain/bench_prepare.py)
-
-collator: sequences/s of the data path (pack, draw partitions and noise, write the two-copy
-layout and the bit-packed mask) for each order family, with DataLoader workers, and the
-ratio to how fast one training step of the recipe (forward, backward and the optimizer
-update) consumes sequences on this machine.
-train: see pretrain/bench_train.py.
+"""setdiff-bench collator: sequences/s of the data path (pack, draw partitions and noise, write
+the two-copy layout and the bit-packed mask) for each order family, with DataLoader workers,
+and the ratio to how fast one training step of the recipe (forward, backward and the
+optimizer update) consumes sequences on this machine.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 import time
 
-import numpy as np
 import torch
 
-from pretrain import bench_decode, bench_prepare, bench_report, bench_train
+from pretrain.bench.train import BareStep, SyntheticDocuments, measure_rows
 
 FAMILIES = [("ar", "ordered_ce"), ("mdlm", "set_nelbo"), ("block:8", "set_nelbo"),
             ("staggered:8", "ordered_ce"), ("random", "ordered_ce")]
-
-
-class SyntheticDocuments:
-    """Random documents with Wikipedia-like lengths, so the benchmark needs no corpus."""
-
-    def __init__(self, count: int, vocab: int, seed: int = 0):
-        rng = np.random.default_rng(seed)
-        self.lengths = rng.integers(50, 600, count)
-        self.vocab = vocab
-
-    def __len__(self) -> int:
-        return int(self.lengths.size)
-
-    def document(self, i: int) -> np.ndarray:
-        return np.random.default_rng(i).integers(1, self.vocab, self.lengths[i]).astype(np.int32)
 
 
 def collator_rate(order: str, objective: str, seq_len: int, micro_batch: int, workers: int,
@@ -72,23 +44,21 @@ def training_rate(config_path: str, seq_len: int, vocab: int, backend: str | Non
     from pretrain.config import load_config
     from data_pipeline.collator import CollatorConfig, SetDiffusionCollator
     from model.attention import make_backend
-    from pretrain.distributed import init_distributed, init_model_parallel
+    from pretrain.standalone import single_process_layout
 
     overrides = [f"model.seq_len={seq_len}"] + ([f"model.attention_backend={backend}"] if backend else [])
     cfg = load_config(config_path, overrides)
     cfg.model.vocab_size = vocab
     backend_name = make_backend(cfg.model.attention_backend).name
     mask_bits = backend_name == "sdpa"
-    init_distributed()
     d = cfg.diffusion
     collator = SetDiffusionCollator(CollatorConfig(order=d.order, objective=d.objective, mode=d.mode,
                                                    mask_id=vocab, seed=0, mask_bits=mask_bits))
     tokens = torch.randint(1, vocab, (1, seq_len))
     batch = collator(tokens, torch.zeros_like(tokens), step=0)
     # forward, loss, backward and the fused AdamW update, after a warm-up step
-    (row,) = bench_train.measure_rows([bench_train.BareStep(cfg.model, init_model_parallel(1, 1), batch, d.order,
-                                                            d.mode, d.objective, backend_name, torch.device("cpu"),
-                                                            torch.float32)], 1)
+    (row,) = measure_rows([BareStep(cfg.model, single_process_layout(), batch, d.order, d.mode, d.objective,
+                                    backend_name, torch.device("cpu"), torch.float32)], 1)
     shape = f"{cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, L {seq_len}, {backend_name} attention"
     return 1.0 / row["step_s"], shape, mask_bits
 
@@ -122,10 +92,7 @@ def collator_summary(result: dict) -> list[str]:
     return lines
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="setdiff-bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+def add_parser(sub) -> None:
     col = sub.add_parser("collator", help="data path throughput vs. training consumption")
     col.add_argument("--config", default="configs/small.yaml")
     col.add_argument("--seq-len", type=int, default=1024)
@@ -136,24 +103,3 @@ def main(argv=None) -> int:
     col.add_argument("--attention-backend", help="override the recipe's (sdpa also writes the bit-packed mask)")
     col.add_argument("--json", help="also write the results here")
     col.set_defaults(run=bench_collator, summary=collator_summary)
-    bench_train.add_parser(sub)
-    bench_decode.add_parser(sub)
-    bench_prepare.add_parser(sub)
-    args = parser.parse_args(argv)
-    before = bench_report.machine()
-    try:
-        result = args.run(args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"setdiff-bench: error: {err}", file=sys.stderr)
-        return 2
-    after = bench_report.machine()
-    result["machine"] = {"before": before, "after": after, "contended": bench_report.contended(before, after)}
-    bench_report.print_summary(bench_report.argv_of(argv), before, after, args.summary(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

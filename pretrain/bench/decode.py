@@ -18,22 +18,19 @@ import torch
 def bench_model(args):
     """(model, description): a random set-mode model, or the one in --model-dir."""
     if args.model_dir:
-        from pretrain.sample import load_model
+        from pretrain.inference.sample import load_model
 
         model = load_model(pathlib.Path(args.model_dir))[0]
         if not model.set_mode:
             raise ValueError(f"--model-dir {args.model_dir}: decode benchmarks a set-mode model")
     else:
         from model.config import ModelConfig
-        from model.transformer import SetDiffusionTransformer
-        from pretrain.distributed import init_distributed, init_model_parallel
+        from pretrain.standalone import single_process_model
 
-        init_distributed()
-        layout = init_model_parallel(1, 1)
         cfg = ModelConfig(num_layers=args.layers, hidden_size=args.hidden, num_heads=args.heads,
                           vocab_size=args.vocab, seq_len=args.prompt_len + args.new_tokens,
                           attention_backend="sdpa")
-        model = SetDiffusionTransformer(cfg, layout.parallel, init_seed=0).eval()
+        model = single_process_model(cfg, init_seed=0).eval()
     c = model.cfg
     return model, f"{c.num_layers} layers, hidden {c.hidden_size}, {c.num_heads} heads, vocab {c.vocab_size}"
 

@@ -74,7 +74,7 @@ def read_texts(corpus: pathlib.Path, limit_mb: float) -> list[str]:
 
 def _encode_share(args) -> tuple[int, float]:
     tokenizer_path, texts = args
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # a spawned worker, before tokenizers is imported: one thread
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(tokenizer_path)

@@ -6,7 +6,7 @@ document masks, the DeepSpeed engine (ZeRO-1), gradient clipping, EMA, the loss 
 TensorBoard metrics (train.log_interval=1: every step is logged, more than a real run does).
 
 The two sides take turns in one process: before each trainer step, one bare step
-(bench_train.BareStep: forward, loss, backward, fused AdamW on a model of the same shape and
+(train.py's BareStep: forward, loss, backward, fused AdamW on a model of the same shape and
 family, on a micro-batch of the same corpus) runs and is timed on its own. A trainer step is
 the time from the start of its ``train_step`` to the start of the next one (everything the
 training loop does per step: data, engine, EMA, logging), less the bare step run in between.

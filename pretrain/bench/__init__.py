@@ -1,0 +1,1 @@
+"""setdiff-bench: benchmarks that print numbers (cli.py, one module per subcommand)."""

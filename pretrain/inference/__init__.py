@@ -1,0 +1,1 @@
+"""The tools around a trained model: setdiff-convert, setdiff-sample, setdiff-eval."""
