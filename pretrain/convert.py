@@ -33,6 +33,21 @@ from pretrain.cli_errors import EXPECTED, error_line, error_text, load_tokenizer
 from pretrain.config import config_from_dict
 
 
+def check_llama_exportable(cfg: ModelConfig) -> None:
+    """Refuse what this Llama export cannot write faithfully: QK-norm (Qwen3), grouped-query
+    attention, another head size, a tied output layer. Never write a wrong model."""
+    if cfg.qk_norm:
+        raise ValueError("model.qk_norm=true: LlamaForCausalLM has no QK-norm, so setdiff-convert cannot "
+                         "export this model (Qwen3 export is not there yet)")
+    unsupported = [f"model.{name}={value}" for name, value, plain in (
+        ("num_kv_heads", cfg.num_kv_heads, cfg.resolved_kv_heads() == cfg.num_heads),
+        ("head_dim", cfg.head_dim, cfg.resolved_head_dim() * cfg.num_heads == cfg.hidden_size),
+        ("tie_embeddings", cfg.tie_embeddings, not cfg.tie_embeddings)) if not plain]
+    if unsupported:
+        raise ValueError(f"{', '.join(unsupported)}: setdiff-convert does not export grouped-query attention, "
+                         "another head size or tied embeddings yet")
+
+
 def hf_state_dict(full: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     h, f = cfg.hidden_size, cfg.resolved_ffn_hidden_size()
     out = {"model.embed_tokens.weight": full["embedding.word.weight"],
@@ -233,7 +248,7 @@ def convert(checkpoint: pathlib.Path, out: pathlib.Path, weights: str | None = N
         raise ValueError(f"{checkpoint / 'trainer.json'} has no 'config' section")
     run = state["config"]
     try:
-        config_from_dict(run)
+        check_llama_exportable(config_from_dict(run).model)
     except (KeyError, ValueError) as err:
         raise ValueError(f"{checkpoint / 'trainer.json'}: {error_text(err)}") from None
     source = choose_weights(checkpoint, weights)
