@@ -25,9 +25,11 @@ from data_pipeline.loader import (MicroBatches, ResumableLoader, check_tokenizer
 from data_pipeline.shard_cache import parse_size
 from data_pipeline.sampler import StepSampler
 from model.attention import make_backend
+from model.config import ModelConfig
 from model.objectives import evaluation_objective, forward_step, share_step_normalizer
 from model.orders import parse_order_mixture
-from model.pipeline import BlockPipe, HeadPipe, build_pipeline_module, pipeline_name_to_flat
+from model.pipeline import (BlockPipe, HeadPipe, build_pipeline_module, pipeline_name_to_flat,
+                            pipeline_vocab_parameter_rows)
 from model.transformer import ModelParts, SetDiffusionTransformer
 from pretrain.checkpoint import (EMA_FILE, CheckpointWriter, free_bytes_at, load_rank_state, read_trainer_state,
                                  save_rank_state, tag_of)
@@ -236,7 +238,7 @@ class Trainer:
         if not self.engine.pipelined:
             return full_state_dict(module, tp_group, module.vocab_parameter_rows(), pieces)
         n = self.cfg.model.num_layers
-        rows = {name: self.cfg.model.vocab_size + 1 for name in ("0.word.weight", f"{n + 1}.output.weight")}
+        rows = pipeline_vocab_parameter_rows(self.cfg.model)
         local = {pipeline_name_to_flat(k, n): v for k, v in full_state_dict(module, tp_group, rows, pieces).items()}
         stages = [None] * self.layout.pipeline
         dist.all_gather_object(stages, local, group=self.layout.pp_group)
@@ -304,7 +306,9 @@ class Trainer:
             return
         problems = []
         # dropout is a training setting, not part of the network: it may change on resume
-        saved_model = {k: v for k, v in saved["config"]["model"].items() if k != "dropout"}
+        # fields added since the checkpoint was written count at their defaults (the old network)
+        saved_model = {k: v for k, v in {**dataclasses.asdict(ModelConfig()), **saved["config"]["model"]}.items()
+                       if k != "dropout"}
         now_model = {k: v for k, v in config_to_dict(self.cfg)["model"].items() if k != "dropout"}
         if saved_model != now_model:
             diff = {k: (v, now_model.get(k)) for k, v in saved_model.items() if now_model.get(k) != v}
@@ -335,8 +339,16 @@ class Trainer:
         mask_row = "setdiff" in hf  # setdiff-convert output carries [MASK]; a plain Llama gets ours
         expected = {"num_hidden_layers": m.num_layers, "hidden_size": m.hidden_size,
                     "num_attention_heads": m.num_heads, "intermediate_size": m.resolved_ffn_hidden_size(),
-                    "vocab_size": m.vocab_size + (1 if mask_row else 0)}
-        wrong = [f"{key}={hf.get(key)} (this run: {value})" for key, value in expected.items() if hf.get(key) != value]
+                    "vocab_size": m.vocab_size + (1 if mask_row else 0),
+                    "num_key_value_heads": m.resolved_kv_heads(), "head_dim": m.resolved_head_dim()}
+        implied = {"num_key_value_heads": hf.get("num_attention_heads"),
+                   "head_dim": hf.get("hidden_size", 0) // max(1, hf.get("num_attention_heads", 1))}
+        wrong = [f"{key}={hf.get(key, implied.get(key))} (this run: {value})" for key, value in expected.items()
+                 if hf.get(key, implied.get(key)) != value]
+        if m.qk_norm:
+            wrong.append("no QK-norm weights (this run: model.qk_norm=true)")
+        if m.tie_embeddings and not hf.get("tie_word_embeddings", False):
+            wrong.append("an untied lm_head (this run: model.tie_embeddings=true)")
         if wrong:
             raise ValueError(f"train.init_from: {model_dir / 'config.json'} does not fit this run's model: "
                              + ", ".join(wrong))
