@@ -95,6 +95,15 @@ def test_grouped_query_cache_holds_the_kv_heads_and_gives_the_logits_of_recomput
                                    atol=1e-4, rtol=1e-5)
 
 
+def test_grouped_query_ar_baseline_cache_equals_a_no_cache_greedy_loop(single_process_layout):
+    cfg = ModelConfig(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=1, qk_norm=True, tie_embeddings=True,
+                      vocab_size=V, seq_len=64, attention_backend="sdpa", init_std=0.05)
+    model = SetDiffusionTransformer(cfg, single_process_layout.parallel, set_mode=False, init_seed=0).eval()
+    result = run(model, max_new_tokens=8)
+    for b, prompt in enumerate(PROMPTS):
+        assert result.sequences[b] == ar_greedy_loop(model, prompt, 8)
+
+
 @pytest.mark.parametrize("order,tau", [("staggered:4", 0.5), ("block:4", 1.0), ("block:4", 0.5), ("ar", 1.0)])
 def test_ragged_batch_decodes_each_prompt_as_alone(peaked, order, tau):
     model = peaked
@@ -154,16 +163,21 @@ def test_order_ar_equals_an_independent_greedy_loop(model):
     assert result.sequences[0] == tokens
 
 
+def ar_greedy_loop(ar_model, prompt, steps: int) -> list[int]:
+    """An AR-baseline model's greedy continuation, each token from a full causal forward, no cache."""
+    tokens = list(prompt)
+    for _ in range(steps):
+        ids = torch.tensor([tokens])
+        with torch.no_grad():
+            logits = ar_model(ids, torch.arange(len(tokens))[None], causal_meta(torch.zeros_like(ids)))
+        tokens.append(int(logits[0, -1].argmax()))
+    return tokens
+
+
 def test_ar_baseline_cache_equals_a_no_cache_greedy_loop(ar_model):
     result = run(ar_model, max_new_tokens=10)
     for b, prompt in enumerate(PROMPTS):
-        tokens = list(prompt)
-        for _ in range(10):
-            ids = torch.tensor([tokens])
-            with torch.no_grad():
-                logits = ar_model(ids, torch.arange(len(tokens))[None], causal_meta(torch.zeros_like(ids)))
-            tokens.append(int(logits[0, -1].argmax()))
-        assert result.sequences[b] == tokens
+        assert result.sequences[b] == ar_greedy_loop(ar_model, prompt, 10)
     assert run(ar_model, max_new_tokens=10, use_cache=False).sequences == result.sequences
 
 
