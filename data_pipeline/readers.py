@@ -70,7 +70,8 @@ def _open_lines(path: pathlib.Path, kind: str):
     return open(path, "rb")
 
 
-def _jsonl_documents(path: pathlib.Path, kind: str, text_field: str) -> Iterator[str]:
+def jsonl_lines(path: pathlib.Path, kind: str) -> Iterator[tuple[int, int, bytes]]:
+    """(line number, byte offset, raw line) of every non-blank line of a (compressed) JSONL file."""
     broken = (OSError, EOFError)  # gzip/zstd: truncated, or not compressed at all
     if kind == ".jsonl.zst":
         import zstandard
@@ -90,19 +91,29 @@ def _jsonl_documents(path: pathlib.Path, kind: str, text_field: str) -> Iterator
             if not raw.strip():
                 continue
             seen_text = True
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise BadInput(f"{path}: invalid UTF-8 at byte {start + err.start} (line {number})") from None
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise BadInput(f"{path}:{number}: not valid JSON ({err.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                raise BadInput(f"{path}:{number}: a JSONL record needs a string field '{text_field}'")
-            yield record[text_field]
+            yield number, start, raw
     if not seen_text:
         raise BadInput(f"{path}: empty file")
+
+
+def json_record(path: pathlib.Path, number: int, start: int, raw: bytes):
+    """One JSONL line parsed; BadInput naming the file, line and byte if it is not UTF-8 JSON."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise BadInput(f"{path}: invalid UTF-8 at byte {start + err.start} (line {number})") from None
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as err:
+        raise BadInput(f"{path}:{number}: not valid JSON ({err.msg})") from None
+
+
+def _jsonl_documents(path: pathlib.Path, kind: str, text_field: str) -> Iterator[str]:
+    for number, start, raw in jsonl_lines(path, kind):
+        record = json_record(path, number, start, raw)
+        if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+            raise BadInput(f"{path}:{number}: a JSONL record needs a string field '{text_field}'")
+        yield record[text_field]
 
 
 def _parquet_documents(path: pathlib.Path, text_field: str) -> Iterator[str | None]:

@@ -19,20 +19,24 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import io
 import json
 import multiprocessing
 import os
 import pathlib
 import shutil
+import tarfile
 
 import numpy as np
 
+from data_pipeline import mds_format
 from data_pipeline.manifest import FORMAT_VERSION, SPLITS, validate_manifest
 from data_pipeline.readers import BadInput, content_hash
 from data_pipeline.shard_plan import RECORD, NpyWriter, ShardPlan, plan_shards
 
 ENCODE_BATCH = 256  # documents per encode_batch call: Encoding objects cost ~100 bytes a token
 WRITER_SHARDS = 32  # shards a writer process writes before a fresh one (forked again) takes over
+TAR_MODE, TAR_OWNER = 0o444, "bigdata"  # webdataset.TarWriter's defaults
 _worker: dict = {}
 
 
@@ -57,12 +61,48 @@ def _start_encoder(tokenizer_path: str) -> None:
     _worker["tokenizer"] = Tokenizer.from_file(tokenizer_path)
 
 
-def encode_slice(rank_dir: str, index: int, texts: list[str], sources: list[int]) -> int:
-    """Tokenize one slice and write it as a part; returns its token count."""
-    tok = _worker["tokenizer"]
+def _encode(tok, texts: list[str], special: bool = True) -> list[np.ndarray]:
     pieces = []
     for start in range(0, len(texts), ENCODE_BATCH):
-        pieces += [np.asarray(e.ids, dtype=np.int32) for e in tok.encode_batch(texts[start:start + ENCODE_BATCH])]
+        batch = tok.encode_batch(texts[start:start + ENCODE_BATCH], add_special_tokens=special)
+        pieces += [np.asarray(e.ids, dtype=np.int32) for e in batch]
+    return pieces
+
+
+def _encode_examples(tok, examples) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(tokens, context flags) of chat examples: prompt and response encoded apart and joined.
+    A templated prompt carries the template's own special tokens; a plain one gets the
+    tokenizer's, as a text document does; a response never does."""
+    prompts = [None] * len(examples)
+    for templated in (False, True):
+        chosen = [i for i, e in enumerate(examples) if e.templated == templated]
+        for i, ids in zip(chosen, _encode(tok, [examples[i].prompt for i in chosen], special=not templated)):
+            prompts[i] = ids
+    responses = _encode(tok, [e.response for e in examples], special=False)
+    tokens = [np.concatenate([p, r]) for p, r in zip(prompts, responses)]
+    flags = [np.concatenate([np.ones(p.size, np.uint8), np.zeros(r.size, np.uint8)]) for p, r in zip(prompts, responses)]
+    return tokens, flags
+
+
+def encode_slice(rank_dir: str, index: int, texts: list, sources: list[int], max_tokens: int = 0,
+                 skip_long: bool = False) -> tuple[int, list[tuple[int, int]]]:
+    """Tokenize one slice (text documents, or chat examples: data_pipeline/chat.py) and write it
+    as a part. Returns its token count and the (slice index, tokens) of the examples longer than
+    ``max_tokens``: skipped under ``skip_long``, else nothing is written and the caller names them."""
+    tok = _worker["tokenizer"]
+    chat = bool(texts) and not isinstance(texts[0], str)
+    if chat:
+        pieces, flags = _encode_examples(tok, texts)
+        long = [(i, p.size) for i, p in enumerate(pieces) if max_tokens and p.size > max_tokens]
+        if long and not skip_long:
+            return 0, long
+        keep = sorted(set(range(len(pieces))) - {i for i, _ in long})
+        pieces, flags = [pieces[i] for i in keep], [flags[i] for i in keep]
+        hashes = [content_hash(texts[i].prompt + "\x00" + texts[i].response) for i in keep]
+        sources = [sources[i] for i in keep]
+    else:
+        pieces, long = _encode(tok, texts), []
+        hashes = [content_hash(t) for t in texts]
     offsets = np.zeros(len(pieces) + 1, dtype=np.int64)
     np.cumsum([p.size for p in pieces], out=offsets[1:])
     final = pathlib.Path(rank_dir) / f"slice-{index:06d}"
@@ -70,12 +110,14 @@ def encode_slice(rank_dir: str, index: int, texts: list[str], sources: list[int]
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     np.save(tmp / "tokens.npy", np.concatenate(pieces) if pieces else np.zeros(0, np.int32))
+    if chat:
+        np.save(tmp / "context.npy", np.concatenate(flags) if flags else np.zeros(0, np.uint8))
     np.save(tmp / "offsets.npy", offsets)
-    np.save(tmp / "hashes.npy", np.asarray([content_hash(t) for t in texts], dtype=np.uint64))
+    np.save(tmp / "hashes.npy", np.asarray(hashes, dtype=np.uint64))
     np.save(tmp / "sources.npy", np.asarray(sources, dtype=np.int32))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    return int(offsets[-1])
+    return int(offsets[-1]), long
 
 
 def read_rank_records(out: pathlib.Path, world: int) -> list[dict]:
@@ -92,12 +134,15 @@ def read_rank_records(out: pathlib.Path, world: int) -> list[dict]:
     return records
 
 
-def _read_documents(parts: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> list[np.ndarray]:
+def _read_documents(parts: np.ndarray, starts: np.ndarray, lengths: np.ndarray, name: str = "tokens.npy",
+                    dtype=np.int32) -> list[np.ndarray]:
     """Documents given by (part, first token, length), read part by part in file order with seek +
     read (a memory map would leave every page it touched resident, so memory would grow with the
-    corpus); each part file is opened once per shard."""
+    corpus); each part file is opened once per shard. ``name``: the part's array (tokens.npy, or
+    context.npy for a chat corpus's flags)."""
     docs = [None] * len(parts)
     order = np.lexsort((starts, parts))
+    itemsize = np.dtype(dtype).itemsize
     handle, current, base = None, -1, 0
     try:
         for i in order.tolist():
@@ -105,53 +150,72 @@ def _read_documents(parts: np.ndarray, starts: np.ndarray, lengths: np.ndarray) 
                 if handle is not None:
                     handle.close()
                 current = int(parts[i])
-                handle = open(_worker["plan"].part_dir(current) / "tokens.npy", "rb")
+                handle = open(_worker["plan"].part_dir(current) / name, "rb")
                 version = np.lib.format.read_magic(handle)
                 (np.lib.format.read_array_header_1_0 if version == (1, 0)
                  else np.lib.format.read_array_header_2_0)(handle)
                 base = handle.tell()
-            handle.seek(base + 4 * int(starts[i]))
-            docs[i] = np.frombuffer(handle.read(4 * int(lengths[i])), dtype=np.int32)
+            handle.seek(base + itemsize * int(starts[i]))
+            docs[i] = np.frombuffer(handle.read(itemsize * int(lengths[i])), dtype=dtype)
     finally:
         if handle is not None:
             handle.close()
     return docs
 
 
-def _start_writer(out: str, plan: ShardPlan) -> None:
-    _worker.update(out=pathlib.Path(out), plan=plan)
+def _start_writer(out: str, plan: ShardPlan, chat: bool) -> None:
+    _worker.update(out=pathlib.Path(out), plan=plan, chat=chat)
+
+
+def _npy_bytes(doc: np.ndarray, headers: dict) -> bytes:
+    """``doc`` as a .npy file (numpy.lib.format.write_array's bytes); headers cached by dtype and length."""
+    key = (doc.dtype.str, doc.size)
+    if key not in headers:
+        stream = io.BytesIO()
+        np.lib.format.write_array_header_1_0(stream, np.lib.format.header_data_from_array_1_0(doc))
+        headers[key] = stream.getvalue()
+    return headers[key] + doc.tobytes()
+
+
+def tar_bytes(columns: dict[str, list[np.ndarray]], first: int) -> bytes:
+    """A WebDataset tar of the documents, sample ``first + j`` holding ``<column>.npy`` of each
+    column (its j-th array), in sorted column order: the bytes ``webdataset.TarWriter(mtime=0)``
+    writes for them (tests/data_pipeline/test_shard_formats.py), without its per-sample encoder
+    and stream copies (~110 us a document)."""
+    chunks, headers, size = [], {}, 0
+    names = sorted(columns)
+    for j in range(len(columns[names[0]])):
+        for column in names:
+            data = _npy_bytes(np.ascontiguousarray(columns[column][j]), headers)
+            info = tarfile.TarInfo(f"{first + j:010d}.{column}.npy")
+            info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, TAR_MODE, TAR_OWNER, TAR_OWNER
+            header = info.tobuf(tarfile.DEFAULT_FORMAT, tarfile.ENCODING, "surrogateescape")
+            padding = -len(data) % tarfile.BLOCKSIZE
+            chunks += [header, data, tarfile.NUL * padding]
+            size += len(header) + len(data) + padding
+    size += 2 * tarfile.BLOCKSIZE  # the end-of-archive blocks, then zeros to a whole record
+    chunks.append(tarfile.NUL * (2 * tarfile.BLOCKSIZE + -size % tarfile.RECORDSIZE))
+    return b"".join(chunks)
 
 
 def write_shard(split: str, number: int, first: int, records: np.ndarray):
-    """One MDS and one WebDataset shard of the documents given (plan records), in that order."""
-    import webdataset as wds
-    from streaming import MDSWriter
-
+    """One MDS and one WebDataset shard of the documents given (plan records), in that order;
+    a chat corpus's shards hold each document's context flags beside its tokens."""
     out = _worker["out"]
-    docs = _read_documents(records["part"], records["start"], records["length"])
-    mds_dir, tmp = out / "mds" / split, out / "mds" / split / f".tmp-{number:05d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    size_limit = 2 * sum(d.nbytes + 64 for d in docs) + (1 << 20)  # one file per shard
-    with MDSWriter(out=str(tmp), columns={"tokens": "ndarray:int32"}, compression="zstd", hashes=["xxh64"],
-                   size_limit=size_limit) as writer:
-        for doc in docs:
-            writer.write({"tokens": doc})
-    (info,) = json.loads((tmp / "index.json").read_text())["shards"]
-    name = f"shard.{number:05d}.mds"
-    os.replace(tmp / info["zip_data"]["basename"], mds_dir / f"{name}.zstd")
-    info["raw_data"]["basename"], info["zip_data"]["basename"] = name, f"{name}.zstd"
-    shutil.rmtree(tmp)
+    columns = {"tokens": _read_documents(records["part"], records["start"], records["length"])}
+    if _worker["chat"]:
+        columns["context"] = _read_documents(records["part"], records["start"], records["length"],
+                                             "context.npy", np.uint8)
+    size_limit = sum(2 * sum(d.nbytes + 64 for d in docs) for docs in columns.values()) + (1 << 20)  # one file
+    info = mds_format.write_shard(out / "mds" / split / f"shard.{number:05d}.mds.zstd", columns, size_limit)
     tar = out / "wds" / split / f"shard-{number:06d}.tar"
-    with wds.TarWriter(str(tar), mtime=0) as sink:  # reproducible: the same documents, the same bytes
-        for j, doc in enumerate(docs):
-            sink.write({"__key__": f"{first + j:010d}", "tokens.npy": doc})
-    digest = hashlib.sha256()
-    with open(tar, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    wds_row = {"file": f"wds/{split}/{tar.name}", "first": first, "documents": len(docs),
-               "bytes": tar.stat().st_size, "sha256": digest.hexdigest()}
-    return split, number, info, wds_row, sum(d.size for d in docs)
+    data = tar_bytes(columns, first)
+    tmp = tar.with_name(f".{tar.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, tar)
+    wds_row = {"file": f"wds/{split}/{tar.name}", "first": first, "documents": len(records),
+               "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    return split, number, info, wds_row, sum(d.size for d in columns["tokens"])
 
 
 def _mds_row(info: dict, split: str, first: int) -> dict:
@@ -184,6 +248,10 @@ def merge(out: pathlib.Path, world: int, manifest_head: dict, val_percent: int, 
     after WRITER_SHARDS shards (a long-lived writer's memory grew with the shards it had written:
     2 writers, 362 MB PSS after 94 shards, 483 MB after 371)."""
     records = read_rank_records(out, world)
+    kinds = {r.get("examples", "text") for r in records}
+    if len(kinds) != 1:
+        raise BadInput(f"merge: the ranks in {world_dir(out, world)} prepared different --format ({sorted(kinds)})")
+    chat = kinds == {"chat"}
     rank_dirs = [world_dir(out, world) / r["dir"] for r in records]
     plan = plan_shards(records, rank_dirs, world_dir(out, world) / "plan", val_percent, seed)
     if not plan.documents["train"]:
@@ -195,15 +263,14 @@ def merge(out: pathlib.Path, world: int, manifest_head: dict, val_percent: int, 
     infos = {split: {} for split in SPLITS}
     wds_rows = {split: {} for split in SPLITS}
     tokens = {split: 0 for split in SPLITS}
-    import streaming  # noqa: F401  imported once here: forked writers inherit it (it takes seconds to import)
-    import webdataset  # noqa: F401
 
     def collect(job) -> None:
         split, number, info, wds_row, count = job.get()
         infos[split][number], wds_rows[split][number] = info, wds_row
         tokens[split] += count
 
-    with multiprocessing.get_context("fork").Pool(max(1, workers), initializer=_start_writer, initargs=(str(out), plan),
+    with multiprocessing.get_context("fork").Pool(max(1, workers), initializer=_start_writer,
+                                                  initargs=(str(out), plan, chat),
                                                   maxtasksperchild=WRITER_SHARDS) as pool:
         pending = collections.deque()
         for split in SPLITS:
@@ -230,6 +297,10 @@ def merge(out: pathlib.Path, world: int, manifest_head: dict, val_percent: int, 
             "lengths": f"{split}.lengths.npy"}
     manifest["skipped"] = {"files": [f for r in records for f in r["skipped_files"]],
                            "empty_documents": sum(r["empty_documents"] for r in records)}
+    if chat:  # prompt/response examples: shards hold a context flag per token (data_pipeline/chat.py)
+        manifest["examples"] = "chat"
+        for key in ("bad_examples", "long_examples"):
+            manifest["skipped"][key] = sum(r.get(key, 0) for r in records)
     manifest["mixing"] = {"seed": seed, "order": "splitmix64(blake2b-64 of the text ^ seed)"}
     validate_manifest(manifest, out / "manifest.json")
     write_json_atomic(out / "manifest.json", manifest)  # last: its presence means complete

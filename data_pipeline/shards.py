@@ -18,7 +18,8 @@ and a reader checks a shard against it the first time it reads it in a process.
   indexed once per process, then a document is one seek and read, so shuffle blocks spanning
   many shards cost nothing extra.
 
-Both give ``len()``, ``document(i) -> int32 array`` and the document range of each shard.
+Both give ``len()``, ``document(i) -> int32 array`` and the document range of each shard; for
+a chat corpus (``--format chat``) also ``context(i) -> bool array``, the prompt flag of each token.
 A missing index, a truncated or corrupt shard: a ValueError naming the file.
 """
 from __future__ import annotations
@@ -188,8 +189,10 @@ class MDSDocuments(_ShardedDocuments):
         if [fields(i) for i in infos] != listed:
             raise CorpusError(f"{self._where('index.json')}: does not list the shards the corpus manifest lists "
                              f"(the MDS split was rewritten or damaged); re-run setdiff-prepare")
-        for info in infos:
-            mds_format.check_shard_info(info, self._where("index.json"))
+        self.columns = {mds_format.check_shard_info(info, self._where("index.json")) for info in infos}
+        if len(self.columns) > 1:
+            raise CorpusError(f"{self._where('index.json')}: shards of both text and chat layouts")
+        self.columns = self.columns.pop() if self.columns else 1
 
     def _claim_cache(self) -> None:
         """Mark the cache directory as this source's and drop shards the corpus no longer lists."""
@@ -261,11 +264,18 @@ class MDSDocuments(_ShardedDocuments):
         self._open[shard] = (fd, view)
         return view
 
-    def document(self, i: int) -> np.ndarray:
+    def _sample(self, i: int) -> list[np.ndarray]:
         shard, offset = self._locate(i)
         view = self._opened(shard)
         begin, end = np.frombuffer(view, np.uint32, count=2, offset=(1 + offset) * 4)
-        return np.asarray(mds_format.decode_tokens(view[int(begin):int(end)]), dtype=np.int32)
+        return mds_format.decode_columns(view[int(begin):int(end)], self.columns)
+
+    def document(self, i: int) -> np.ndarray:
+        return np.asarray(self._sample(i)[-1], dtype=np.int32)  # tokens: the last column by name
+
+    def context(self, i: int) -> np.ndarray:
+        """A chat corpus's document i: its context flags (1: a prompt token), one per token."""
+        return np.asarray(self._sample(i)[0], dtype=bool)
 
 
 class WebDatasetDocuments(_ShardedDocuments):
@@ -278,7 +288,7 @@ class WebDatasetDocuments(_ShardedDocuments):
         for table in tables:
             if not (self.root / table["file"]).is_file():
                 raise CorpusError(f"{self.root / table['file']}: missing WebDataset shard")
-        self._indices: dict[int, list[tuple[int, int]]] = {}  # a few bytes per document
+        self._indices: dict[tuple[int, str], list[tuple[int, int]]] = {}  # a few bytes per document
         self._verified: set[int] = set()
 
     def _verify(self, shard: int, path: pathlib.Path) -> None:
@@ -292,33 +302,40 @@ class WebDatasetDocuments(_ShardedDocuments):
             raise CorpusError(f"{path}: corrupt (sha256 does not match the manifest)")
         self._verified.add(shard)
 
-    def _index(self, shard: int) -> list[tuple[int, int]]:
-        """(data offset, size) of each document's ``tokens.npy`` member, in sample order: the tar's
+    def _index(self, shard: int, column: str) -> list[tuple[int, int]]:
+        """(data offset, size) of each document's ``<column>.npy`` member, in sample order: the tar's
         headers are read once, so a document is one seek and one read, whichever shard it is in
         (shuffle blocks spanning many shards then cost no more than a shard's own order)."""
         path = self.root / self.tables[shard]["file"]
         self._verify(shard, path)
         try:
             with tarfile.open(path, "r:") as tar:
-                members = [(m.offset_data, m.size) for m in tar if m.isfile() and m.name.endswith(".tokens.npy")]
+                members = [(m.offset_data, m.size) for m in tar if m.isfile() and m.name.endswith(f".{column}.npy")]
         except (tarfile.TarError, OSError) as err:
             raise CorpusError(f"{path}: unreadable WebDataset shard ({type(err).__name__}: {err})") from None
         if len(members) != self.counts[shard]:
-            raise CorpusError(f"{path}: truncated or corrupt: {len(members)} documents, the manifest says "
-                             f"{self.counts[shard]}")
+            raise CorpusError(f"{path}: truncated or corrupt: {len(members)} documents with {column}.npy, the "
+                              f"manifest says {self.counts[shard]}")
         return members
 
-    def document(self, i: int) -> np.ndarray:
+    def _member(self, i: int, column: str) -> np.ndarray:
         shard, offset = self._locate(i)
-        index = self._indices.get(shard)
+        index = self._indices.get((shard, column))
         if index is None:
-            index = self._indices[shard] = self._index(shard)
+            index = self._indices[(shard, column)] = self._index(shard, column)
         path = self.root / self.tables[shard]["file"]
         begin, size = index[offset]
         with open(path, "rb") as f:
             f.seek(begin)
             data = f.read(size)
         try:
-            return np.asarray(np.load(io.BytesIO(data), allow_pickle=False), dtype=np.int32)
+            return np.load(io.BytesIO(data), allow_pickle=False)
         except ValueError as err:
             raise CorpusError(f"{path}: document {offset} is not a .npy array ({err})") from None
+
+    def document(self, i: int) -> np.ndarray:
+        return np.asarray(self._member(i, "tokens"), dtype=np.int32)
+
+    def context(self, i: int) -> np.ndarray:
+        """A chat corpus's document i: its context flags (1: a prompt token), one per token."""
+        return np.asarray(self._member(i, "context"), dtype=bool)

@@ -64,6 +64,9 @@ class DiffusionConfig:
     """'set' (two-copy set diffusion) or 'ar_baseline' (one copy, plain causal LM)."""
     order: str = "staggered:8"
     """Order family: ar, mdlm, block:S, block_random:S, staggered:D, random; or a mixture 'staggered:8@0.9,mdlm@0.1'."""
+    order_schedule: str = ""
+    """An order curriculum 'STEP:ORDER;STEP:ORDER;...' (first STEP 0) used instead of ``order``:
+    e.g. '0:ar;1000:staggered:2;3000:staggered:8'. A function of the step, so resume is exact."""
     objective: str = "ordered_ce"
     """'ordered_ce' (singleton-set families), 'set_nelbo' (any family), 'masked_ce' (the reference's MDLM/BD3-LM
     training loss: per sequence, mean cross-entropy over masked tokens), or 'auto' (each family its own)."""

@@ -60,6 +60,43 @@ def parse_order_mixture(spec: str) -> list[tuple[OrderFamily, float]]:
     return [(family, w / total) for family, w in mixture]
 
 
+def schedule_orders(spec: str) -> list[tuple[int, str]]:
+    """An order curriculum 'STEP:ORDER;STEP:ORDER;...' -> [(first step, order spec)]: each ORDER (a
+    family or a mixture) from its STEP on, the first STEP 0, the steps increasing. E.g.
+    '0:ar;1000:staggered:2;3000:staggered:8' (AR first, then larger sets, as AR models are
+    adapted into diffusion models by annealing their attention)."""
+    phases = []
+    for part in [p.strip() for p in spec.split(";") if p.strip()]:
+        step, colon, order = part.partition(":")
+        if not colon or not step.strip().isdigit():
+            raise ValueError(f"order schedule {spec!r}: {part!r} is not 'STEP:ORDER'")
+        phases.append((int(step), order.strip()))
+    if not phases:
+        raise ValueError(f"order schedule {spec!r} is empty")
+    starts = [start for start, _ in phases]
+    if starts[0] != 0 or any(b <= a for a, b in zip(starts, starts[1:])):
+        raise ValueError(f"order schedule {spec!r}: the steps must start at 0 and increase, got {starts}")
+    return phases
+
+
+def parse_order_schedule(spec: str) -> list[tuple[int, list[tuple[OrderFamily, float]]]]:
+    """[(first step, mixture)] of an order curriculum (schedule_orders)."""
+    return [(start, parse_order_mixture(order)) for start, order in schedule_orders(spec)]
+
+
+def schedule_families(phases: list[tuple[int, list[tuple[OrderFamily, float]]]]) -> list[OrderFamily]:
+    """Every family of a schedule once, in order of first appearance (the family ids of batches)."""
+    families = []
+    for _, mixture in phases:
+        families += [family for family, _ in mixture if family not in families]
+    return families
+
+
+def phase_at(phases: list[tuple[int, list]], step: int):
+    """The mixture in force at ``step``."""
+    return next(mixture for start, mixture in reversed(phases) if step >= start)
+
+
 @dataclass(frozen=True)
 class StaggeredParams:
     a: float
@@ -102,12 +139,31 @@ def _ranks_from_order(order: torch.Tensor) -> torch.Tensor:
 
 
 def sample_set_rank(family: OrderFamily, L: int, generator: torch.Generator,
-                    doc_id: torch.Tensor | None = None, keep_first: bool = False) -> torch.Tensor:
+                    doc_id: torch.Tensor | None = None, keep_first: bool = False,
+                    context: torch.Tensor | None = None) -> torch.Tensor:
     """Draw one partition of L positions; returns set_rank [L] (int64).
 
     ``keep_first``: position 0 becomes a set of its own at rank 0 (the reference's
     keep_clean_bos); the other positions keep the family's relative order.
+    ``context`` [L] bool: prompt positions. Singleton families put them first, each a set of
+    its own in position order (SET_DIFFUSION.md §1: T = +inf; the sampler's prefill takes a
+    prompt so), the other positions keeping the family's order drawn over all L. block:S and
+    mdlm keep their sets (blocks aligned at position 0, as decoding cuts them); a block holding
+    both keeps its context tokens clean (the collator's part).
     """
+    pos = torch.arange(L)
+    rank = _family_rank(family, L, generator)
+    if context is not None and family.singleton and bool(context.any()):
+        key = torch.where(context, pos - L, rank)  # context: -L..-1 by position, below every rank
+        rank = _ranks_from_order(torch.argsort(key, stable=True))
+    if keep_first and L > 1:
+        rank = _dense(torch.where(pos == 0, 0, rank + 1))
+    if doc_id is not None:
+        rank = _padding_last(rank, doc_id < 0)
+    return rank
+
+
+def _family_rank(family: OrderFamily, L: int, generator: torch.Generator) -> torch.Tensor:
     pos = torch.arange(L)
     if family.name == "ar":
         rank = pos.clone()
@@ -127,10 +183,6 @@ def sample_set_rank(family: OrderFamily, L: int, generator: torch.Generator,
         rank = _ranks_from_order(torch.sort(-t, stable=True).indices)
     else:  # parse_order admits nothing else
         raise AssertionError(family)
-    if keep_first and L > 1:
-        rank = _dense(torch.where(pos == 0, 0, rank + 1))
-    if doc_id is not None:
-        rank = _padding_last(rank, doc_id < 0)
     return rank
 
 
@@ -165,7 +217,8 @@ def num_sets(set_rank: torch.Tensor) -> int:
 
 
 __all__ = [
-    "OrderFamily", "parse_order", "parse_order_mixture", "StaggeredParams", "staggered_params", "staggered_loc",
+    "OrderFamily", "parse_order", "parse_order_mixture", "parse_order_schedule", "schedule_orders", "schedule_families", "phase_at",
+    "StaggeredParams", "staggered_params", "staggered_loc",
     "staggered_hitting_times", "sample_set_rank", "set_order", "mean_abs_rank_minus_position",
     "num_sets",
 ]

@@ -43,7 +43,8 @@ def positive(flag: str, value: float) -> None:
 def check_decoding_flags(args) -> None:
     """--tau, --top-p, --temperature and --repetition-penalty, as setdiff-sample and
     setdiff-eval --judge take them."""
-    in_unit_interval("--tau", args.tau)
+    for tau in args.tau if isinstance(args.tau, list) else [args.tau]:  # setdiff-eval --task takes several
+        in_unit_interval("--tau", tau)
     in_unit_interval("--top-p", args.top_p)
     at_least("--temperature", args.temperature, 0)
     positive("--repetition-penalty", args.repetition_penalty)

@@ -174,18 +174,24 @@ def validate(cfg: RunConfig) -> RunConfig:
                          f"got {m.attention_backend!r}")
     if d.mode not in ("set", "ar_baseline"):
         raise ValueError(f"config: diffusion.mode must be 'set' or 'ar_baseline', got {d.mode!r}")
-    from model.orders import parse_order_mixture
+    from model.orders import parse_order_mixture, parse_order_schedule
 
     try:
         mixture = parse_order_mixture(d.order)
     except ValueError as err:
         raise ValueError(f"config: diffusion.order={d.order!r}: {err}") from None
+    if d.order_schedule:
+        try:
+            mixture = [pair for _, phase in parse_order_schedule(d.order_schedule) for pair in phase]
+        except ValueError as err:
+            raise ValueError(f"config: diffusion.order_schedule={d.order_schedule!r}: {err}") from None
     if d.objective not in ("ordered_ce", "set_nelbo", "masked_ce", "auto"):
         raise ValueError(f"config: diffusion.objective must be 'ordered_ce', 'set_nelbo', 'masked_ce' or 'auto', "
                          f"got {d.objective!r}")
     if d.mode == "set" and d.objective == "ordered_ce" and not all(f.singleton for f, _ in mixture):
+        which = f"diffusion.order_schedule={d.order_schedule!r}" if d.order_schedule else f"diffusion.order={d.order!r}"
         raise ValueError(f"config: diffusion.objective='ordered_ce' needs singleton sets, but "
-                         f"diffusion.order={d.order!r} has larger sets; use objective='set_nelbo' or 'auto'")
+                         f"{which} has larger sets; use objective='set_nelbo' or 'auto'")
     if cfg.data.format not in ("mds", "webdataset"):
         raise ValueError(f"config: data.format must be 'mds' or 'webdataset', got {cfg.data.format!r}")
     from data_pipeline.shard_cache import parse_size

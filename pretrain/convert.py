@@ -27,7 +27,7 @@ import tempfile
 import torch
 
 from model.config import ModelConfig
-from model.orders import parse_order_mixture
+from model.orders import parse_order_mixture, schedule_orders
 from pretrain.checkpoint import EMA_FILE
 from pretrain.cli_errors import EXPECTED, error_line, error_text, load_tokenizer, load_weights, read_json
 from pretrain.config import config_from_dict
@@ -155,6 +155,9 @@ def decoding_fields(mode: str, order: str, seq_len: int) -> dict:
 def hf_config(run: dict, eos_id: int, weights: str = "raw") -> dict:
     resolved = config_from_dict(run)
     cfg, d = resolved.model, run["diffusion"]
+    order = d["order"]
+    if d.get("order_schedule"):  # a curriculum: the model ends with its last order
+        order = schedule_orders(d["order_schedule"])[-1][1]
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "vocab_size": cfg.vocab_size + 1, "hidden_size": cfg.hidden_size,
@@ -164,8 +167,9 @@ def hf_config(run: dict, eos_id: int, weights: str = "raw") -> dict:
         "rope_theta": cfg.rope_theta, "max_position_embeddings": cfg.seq_len, "tie_word_embeddings": False,
         "attention_bias": False, "mlp_bias": False, "initializer_range": cfg.init_std, "torch_dtype": "float32",
         "eos_token_id": eos_id, "bos_token_id": None, "pad_token_id": eos_id,
-        "setdiff": {"mask_token_id": cfg.vocab_size, "mode": d["mode"], "order": d["order"],
-                    **decoding_fields(d["mode"], d["order"], cfg.seq_len), "objective": d["objective"],
+        "setdiff": {"mask_token_id": cfg.vocab_size, "mode": d["mode"], "order": order,
+                    "order_schedule": d.get("order_schedule", ""),
+                    **decoding_fields(d["mode"], order, cfg.seq_len), "objective": d["objective"],
                     "keep_clean_bos": bool(d.get("keep_clean_bos", False)),
                     "weights": weights, "ema_decay": resolved.train.ema if weights == "ema" else None,
                     "layout": "two copies in set order: [x0[perm]; xt[perm]], position_ids [perm; perm], "

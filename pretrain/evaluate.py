@@ -1,5 +1,6 @@
-"""setdiff-eval MODEL_DIR --data PREPARED [--judge JUDGE_DIR]: the likelihood bound on
-validation shards, and the generative perplexity of samples under a judge model.
+"""setdiff-eval MODEL_DIR --data PREPARED [--judge JUDGE_DIR] [--task answers FILE.jsonl]: the
+likelihood bound on validation shards, the generative perplexity of samples under a judge model,
+and task accuracy at a decoding speed.
 
 MODEL_DIR is a directory written by setdiff-convert (a Llama directory with the set-diffusion
 fields). For the chosen order family (default: the one the model trained with) the loss is the
@@ -10,13 +11,23 @@ reported as NLL per token and perplexity.
 With --judge, unconditional samples (KV-cached decoding in the model's order, from a document
 boundary) are scored by a judge causal LM that transformers loads (a GGUF checkpoint such as
 Gemma 3 270M with --judge-gguf-file): the generative perplexity exp(judge NLL per token).
+
+With --task answers FILE.jsonl (lines {"question": ..., "answer": ...}), every question is the
+prompt of a greedy KV-cached decode (stopping at EOS) for each setting of --order, --window and
+--tau given (several values of each make a table: every combination is a row), and the row reports
+exact-match accuracy with tokens per forward and tokens/s, counting generated tokens only, never
+the prompt. Matching (commas and spaces dropped): a GSM8K answer ("... #### 42") by its final
+number against the completion's text after "####", else the completion's last number; any other
+answer against the whole completion.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import pathlib
+import re
 import sys
 
 import torch
@@ -148,11 +159,97 @@ def generative_perplexity(model_dir: pathlib.Path, judge_dir: pathlib.Path, *, s
             "tokens_per_forward": result.stats.tokens_per_forward, "example": texts[0][:300]}
 
 
+NUMBER = re.compile(r"-?[0-9][0-9,]*(?:\.[0-9]+)?")
+
+
+def normalize_answer(text: str) -> str:
+    return text.replace(",", "").replace(" ", "").strip().rstrip(".").lstrip("$")
+
+
+def is_correct(completion: str, answer: str) -> bool:
+    """Exact match. A GSM8K answer (with '####'): its final number against the completion's text
+    after '####', else the completion's last number. Any other answer: the whole completion."""
+    if "####" not in answer:
+        return normalize_answer(completion) == normalize_answer(answer)
+    if "####" in completion:
+        predicted = completion.rsplit("####", 1)[1].strip().split("\n")[0]
+    else:
+        numbers = NUMBER.findall(completion)
+        predicted = numbers[-1] if numbers else completion
+    return normalize_answer(predicted) == normalize_answer(answer.rsplit("####", 1)[1])
+
+
+def read_task(path: pathlib.Path) -> list[tuple[str, str]]:
+    """(question, answer) of every line of a question/answer JSONL; a bad line is named."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--task answers {path}: not found")
+    pairs = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+        if not (isinstance(record, dict) and isinstance(record.get("question"), str)
+                and isinstance(record.get("answer"), str)):
+            raise ValueError(f"{path}:{number}: a task line needs string fields 'question' and 'answer'")
+        pairs.append((record["question"], record["answer"]))
+    if not pairs:
+        raise ValueError(f"{path}: no question/answer lines")
+    return pairs
+
+
+@torch.no_grad()
+def task_accuracy(model_dir: pathlib.Path, task: pathlib.Path, *, orders: list[str | None], windows: list[int | None],
+                  taus: list[float], batch_size: int = 16, max_new_tokens: int | None = None, limit: int = 0,
+                  seed: int = 0) -> dict:
+    """Exact-match accuracy of greedy KV-cached decoding on a question/answer file, one row per
+    (order, window, tau), with the decoding's tokens per forward and tokens/s."""
+    from model.orders import parse_order
+    from model.sampling import DecodeStats, generate
+    from pretrain.sample import decode_config, load_model
+
+    pairs = read_task(task)[:limit or None]
+    model, fields, tokenizer, eos_id = load_model(model_dir, "cpu")
+    prompts = [tokenizer.encode(question).ids for question, _ in pairs]
+    rows = []
+    for order, window, tau in itertools.product(orders, windows, taus):
+        cfg = decode_config(fields, model.cfg.seq_len, max(map(len, prompts)), False, order=order, window=window,
+                            tau=tau, temperature=0.0, max_new_tokens=max_new_tokens, set_mode=model.set_mode)
+        cfg.eos_id = eos_id
+        generator, total, correct, first = torch.Generator().manual_seed(seed), DecodeStats(), 0, None
+        for start in range(0, len(prompts), batch_size):
+            result = generate(model, prompts[start:start + batch_size], cfg, generator)
+            stats = result.stats
+            total = DecodeStats(total.forwards + stats.forwards, total.row_forwards + stats.row_forwards,
+                                total.row_tokens + stats.row_tokens, total.seconds + stats.seconds)
+            for offset, row in enumerate(result.generated):
+                completion = tokenizer.decode([t for t in row if t != eos_id])
+                correct += is_correct(completion, pairs[start + offset][1])
+                first = first if first is not None else completion
+        family = parse_order(cfg.order)
+        window = cfg.window or (family.size if family.name == "staggered" else None)  # None: the order's own
+        rows.append({"order": cfg.order, "window": window, "tau": tau, "accuracy": correct / len(pairs),
+                     "correct": correct, "examples": len(pairs), "tokens_per_forward": total.tokens_per_forward,
+                     "tokens_per_s": total.tokens_per_s, "forwards": total.forwards, "seconds": total.seconds,
+                     "example_completion": first})
+    return {"task": str(task), "examples": len(pairs), "rows": rows}
+
+
 def check_flags(args) -> None:
     """Values no evaluation can run with, named by their flag before anything loads."""
-    for flag in ("orders", "batches", "micro_batch", "samples", "new_tokens"):
+    for flag in ("orders", "batches", "micro_batch", "samples", "new_tokens", "batch_size"):
         at_least("--" + flag.replace("_", "-"), getattr(args, flag), 1)
     check_decoding_flags(args)
+    for window in args.window or []:
+        at_least("--window", window, 1)
+    if args.task is None:
+        for flag, values in (("--tau", args.tau), ("--order", args.order or []), ("--window", args.window or [])):
+            if len(values) > 1:
+                raise ValueError(f"{flag}: several values make a table with --task only; got {len(values)}")
+        if args.window:
+            raise ValueError("--window applies to --task (decoding settings of the accuracy table)")
 
 
 def main(argv=None) -> int:
@@ -160,7 +257,7 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model_dir", type=pathlib.Path)
     parser.add_argument("--data", type=pathlib.Path, help="a setdiff-prepare directory: the likelihood bound")
-    parser.add_argument("--order", help="order family (default: the model's)")
+    parser.add_argument("--order", nargs="+", help="order family (default: the model's); several with --task")
     parser.add_argument("--objective", help="ordered_ce, set_nelbo or auto (default: the model's; "
                         "masked_ce models report the NELBO, as auto)")
     parser.add_argument("--orders", type=int, default=4, help="sampled orders per sequence")
@@ -172,28 +269,43 @@ def main(argv=None) -> int:
     judge.add_argument("--judge-gguf-file", help="a GGUF file inside --judge (needs the gguf package)")
     judge.add_argument("--samples", type=int, default=8)
     judge.add_argument("--new-tokens", type=int, default=128)
-    judge.add_argument("--tau", type=float, default=0.9)
+    judge.add_argument("--tau", type=float, nargs="+", default=[0.9],
+                       help="confidence threshold of decoding; several with --task")
     judge.add_argument("--temperature", type=float, default=1.0)
     judge.add_argument("--top-p", type=float, default=0.9)
     judge.add_argument("--repetition-penalty", type=float, default=1.0)
+    task = parser.add_argument_group("task accuracy")
+    task.add_argument("--task", nargs=2, metavar=("answers", "FILE"),
+                      help="'answers FILE.jsonl': exact-match accuracy on question/answer lines")
+    task.add_argument("--window", type=int, nargs="+", help="staggered decoding windows (default: the model's)")
+    task.add_argument("--batch-size", type=int, default=16, help="prompts decoded together")
+    task.add_argument("--max-new-tokens", type=int, help="longest completion (default: what fits, at most 64)")
+    task.add_argument("--limit", type=int, default=0, help="only the first N questions (0: all)")
     parser.add_argument("--debug-log", type=pathlib.Path, default=None,
                         help="where third-party log lines and warnings go (default: a file in the temp dir)")
     args = parser.parse_args(argv)
-    if args.data is None and args.judge is None:
-        parser.error("give --data (the likelihood bound), --judge (generative perplexity) or both")
+    if args.data is None and args.judge is None and args.task is None:
+        parser.error("give --data (the likelihood bound), --judge (generative perplexity), --task or several")
+    if args.task is not None and args.task[0] != "answers":
+        parser.error(f"--task: the kind must be 'answers' (question/answer JSONL), got {args.task[0]!r}")
     try:
         check_flags(args)
         result = {}
         with third_party_output_to(args.debug_log or default_debug_log("setdiff-eval")):
             if args.data is not None:
-                result = evaluate(args.model_dir, args.data, order=args.order, objective=args.objective,
+                result = evaluate(args.model_dir, args.data, order=(args.order or [None])[0], objective=args.objective,
                                   orders=args.orders, batches=args.batches, micro_batch=args.micro_batch,
                                   fmt=args.format)
             if args.judge is not None:
                 result["generative"] = generative_perplexity(
-                    args.model_dir, args.judge, samples=args.samples, new_tokens=args.new_tokens, tau=args.tau,
+                    args.model_dir, args.judge, samples=args.samples, new_tokens=args.new_tokens, tau=args.tau[0],
                     temperature=args.temperature, top_p=args.top_p, gguf_file=args.judge_gguf_file,
                     repetition_penalty=args.repetition_penalty)
+            if args.task is not None:
+                result["task"] = task_accuracy(
+                    args.model_dir, pathlib.Path(args.task[1]), orders=args.order or [None],
+                    windows=args.window or [None], taus=args.tau, batch_size=args.batch_size,
+                    max_new_tokens=args.max_new_tokens, limit=args.limit)
     except EXPECTED as err:
         print(error_line("setdiff-eval", err), file=sys.stderr)
         return 2

@@ -27,7 +27,6 @@ from data_pipeline.sampler import StepSampler
 from model.attention import make_backend
 from model.config import ModelConfig
 from model.objectives import evaluation_objective, forward_step, share_step_normalizer
-from model.orders import parse_order_mixture
 from model.pipeline import (BlockPipe, HeadPipe, build_pipeline_module, pipeline_name_to_flat,
                             pipeline_vocab_parameter_rows)
 from model.transformer import ModelParts, SetDiffusionTransformer
@@ -92,15 +91,15 @@ class Trainer:
                              f"vocabulary {vocab} in {pathlib.Path(data_path) / 'manifest.json'}")
         cfg.model.vocab_size = vocab
         self.set_mode = d.mode == "set"
-        families = [str(f) for f, _ in parse_order_mixture(d.order)] if self.set_mode else ["ar_baseline"]
-        self.breakdown = LossBreakdown(families, cfg.model.seq_len)
         collator_cfg = CollatorConfig(
-            order=d.order, objective=d.objective, mask_id=vocab, schedule=d.schedule,
-            t_min=d.t_min, t_max=d.t_max, antithetic=d.antithetic, mode=d.mode, seed=t.seed,
+            order=d.order, order_schedule=d.order_schedule, objective=d.objective, mask_id=vocab,
+            schedule=d.schedule, t_min=d.t_min, t_max=d.t_max, antithetic=d.antithetic, mode=d.mode, seed=t.seed,
             keep_clean_bos=d.keep_clean_bos,
             mask_bits=self.set_mode and make_backend(cfg.model.attention_backend).name == "sdpa"
             and cfg.parallel.pipeline == 1)
         self.collator = SetDiffusionCollator(collator_cfg)
+        families = [str(f) for f in self.collator.families] if self.set_mode else ["ar_baseline"]
+        self.breakdown = LossBreakdown(families, cfg.model.seq_len)
         # validation reports a likelihood bound whatever the training loss (masked_ce: the NELBO)
         val_collator = SetDiffusionCollator(dataclasses.replace(collator_cfg,
                                                                 objective=evaluation_objective(d.objective)))

@@ -93,3 +93,43 @@ def test_block_shuffle_keeps_shards_together():
 def test_sampler_rejects_batches_larger_than_the_split():
     with pytest.raises(ValueError, match="global batch"):
         StepSampler(10, micro_batch=4, grad_accum=1, dp_size=4, seed=0)
+
+
+def test_whole_packing_never_splits_a_document():
+    docs = [[5, 6, 7], [8, 9], [10, 11, 12, 13, 14], [15]]  # 4, 3, 6 and 2 tokens with EOS
+    seqs = PackedSequences(ListDocuments(docs), np.asarray([len(d) for d in docs]), 6, EOS, whole=True)
+    assert [seqs.sequence(j)[0].tolist() for j in range(len(seqs))] == [
+        [5, 6, 7, EOS, EOS, EOS], [8, 9, EOS, EOS, EOS, EOS], [10, 11, 12, 13, 14, EOS], [15, EOS, EOS, EOS, EOS, EOS]]
+    assert [seqs.sequence(j)[1].tolist() for j in range(len(seqs))] == [
+        [0, 0, 0, 0, -1, -1], [0, 0, 0, -1, -1, -1], [0, 0, 0, 0, 0, 0], [0, 0, -1, -1, -1, -1]]
+    assert [seqs.first_document(j) for j in range(4)] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_whole_packing_against_a_simulation(seed):
+    """Random lengths: every document appears exactly once, whole, in order; each sequence is
+    full up to a document that would not fit (checked against a plain simulation)."""
+    rng = np.random.default_rng(seed)
+    L = 32
+    docs = [list(rng.integers(1, 100, size=n)) for n in rng.integers(1, L, size=60)]  # <= L - 1 tokens + EOS
+    seqs = PackedSequences(ListDocuments(docs), np.asarray([len(d) for d in docs]), L, EOS, whole=True)
+    expected, current = [], []
+    for d in docs:
+        piece = d + [EOS]
+        if len(current) + len(piece) > L:
+            expected.append(current)
+            current = []
+        current = current + piece
+    expected.append(current)
+    assert len(seqs) == len(expected)
+    for j, want in enumerate(expected):
+        tokens, doc = seqs.sequence(j)
+        assert tokens.tolist() == want + [EOS] * (L - len(want))
+        assert (doc[len(want):] == -1).all() and (doc[:len(want)] >= 0).all()
+        assert seqs.first_document(j) == sum(seq.count(EOS) for seq in expected[:j])
+
+
+def test_whole_packing_names_a_document_longer_than_the_sequence():
+    docs = [[1, 2], [3] * 8, [4]]
+    with pytest.raises(ValueError, match="document 1 has 8 tokens.*seq_len 8"):
+        PackedSequences(ListDocuments(docs), np.asarray([len(d) for d in docs]), 8, EOS, whole=True)

@@ -263,3 +263,23 @@ def test_a_missing_rng_or_ema_file_is_an_error_not_a_reset(tiny_corpus, tmp_path
     proc = run(tiny_corpus, tmp_path, "--resume", "auto", "train.resume_override=true", "train.stop_at_step=3")
     assert "no RNG state" in proc.stderr and "has no ema.safetensors" in proc.stderr
     assert result(tmp_path)["first_step"] == 2
+
+
+def test_an_order_curriculum_resumes_bit_exact_across_its_phases(tiny_corpus, tmp_path):
+    """diffusion.order_schedule is a function of the step: stopping inside the first phase and
+    resuming gives the straight run's losses, and both phases' families are trained."""
+    curriculum = ("diffusion.order_schedule=0:ar;8:staggered:4", "train.steps=14")
+    run(tiny_corpus, tmp_path / "straight", *curriculum)
+    straight = result(tmp_path / "straight")["losses"]
+    run(tiny_corpus, tmp_path / "split", *curriculum, "train.stop_at_step=5")
+    run(tiny_corpus, tmp_path / "split", *curriculum, "--resume", "auto")
+    first = json.loads((tmp_path / "split" / "run" / "result.json").read_text())
+    assert first["first_step"] == 5
+    assert result(tmp_path / "split")["losses"] == straight[5:]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "straight" / "run" / "tensorboard"))
+    events.Reload()
+    steps = {tag: [e.step for e in events.Scalars(tag)] for tag in events.Tags()["scalars"] if "loss_by_family" in tag}
+    assert steps["train/loss_by_family/ar"] == list(range(1, 9))
+    assert steps["train/loss_by_family/staggered_4"] == list(range(9, 15))
