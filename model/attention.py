@@ -15,6 +15,10 @@ forward (``prepare``), then every layer calls ``attend`` with it.
   and doc id, skipping the fully masked blocks (about half of the (2L)^2 scores), compiled on
   CUDA. The GPU path; on CPU it runs forward only (PyTorch has no CPU backward for it). The
   plain causal AR baseline goes to flash-attn when installed, else PyTorch's fused causal SDPA.
+
+Grouped-query attention: ``attend`` takes k and v with fewer heads than q (a divisor of its
+heads); query head i attends with K/V head i // (q heads / kv heads). FlexAttention and
+flash-attn take them as they are; the SDPA paths repeat each K/V head for its query heads.
 """
 from __future__ import annotations
 
@@ -24,6 +28,14 @@ import torch
 import torch.nn.functional as F
 
 from model.masks import AttentionMeta, dense_mask, flex_block_mask, set_causal_rule
+
+
+def expand_kv(q_BHSD, k_BHSD, v_BHSD):
+    """k, v with each K/V head repeated for the query heads of its group (grouped-query attention)."""
+    groups = q_BHSD.shape[1] // k_BHSD.shape[1]
+    if groups == 1:
+        return k_BHSD, v_BHSD
+    return k_BHSD.repeat_interleave(groups, dim=1), v_BHSD.repeat_interleave(groups, dim=1)
 
 
 class AttentionBackend:
@@ -43,6 +55,7 @@ class SdpaBackend(AttentionBackend):
         return dense_mask(meta)[:, None]
 
     def attend(self, q_BHSD, k_BHSD, v_BHSD, mask_B1QK):
+        k_BHSD, v_BHSD = expand_kv(q_BHSD, k_BHSD, v_BHSD)
         return F.scaled_dot_product_attention(q_BHSD, k_BHSD, v_BHSD, attn_mask=mask_B1QK)
 
 
@@ -120,6 +133,7 @@ class TiledBackend(AttentionBackend):
     def attend(self, q_BHSD, k_BHSD, v_BHSD, tiles):
         if tiles is None:
             return causal_attention(q_BHSD, k_BHSD, v_BHSD)
+        k_BHSD, v_BHSD = expand_kv(q_BHSD, k_BHSD, v_BHSD)
         outs = []
         for tile in tiles:
             k = torch.cat([k_BHSD[:, :, a:b] for a, b in tile.key_ranges], dim=2)
@@ -130,8 +144,9 @@ class TiledBackend(AttentionBackend):
 
 
 def causal_attention(q_BHSD, k_BHSD, v_BHSD):
-    """Plain causal attention: flash-attn's kernel when installed (CUDA, half precision),
-    else PyTorch's fused causal SDPA (its own flash kernel on CUDA, a blocked one on CPU)."""
+    """Plain causal attention: flash-attn's kernel when installed (CUDA, half precision; it takes
+    grouped K/V heads as they are), else PyTorch's fused causal SDPA (its own flash kernel on CUDA,
+    a blocked one on CPU)."""
     if q_BHSD.is_cuda and q_BHSD.dtype in (torch.float16, torch.bfloat16):
         try:
             from flash_attn import flash_attn_func
@@ -140,6 +155,7 @@ def causal_attention(q_BHSD, k_BHSD, v_BHSD):
         if flash_attn_func is not None:  # it takes [B, S, H, D]
             out = flash_attn_func(q_BHSD.transpose(1, 2), k_BHSD.transpose(1, 2), v_BHSD.transpose(1, 2), causal=True)
             return out.transpose(1, 2)
+    k_BHSD, v_BHSD = expand_kv(q_BHSD, k_BHSD, v_BHSD)
     return F.scaled_dot_product_attention(q_BHSD, k_BHSD, v_BHSD, is_causal=True)
 
 
@@ -179,7 +195,8 @@ class FlexBackend(AttentionBackend):
         if q_BHSD.requires_grad and q_BHSD.device.type == "cpu" and torch.is_grad_enabled():
             raise RuntimeError("attention_backend='flex' has no backward pass on CPU; "
                                "train on CPU with model.attention_backend=tiled (or sdpa)")
-        return self._kernel(q_BHSD.device)(q_BHSD, k_BHSD, v_BHSD, block_mask=block_mask)
+        return self._kernel(q_BHSD.device)(q_BHSD, k_BHSD, v_BHSD, block_mask=block_mask,
+                                           enable_gqa=k_BHSD.shape[1] != q_BHSD.shape[1])
 
 
 def make_backend(name: str) -> AttentionBackend:

@@ -16,7 +16,16 @@ class ModelConfig:
     hidden_size: int = 128
     """Width of the residual stream."""
     num_heads: int = 4
-    """Attention heads (split over tensor-parallel ranks)."""
+    """Attention (query) heads (split over tensor-parallel ranks)."""
+    num_kv_heads: int = 0
+    """Key/value heads (grouped-query attention: each serves num_heads / num_kv_heads query heads); 0 = num_heads.
+    Split over tensor-parallel ranks when divisible by their number, else replicated."""
+    head_dim: int = 0
+    """Width of each attention head; 0 = hidden_size / num_heads (Qwen3-0.6B: hidden 1024, 16 heads of 128)."""
+    qk_norm: bool = False
+    """RMSNorm over head_dim on every head's queries and keys before rotary (Qwen3): one weight for q, one for k."""
+    tie_embeddings: bool = False
+    """The output layer uses the (vocab-parallel) embedding weight instead of its own."""
     ffn_hidden_size: int = 0
     """SwiGLU inner width; 0 picks the Llama rule (8/3 * hidden, rounded up to 64)."""
     vocab_size: int = 0
@@ -36,6 +45,12 @@ class ModelConfig:
     (BlockMask; GPU), or 'auto' (flex on CUDA, else tiled)."""
     dropout: float = 0.0
     """Dropout on the attention-output and MLP-output residual branches in training, in [0, 1)."""
+
+    def resolved_head_dim(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_heads
+
+    def resolved_kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
 
     def resolved_ffn_hidden_size(self) -> int:
         if self.ffn_hidden_size:

@@ -20,22 +20,24 @@ Rows are ragged: each row has its own cache length and its own numbers of new cl
 masked tokens; padded slots are never attended by a real token.
 
 The forward reuses the model's own submodules (embedding, norms, Attention.project and
-Attention.output, MLP; Head.logits reads the result), tensor-parallel size 1 only. Activations run
-sequence-first [S, B, H] inside, as in the model; the cache and the forward live on the
-model's device, the index tensors the caller passes may be on the CPU. No torch.distributed
-here.
+Attention.output, MLP; the model's logits read the result), tensor-parallel size 1 only.
+Activations run sequence-first [S, B, H] inside, as in the model; the cache and the forward live
+on the model's device, the index tensors the caller passes may be on the CPU. No
+torch.distributed here. Under grouped-query attention the cache holds the num_kv_heads K/V
+heads only; each step's attention repeats them for their query heads.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from model.attention import expand_kv
 from model.transformer import SetDiffusionTransformer, rotary_cos_sin
 
 
 class KVCache:
-    """Per-layer keys/values [B, H, T_max, D] of clean tokens (after rotary, at their true
-    positions) and each row's filled length [B]."""
+    """Per-layer keys/values [B, H_kv, T_max, D] of clean tokens (after QK-norm and rotary, at
+    their true positions) and each row's filled length [B]."""
 
     def __init__(self, num_layers: int, batch: int, heads: int, head_dim: int, capacity: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
@@ -53,7 +55,7 @@ class KVCache:
             raise ValueError("cached decoding supports tensor-parallel size 1 only "
                              f"(this model holds {attn.local_heads} of {model.cfg.num_heads} heads)")
         weight = model.head.norm.weight
-        return cls(len(model.layers), batch, attn.local_heads, attn.head_dim, capacity,
+        return cls(len(model.layers), batch, attn.local_kv_heads, attn.head_dim, capacity,
                    dtype=weight.dtype, device=weight.device)
 
     @property
@@ -151,6 +153,7 @@ def cached_forward(model: SetDiffusionTransformer, cache: KVCache, clean_ids_BN:
         cache.values[index][rows, :, cols] = v_BHSD[rows, :, slots]
         keys_BHKD = torch.cat([cache.keys[index][:, :, :T], k_BHSD[:, :, N:]], dim=2)
         values_BHKD = torch.cat([cache.values[index][:, :, :T], v_BHSD[:, :, N:]], dim=2)
+        keys_BHKD, values_BHKD = expand_kv(q_BHSD, keys_BHKD, values_BHKD)
         o_BHSD = F.scaled_dot_product_attention(q_BHSD, keys_BHKD, values_BHKD, attn_mask=mask_B1QK)
         x_SBH = x_SBH + layer.attn.output(o_BHSD)
         x_SBH = x_SBH + layer.mlp(layer.mlp_norm(x_SBH))

@@ -12,6 +12,11 @@ doc_id [B, L], dropout_key [B]). The first block of a stage builds the rotary ta
 attention mask from it and the stage's other blocks reuse them (StageInputs): once per
 micro-batch and stage, as the flat model builds them once per batch. The dropout keys make
 each block draw the masks the flat model draws (model/dropout.py).
+
+Tied embeddings (model.tie_embeddings): the embedding is a DeepSpeed TiedLayerSpec built on the
+first stage and again on the last, where a layer before the head hands its weight on with the
+hidden states; DeepSpeed broadcasts the first stage's copy at the start and sums the two copies'
+gradients before each step, so both uses add up as in one process.
 """
 from __future__ import annotations
 
@@ -59,7 +64,7 @@ class BlockPipe(Block):
         cfg = parts.cfg
         self.cfg = cfg
         self.set_mode = parts.set_mode
-        self.head_dim = cfg.hidden_size // cfg.num_heads
+        self.head_dim = cfg.resolved_head_dim()
         self.rope_theta = cfg.rope_theta
         self.backend = make_backend(cfg.attention_backend)
         self.stage_inputs = stage_inputs or StageInputs()
@@ -79,10 +84,24 @@ class BlockPipe(Block):
 
 
 class HeadPipe(Head):
-    """Pipeline layer N + 1: the head, on the hidden states alone."""
+    """Pipeline layer N + 1: the head, on the hidden states (and the tied embedding's weight)."""
+
+    def __init__(self, parts: ModelParts):
+        super().__init__(parts)
+        self.tied = parts.cfg.tie_embeddings
 
     def forward(self, inputs):
-        return super().forward(inputs[0])
+        """inputs: the last block's tuple, or (hidden, the tied embedding weight) (pass_output_weight)."""
+        return super().forward(inputs[0], inputs[1] if self.tied else None)
+
+
+TIED_EMBEDDING = "embedding"
+"""DeepSpeed's key of the tied embedding; its parameters are named tied_modules.embedding.*"""
+
+
+def pass_output_weight(embedding: EmbeddingPipe, inputs):
+    """The last stage's use of the tied embedding: hand its weight to the head."""
+    return inputs[0], embedding.word.weight
 
 
 def pipeline_loss(logits: torch.Tensor, labels, recorder=None) -> torch.Tensor:
@@ -101,12 +120,16 @@ def build_pipeline_module(parts: ModelParts, num_stages: int, activation_checkpo
     """A PipelineModule whose layer i holds exactly the weights of component i of the flat
     model (0 embedding, 1..N blocks, N+1 head), whichever stage builds it; stages get equal
     numbers of blocks."""
-    from deepspeed.pipe import LayerSpec, PipelineModule
+    from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
-    specs = [LayerSpec(EmbeddingPipe, parts)]
+    tied = parts.cfg.tie_embeddings
+    tie = partial(TiedLayerSpec, TIED_EMBEDDING, EmbeddingPipe, parts, tied_weight_attr=["word.weight"])
+    specs = [tie() if tied else LayerSpec(EmbeddingPipe, parts)]
     stage_inputs = StageInputs()  # shared by the blocks a stage builds
     specs += [LayerSpec(BlockPipe, parts, i, stage_inputs) for i in range(parts.cfg.num_layers)]
+    if tied:
+        specs.append(tie(forward_fn=pass_output_weight))
     specs.append(LayerSpec(HeadPipe, parts))
     tp = parts.parallel.tp_size
     world = torch.distributed.get_world_size()
@@ -122,18 +145,23 @@ def build_pipeline_module(parts: ModelParts, num_stages: int, activation_checkpo
 
 
 def pipeline_name_to_flat(name: str, num_layers: int) -> str:
-    """'3.attn.qkv.weight' -> 'layers.2.attn.qkv.weight' (the flat model's names)."""
+    """'3.attn.qkv.weight' -> 'layers.2.attn.qkv.weight' (the flat model's names); the tied
+    embedding's 'tied_modules.embedding.word.weight' -> 'embedding.word.weight'."""
+    tied_prefix = f"tied_modules.{TIED_EMBEDDING}."
+    if name.startswith(tied_prefix):
+        return "embedding." + name[len(tied_prefix):]
     index, _, rest = name.partition(".")
     index = int(index)
     if index == 0:
         return f"embedding.{rest}"
-    if index == num_layers + 1:
+    if index > num_layers:  # the head: after the blocks (and the tied embedding's layer)
         return f"head.{rest}"
     return f"layers.{index - 1}.{rest}"
 
 
 def pipeline_vocab_parameter_rows(parts: ModelParts) -> dict[str, int]:
-    """The PipelineModule's names of its vocabulary-sized parameters (layer 0's embedding, layer
-    N + 1's output) and their rows of real ids and [MASK]: the flat model's
+    """The PipelineModule's names of its vocabulary-sized parameters (layer 0's embedding, or the
+    tied one, and layer N + 1's output) and their rows of real ids and [MASK]: the flat model's
     ``vocab_parameter_rows`` under pipeline names."""
-    return parts.vocab_parameter_rows("0", str(parts.cfg.num_layers + 1))
+    embedding = f"tied_modules.{TIED_EMBEDDING}" if parts.cfg.tie_embeddings else "0"
+    return parts.vocab_parameter_rows(embedding, str(parts.cfg.num_layers + 1))

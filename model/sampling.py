@@ -371,7 +371,7 @@ def decode_canvases(model: SetDiffusionTransformer, canvases: Sequence[Sequence[
                                         clean_count_B, active_pos_BA, active_count_B, set_family,
                                         clean_set_BN=state.clean_set_BL.gather(1, clean_pos_BN),
                                         masked_ids_BA=active_ids_BA)
-            logits_BAV = model.head.logits(hidden_BSH[:, clean_pos_BN.shape[1]:]).float().cpu()
+            logits_BAV = model.logits(hidden_BSH[:, clean_pos_BN.shape[1]:]).float().cpu()
         else:
             logits_BAV = recompute_logits(model, state.tokens_BL, state.entry_rank_BL, state.clean_set_BL,
                                           state.window_start_BL, state.window_start_B, active_pos_BA,
@@ -456,7 +456,7 @@ def generate_ar(model: SetDiffusionTransformer, prompts: Sequence[Sequence[int]]
                                         clean_count_B, none_BA, torch.zeros(B, dtype=torch.long))
             last_B = (clean_count_B - 1).clamp(min=0).to(hidden_BSH.device)
             rows_B = torch.arange(B, device=hidden_BSH.device)
-            logits_BAV = model.head.logits(hidden_BSH[rows_B, last_B][:, None]).float().cpu()
+            logits_BAV = model.logits(hidden_BSH[rows_B, last_B][:, None]).float().cpu()
         else:
             logits_BAV = ar_recompute_logits(model, canvas_BL, known_B)
         forwards += 1

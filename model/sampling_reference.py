@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from model.attention import AttentionBackend
+from model.attention import AttentionBackend, expand_kv
 from model.masks import causal_meta
 from model.transformer import SetDiffusionTransformer, rotary_cos_sin
 
@@ -52,6 +52,7 @@ class _RecomputeAttention(AttentionBackend):
         raise NotImplementedError("the recompute mask is given, not built from metadata")
 
     def attend(self, q_BHSD, k_BHSD, v_BHSD, prepared=None):
+        k_BHSD, v_BHSD = expand_kv(q_BHSD, k_BHSD, v_BHSD)
         if not self.causal_clean:
             return F.scaled_dot_product_attention(q_BHSD, k_BHSD, v_BHSD, attn_mask=self.mask_B1QK)
         C = self.clean_len
@@ -98,7 +99,7 @@ def recompute_logits(model: SetDiffusionTransformer, canvas_BL: torch.Tensor, en
     hidden_SBH = _hidden_states(model, torch.cat([clean_ids_BC, noisy_ids_BA], dim=1).to(device),
                                 torch.cat([clean_pos_BC, active_pos_BA], dim=1).to(device),
                                 _RecomputeAttention(mask_BTT.to(device), C))
-    return model.head.logits(hidden_SBH[C:]).transpose(0, 1).float().cpu()
+    return model.logits(hidden_SBH[C:]).transpose(0, 1).float().cpu()
 
 
 def _hidden_states(model: SetDiffusionTransformer, input_ids_BT: torch.Tensor, position_ids_BT: torch.Tensor,

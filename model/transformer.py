@@ -1,17 +1,31 @@
 """Llama-style set-causal transformer built from megatron-core's tensor-parallel layers.
 
 Pre-norm RMSNorm, SwiGLU, rotary embeddings from per-token position ids, no biases, an
-untied output layer. Activations run sequence-first, [S, B, H], as in Megatron.
+output layer of its own unless tied. Activations run sequence-first, [S, B, H], as in Megatron.
+
+Options for starting from pretrained AR models (Llama 3, Qwen3): grouped-query attention
+(``num_kv_heads``; query head i uses K/V head i // (num_heads / num_kv_heads)), a head width
+other than hidden / heads (``head_dim``), QK-norm (RMSNorm over head_dim on each head's
+queries and keys before rotary, one weight for q and one for k shared by all heads) and an
+output layer tied to the embedding (``tie_embeddings``).
 
 Tensor-parallel layout (TP-size invariant: the same seed gives the same global weights
 for any TP size, because megatron initializes a CPU master weight and scatters it):
-  qkv       column-parallel, global rows [Wq; Wk; Wv], stride 3 -> each rank holds
-            the q, k and v rows of its own heads
+  qkv       (num_kv_heads = num_heads) column-parallel, global rows [Wq; Wk; Wv], stride 3
+            -> each rank holds the q, k and v rows of its own heads
+  q, kv     (grouped-query attention) q column-parallel; kv, global rows [Wk; Wv], column-
+            parallel with stride 2 when the TP size divides num_kv_heads, else replicated on
+            every rank, which projects the K/V head its query heads share (megatron-core
+            keeps that weight split and all-gathers the projected heads instead)
   attn out  row-parallel
   gate_up   column-parallel, global rows [W_gate; W_up], stride 2
   down      row-parallel
   embedding / output  vocab-parallel; logits stay split over tensor ranks and the loss
-            is megatron's vocab-parallel cross-entropy
+            is megatron's vocab-parallel cross-entropy; a tied output multiplies by the
+            embedding's own shard
+A weight every tensor rank holds whole but applies to its own heads only (the replicated kv,
+the QK-norm weights) gets the sum of the ranks' gradients (summed_over_tensor_ranks), so its
+copies stay equal.
 """
 from __future__ import annotations
 
@@ -82,16 +96,31 @@ def vocab_rows_init(real_rows: int, std: float):
     return init
 
 
+def summed_over_tensor_ranks(tensor: torch.Tensor, tp_group) -> torch.Tensor:
+    """``tensor`` unchanged; in the backward pass its gradient is summed over the tensor-parallel
+    ranks (megatron's copy-to-region). For a weight every rank holds whole but applies to its own
+    heads only: each rank's gradient is then the full one, as in one process."""
+    if tp_group is None or tp_group.size() == 1:
+        return tensor
+    from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
+
+    return copy_to_tensor_model_parallel_region(tensor, group=tp_group)
+
+
 class RMSNorm(nn.Module):
-    def __init__(self, hidden: int, eps: float):
+    """``tp_group``: given for a norm applied to each rank's own heads (QK-norm), whose gradient
+    is summed over the tensor ranks."""
+
+    def __init__(self, hidden: int, eps: float, tp_group=None):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden))
+        self.tp_group = tp_group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float() if x.element_size() < 4 else x  # half precisions normalize in fp32
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * self.weight.to(xf.dtype)).to(x.dtype)
+        return (xf * summed_over_tensor_ranks(self.weight, self.tp_group).to(xf.dtype)).to(x.dtype)
 
 
 def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype):
@@ -109,29 +138,72 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotated * sin
 
 
+class ReplicatedKV(nn.Module):
+    """K/V projection when there are fewer K/V heads than tensor ranks: every rank holds the whole
+    weight, global rows [Wk; Wv] (drawn like megatron's CPU master weight: the values of the
+    column-parallel layer at TP 1), and projects the one head its query heads share. Its
+    gradient, and the input's, are summed over the tensor ranks."""
+
+    def __init__(self, hidden: int, kv_heads: int, head_dim: int, head: int, init_method, tp_group, params_dtype):
+        super().__init__()
+        master = torch.empty(2 * kv_heads * head_dim, hidden, dtype=torch.float)
+        init_method(master)
+        self.weight = nn.Parameter(master.to(params_dtype))
+        self.kv_heads, self.head_dim, self.head, self.tp_group = kv_heads, head_dim, head, tp_group
+
+    def forward(self, x_SBH):
+        weight = summed_over_tensor_ranks(self.weight, self.tp_group)
+        weight = weight.view(2, self.kv_heads, self.head_dim, -1)[:, self.head].reshape(2 * self.head_dim, -1)
+        return F.linear(summed_over_tensor_ranks(x_SBH, self.tp_group), weight), None
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, mp_config, tp_group, output_init):
         super().__init__()
         from megatron.core import tensor_parallel as tp
 
         tp_size = tp_group.size()
-        self.head_dim = cfg.hidden_size // cfg.num_heads
-        self.local_heads = cfg.num_heads // tp_size
-        init = nn.init.normal_
-        self.qkv = tp.ColumnParallelLinear(
-            cfg.hidden_size, 3 * cfg.hidden_size, config=mp_config,
-            init_method=lambda w: init(w, 0.0, cfg.init_std), bias=False, gather_output=False,
-            stride=3, tp_group=tp_group)
+        self.head_dim = cfg.resolved_head_dim()
+        heads, kv_heads = cfg.num_heads, cfg.resolved_kv_heads()
+        self.local_heads = heads // tp_size
+        self.local_kv_heads = kv_heads // tp_size if kv_heads % tp_size == 0 else 1
+        init = lambda w: nn.init.normal_(w, 0.0, cfg.init_std)  # noqa: E731
+        column = lambda rows, stride: tp.ColumnParallelLinear(  # noqa: E731
+            cfg.hidden_size, rows, config=mp_config, init_method=init, bias=False, gather_output=False,
+            stride=stride, tp_group=tp_group)
+        self.fused_qkv = kv_heads == heads
+        if self.fused_qkv:  # one fused layer, as before grouped-query attention existed
+            self.qkv = column(3 * heads * self.head_dim, 3)
+        else:
+            self.q = column(heads * self.head_dim, 1)
+            if kv_heads % tp_size == 0:
+                self.kv = column(2 * kv_heads * self.head_dim, 2)
+            else:  # fewer K/V heads than ranks: the one this rank's query heads share
+                self.kv = ReplicatedKV(cfg.hidden_size, kv_heads, self.head_dim, tp_group.rank() * kv_heads // tp_size,
+                                       init, tp_group, mp_config.params_dtype)
+        self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps, tp_group) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps, tp_group) if cfg.qk_norm else None
         self.out = tp.RowParallelLinear(
-            cfg.hidden_size, cfg.hidden_size, config=mp_config, init_method=output_init,
+            heads * self.head_dim, cfg.hidden_size, config=mp_config, init_method=output_init,
             bias=False, input_is_parallel=True, skip_bias_add=False, tp_group=tp_group)
 
     def project(self, x_SBH, cos, sin):
-        """q, k, v [B, heads, S, head_dim] of this rank's heads, rotary applied to q and k."""
+        """q [B, heads, S, head_dim] of this rank's query heads, k and v [B, kv_heads, S, head_dim]
+        of their K/V heads; QK-norm and rotary applied to q and k."""
         S, B, _ = x_SBH.shape
-        qkv, _ = self.qkv(x_SBH)  # [S, B, 3 * local_heads * hd]: [q_local; k_local; v_local]
-        qkv = qkv.view(S, B, 3, self.local_heads, self.head_dim).permute(2, 1, 3, 0, 4)
-        return apply_rotary(qkv[0], cos, sin), apply_rotary(qkv[1], cos, sin), qkv[2]
+        if self.fused_qkv:
+            qkv, _ = self.qkv(x_SBH)  # [S, B, 3 * local_heads * hd]: [q_local; k_local; v_local]
+            qkv = qkv.view(S, B, 3, self.local_heads, self.head_dim).permute(2, 1, 3, 0, 4)
+            q_BHSD, k_BHSD, v_BHSD = qkv[0], qkv[1], qkv[2]
+        else:
+            q, _ = self.q(x_SBH)
+            q_BHSD = q.view(S, B, self.local_heads, self.head_dim).permute(1, 2, 0, 3)
+            kv, _ = self.kv(x_SBH)  # [S, B, 2 * local_kv_heads * hd]: [k_local; v_local]
+            kv = kv.view(S, B, 2, self.local_kv_heads, self.head_dim).permute(2, 1, 3, 0, 4)
+            k_BHSD, v_BHSD = kv[0], kv[1]
+        if self.q_norm is not None:
+            q_BHSD, k_BHSD = self.q_norm(q_BHSD), self.k_norm(k_BHSD)
+        return apply_rotary(q_BHSD, cos, sin), apply_rotary(k_BHSD, cos, sin), v_BHSD
 
     def output(self, o_BHSD):
         """Attention output [B, heads, S, head_dim] -> the residual branch [S, B, H]."""
@@ -215,7 +287,8 @@ class Head(nn.Module):
     """Final norm and vocab-parallel output; [T, B, H] -> logits [B, L, V/tp].
 
     Reads the noisy half only in set mode. SUBS parameterization: [MASK] and the padded
-    vocabulary rows get logit -inf, so they never receive probability.
+    vocabulary rows get logit -inf, so they never receive probability. With tie_embeddings
+    the output layer holds no weight: the caller passes the embedding's shard.
     """
 
     def __init__(self, parts: ModelParts):
@@ -229,20 +302,21 @@ class Head(nn.Module):
             self.output = tp.ColumnParallelLinear(
                 cfg.hidden_size, parts.padded_vocab, config=parts.mp_config,
                 init_method=vocab_rows_init(cfg.vocab_size + 1, cfg.init_std), bias=False,
-                gather_output=False, tp_group=tp_group)
+                gather_output=False, skip_weight_param_allocation=cfg.tie_embeddings, tp_group=tp_group)
         per_rank = parts.padded_vocab // tp_group.size()
         global_ids = torch.arange(per_rank) + tp_group.rank() * per_rank
         self.register_buffer("invalid_logit", global_ids >= cfg.vocab_size, persistent=False)
 
-    def logits(self, x):
-        """Vocab-parallel logits of hidden states [..., H] (any leading shape)."""
-        logits, _ = self.output(self.norm(x))
+    def logits(self, x, weight: torch.Tensor | None = None):
+        """Vocab-parallel logits of hidden states [..., H] (any leading shape); ``weight``: the tied
+        embedding's shard, or None for the head's own output weight."""
+        logits, _ = self.output(self.norm(x), weight=weight)
         return logits.masked_fill(self.invalid_logit, float("-inf"))
 
-    def forward(self, x_SBH):
+    def forward(self, x_SBH, weight: torch.Tensor | None = None):
         if self.set_mode:
             x_SBH = x_SBH[x_SBH.shape[0] // 2:]
-        return self.logits(x_SBH).transpose(0, 1).contiguous()
+        return self.logits(x_SBH, weight).transpose(0, 1).contiguous()
 
 
 def component_seed(base_seed: int, index: int) -> int:
@@ -279,6 +353,8 @@ class ModelParts:
 
     def vocab_parameter_rows(self, embedding_name: str, head_name: str) -> dict[str, int]:
         rows = self.cfg.vocab_size + 1  # real ids and [MASK]
+        if self.cfg.tie_embeddings:
+            return {f"{embedding_name}.word.weight": rows}
         return {f"{embedding_name}.word.weight": rows, f"{head_name}.output.weight": rows}
 
 
@@ -309,13 +385,20 @@ class SetDiffusionTransformer(nn.Module):
         """Rows of the vocabulary-sized parameters that hold real ids and [MASK]."""
         return dict(self._vocab_rows)
 
+    def output_weight(self) -> torch.Tensor | None:
+        """The embedding's weight shard when the output layer is tied to it, else None."""
+        return self.embedding.word.weight if self.cfg.tie_embeddings else None
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Vocab-parallel logits of final hidden states [..., H] (the decoders' head)."""
+        return self.head.logits(hidden, self.output_weight())
+
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, meta: AttentionMeta,
                 dropout_key: torch.Tensor | None = None):
         """``dropout_key`` [B]: the collator's per-sequence keys of the dropout masks; needed
         in training mode when model.dropout > 0 (eval mode never drops)."""
         x_SBH = self.embedding(input_ids)
-        head_dim = self.cfg.hidden_size // self.cfg.num_heads
-        cos, sin = rotary_cos_sin(position_ids, head_dim, self.cfg.rope_theta, x_SBH.dtype)
+        cos, sin = rotary_cos_sin(position_ids, self.cfg.resolved_head_dim(), self.cfg.rope_theta, x_SBH.dtype)
         mask = self.backend.prepare(meta)  # built once per batch, shared by every layer
         dropout = branch_dropout(self.cfg, self.training, dropout_key)
         for layer in self.layers:
@@ -324,7 +407,7 @@ class SetDiffusionTransformer(nn.Module):
                                                           use_reentrant=False)
             else:
                 x_SBH = layer(x_SBH, cos, sin, self.backend, mask, dropout)
-        return self.head(x_SBH)
+        return self.head(x_SBH, self.output_weight())
 
 
 def branch_dropout(cfg: ModelConfig, training: bool, dropout_key: torch.Tensor | None) -> BranchDropout | None:

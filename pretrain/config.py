@@ -155,11 +155,18 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ValueError(f"config: train.overwrite=true starts the run over; it cannot go with "
                          f"train.resume={t.resume} (--resume)")
     positive("parallel.pipeline", p.pipeline)
-    if m.hidden_size % m.num_heads:
+    if m.head_dim < 0 or m.num_kv_heads < 0:
+        raise ValueError(f"config: model.head_dim and model.num_kv_heads must be >= 0 (0: the default), got "
+                         f"{m.head_dim} and {m.num_kv_heads}")
+    if not m.head_dim and m.hidden_size % m.num_heads:
         raise ValueError(f"config: model.hidden_size={m.hidden_size} is not divisible by "
-                         f"model.num_heads={m.num_heads}")
-    if (m.hidden_size // m.num_heads) % 2:
-        raise ValueError("config: the head size hidden_size/num_heads must be even for rotary embeddings")
+                         f"model.num_heads={m.num_heads} (or set model.head_dim)")
+    if m.resolved_head_dim() % 2:
+        raise ValueError(f"config: the head size {m.resolved_head_dim()} (model.head_dim, or hidden_size/num_heads) "
+                         "must be even for rotary embeddings")
+    if m.num_heads % m.resolved_kv_heads():
+        raise ValueError(f"config: model.num_heads={m.num_heads} is not divisible by "
+                         f"model.num_kv_heads={m.num_kv_heads}")
     if not 0.0 <= m.dropout < 1.0:
         raise ValueError(f"config: model.dropout must lie in [0, 1), got {m.dropout}")
     if m.attention_backend not in ("auto", "sdpa", "tiled", "flex"):
@@ -229,6 +236,10 @@ def validate(cfg: RunConfig) -> RunConfig:
     if m.num_heads % p.tensor:
         raise ValueError(f"config: model.num_heads={m.num_heads} is not divisible by "
                          f"parallel.tensor={p.tensor}")
+    kv = m.resolved_kv_heads()
+    if kv % p.tensor and p.tensor % kv:
+        raise ValueError(f"config: model.num_kv_heads={kv} must divide or be divisible by parallel.tensor={p.tensor} "
+                         "(KV heads are split over tensor ranks, or replicated when fewer)")
     if m.num_layers % p.pipeline:
         raise ValueError(f"config: model.num_layers={m.num_layers} is not divisible by "
                          f"parallel.pipeline={p.pipeline}")

@@ -4,9 +4,13 @@ Forward FLOPs of one sequence (multiply-add = 2 FLOPs), T tokens through the sta
 set mode, L in the AR baseline), A attended (query, key) pairs summed over the sequence, R
 logits rows (L: the noisy half in set mode, every token in the AR baseline):
 
-    per layer   2 T h (3h) + 2 T h h + 2 T h (2f) + 2 T f h      QKV, out, SwiGLU in, out
-                + 2 A h + 2 A h                                  scores and weighted values
-    head        2 R h V                                          (V: ids and [MASK])
+    per layer   2 T h (a + 2k) + 2 T a h + 2 T h (2f) + 2 T f h      QKV, out, SwiGLU in, out
+                + 2 A a + 2 A a                                      scores and weighted values
+    head        2 R h V                                              (V: ids and [MASK])
+
+with a = num_heads x head_dim (h by default) and k = num_kv_heads x head_dim (grouped-query
+attention's smaller K/V projections). K/V heads replicated over tensor ranks (fewer K/V heads
+than ranks) are counted once: model FLOPs, the replicas' repeated projection is overhead.
 
 Training = 3 x forward (the backward pass costs twice the forward). V counts the output
 layer's real rows, not the padding tensor parallelism adds to them, so that the model's
@@ -67,7 +71,8 @@ PRECISION_COLUMN = {"bf16": 0, "tf32": 1, "fp32": 2}
 def _layer_flops(cfg: ModelConfig, tokens: int) -> float:
     """Forward FLOPs of one block's matrix products, without the attention scores."""
     h, f = cfg.hidden_size, cfg.resolved_ffn_hidden_size()
-    return 2 * tokens * h * 3 * h + 2 * tokens * h * h + 2 * tokens * h * 2 * f + 2 * tokens * f * h
+    a, k = cfg.num_heads * cfg.resolved_head_dim(), cfg.resolved_kv_heads() * cfg.resolved_head_dim()
+    return 2 * tokens * h * (a + 2 * k) + 2 * tokens * a * h + 2 * tokens * h * 2 * f + 2 * tokens * f * h
 
 
 def step_flops(cfg: ModelConfig, tokens_per_sequence: int, allowed_pairs, logits_rows: int,
@@ -80,9 +85,9 @@ def step_flops(cfg: ModelConfig, tokens_per_sequence: int, allowed_pairs, logits
     blocks of its pipeline stage, whether it holds the output layer, and its TP degree.
     """
     layers = cfg.num_layers if layers is None else layers
-    h = cfg.hidden_size
-    forward = layers * (_layer_flops(cfg, tokens_per_sequence) + 4 * allowed_pairs * h)
-    forward = forward + (2 * logits_rows * h * vocab_rows if head else 0)
+    attention_width = cfg.num_heads * cfg.resolved_head_dim()
+    forward = layers * (_layer_flops(cfg, tokens_per_sequence) + 4 * allowed_pairs * attention_width)
+    forward = forward + (2 * logits_rows * cfg.hidden_size * vocab_rows if head else 0)
     return 3.0 * forward * sequences / tensor_parallel
 
 

@@ -8,6 +8,7 @@ Weights are read as full tensors under the flat model's names and cut for this r
 """
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import sys
 from functools import partial
@@ -15,6 +16,7 @@ from typing import Callable
 
 import torch
 
+from model.config import ModelConfig
 from model.pipeline import pipeline_name_to_flat
 from pretrain.checkpoint import EMA_FILE, read_trainer_state
 from pretrain.config import RunConfig, config_to_dict
@@ -52,7 +54,9 @@ def check_compatible(cfg: RunConfig, saved: dict, directory: pathlib.Path, finge
         return
     problems = []
     # dropout is a training setting, not part of the network: it may change on resume
-    saved_model = {k: v for k, v in saved["config"]["model"].items() if k != "dropout"}
+    # fields added since the checkpoint was written count at their defaults (the old network)
+    saved_model = {k: v for k, v in {**dataclasses.asdict(ModelConfig()), **saved["config"]["model"]}.items()
+                   if k != "dropout"}
     now_model = {k: v for k, v in config_to_dict(cfg)["model"].items() if k != "dropout"}
     if saved_model != now_model:
         diff = {k: (v, now_model.get(k)) for k, v in saved_model.items() if now_model.get(k) != v}
@@ -86,8 +90,16 @@ def init_weights_from(model: torch.nn.Module, model_dir: pathlib.Path, cfg: RunC
     mask_row = "setdiff" in hf  # setdiff-convert output carries [MASK]; a plain Llama gets ours
     expected = {"num_hidden_layers": m.num_layers, "hidden_size": m.hidden_size,
                 "num_attention_heads": m.num_heads, "intermediate_size": m.resolved_ffn_hidden_size(),
-                "vocab_size": m.vocab_size + (1 if mask_row else 0)}
-    wrong = [f"{key}={hf.get(key)} (this run: {value})" for key, value in expected.items() if hf.get(key) != value]
+                "vocab_size": m.vocab_size + (1 if mask_row else 0),
+                "num_key_value_heads": m.resolved_kv_heads(), "head_dim": m.resolved_head_dim()}
+    implied = {"num_key_value_heads": hf.get("num_attention_heads"),
+               "head_dim": hf.get("hidden_size", 0) // max(1, hf.get("num_attention_heads", 1))}
+    wrong = [f"{key}={hf.get(key, implied.get(key))} (this run: {value})" for key, value in expected.items()
+             if hf.get(key, implied.get(key)) != value]
+    if m.qk_norm:
+        wrong.append("no QK-norm weights (this run: model.qk_norm=true)")
+    if m.tie_embeddings and not hf.get("tie_word_embeddings", False):
+        wrong.append("an untied lm_head (this run: model.tie_embeddings=true)")
     if wrong:
         raise ValueError(f"train.init_from: {model_dir / 'config.json'} does not fit this run's model: "
                          + ", ".join(wrong))

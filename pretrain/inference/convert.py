@@ -34,6 +34,21 @@ from pretrain.config import config_from_dict
 from pretrain.llama_weights import hf_state_dict, read_llama_dir
 
 
+def check_llama_exportable(cfg: ModelConfig) -> None:
+    """Refuse what this Llama export cannot write faithfully: QK-norm (Qwen3), grouped-query
+    attention, another head size, a tied output layer. Never write a wrong model."""
+    if cfg.qk_norm:
+        raise ValueError("model.qk_norm=true: LlamaForCausalLM has no QK-norm, so setdiff-convert cannot "
+                         "export this model (Qwen3 export is not there yet)")
+    unsupported = [f"model.{name}={value}" for name, value, plain in (
+        ("num_kv_heads", cfg.num_kv_heads, cfg.resolved_kv_heads() == cfg.num_heads),
+        ("head_dim", cfg.head_dim, cfg.resolved_head_dim() * cfg.num_heads == cfg.hidden_size),
+        ("tie_embeddings", cfg.tie_embeddings, not cfg.tie_embeddings)) if not plain]
+    if unsupported:
+        raise ValueError(f"{', '.join(unsupported)}: setdiff-convert does not export grouped-query attention, "
+                         "another head size or tied embeddings yet")
+
+
 def read_model_dir(model_dir: pathlib.Path) -> tuple[ModelConfig, dict, dict[str, torch.Tensor]]:
     """(our ModelConfig, the setdiff fields, our full state dict) from a converted directory."""
     hf, full = read_llama_dir(model_dir)
@@ -170,7 +185,7 @@ def convert(checkpoint: pathlib.Path, out: pathlib.Path, weights: str | None = N
         raise ValueError(f"{checkpoint / 'trainer.json'} has no 'config' section")
     run = state["config"]
     try:
-        config_from_dict(run)
+        check_llama_exportable(config_from_dict(run).model)
     except (KeyError, ValueError) as err:
         raise ValueError(f"{checkpoint / 'trainer.json'}: {error_text(err)}") from None
     source = choose_weights(checkpoint, weights)

@@ -43,3 +43,39 @@ def train_layout(data_path: str, out_dir: str, overrides: list[str]) -> dict:
             "breakdown": breakdown_scalars(result["tensorboard"]) if dist.get_rank() == 0 else None,
             "world": dist.get_world_size(), "run_dir": str(pathlib.Path(out_dir) / "run"),
             "window": trainer.last_window}
+
+
+def model_step_under_tensor_parallel(model_options: dict, tensor: int) -> dict:
+    """One forward and backward of a freshly built model under TP ``tensor`` (no trainer): the
+    loss, the gathered weights and gradients, and the weights after scattering another seed's
+    model onto them and gathering again (load_full_state / full_state_dict)."""
+    import torch
+    import torch.distributed as dist
+
+    from data_pipeline.collator import CollatorConfig, SetDiffusionCollator
+    from model.config import ModelConfig
+    from model.objectives import forward_step
+    from model.transformer import SetDiffusionTransformer
+    from pretrain.distributed import init_distributed, init_model_parallel
+    from pretrain.state import full_state_dict, load_full_state
+
+    init_distributed()
+    layout = init_model_parallel(tensor, 1)
+    tp_group = layout.parallel.tp_group
+    cfg = ModelConfig(num_layers=2, hidden_size=32, num_heads=4, vocab_size=50, seq_len=16,
+                      attention_backend="tiled", init_std=0.2, **model_options)
+    model = SetDiffusionTransformer(cfg, layout.parallel, init_seed=5)
+    collate = SetDiffusionCollator(CollatorConfig(order="block:4", objective="set_nelbo", mask_id=50, seed=1))
+    tokens = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(0))
+    batch = collate(tokens, torch.zeros(2, 16, dtype=torch.long), step=0)
+    logits, loss_fn = forward_step(batch, model, set_mode=True)
+    loss = loss_fn(logits)[0]
+    loss.backward()
+    rows = model.vocab_parameter_rows()
+    state = full_state_dict(model, tp_group, rows)
+    grads = full_state_dict(model, tp_group, rows, pieces={n: p.grad for n, p in model.named_parameters()})
+    other = SetDiffusionTransformer(cfg, layout.parallel, init_seed=6)
+    load_full_state(other, state, tp_group)
+    out = {"loss": float(loss), "state": state, "grads": grads, "reloaded": full_state_dict(other, tp_group, rows),
+           "names": sorted(n for n, _ in model.named_parameters())}
+    return out if dist.get_rank() == 0 else None

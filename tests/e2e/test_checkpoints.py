@@ -117,6 +117,23 @@ def test_mismatched_config_stops_unless_overridden(tiny_corpus, tmp_path):
     assert result(tmp_path)["first_step"] == 2
 
 
+def test_a_checkpoint_from_before_the_attention_options_resumes(tiny_corpus, tmp_path):
+    """trainer.json written before model.num_kv_heads, head_dim, qk_norm and tie_embeddings existed:
+    they count at their defaults (the network it trained), and a real change is still named."""
+    run(tiny_corpus, tmp_path, "train.stop_at_step=2")
+    for state_file in (tmp_path / "run" / "checkpoints").glob("step_*/trainer.json"):
+        text = state_file.read_text()
+        state = json.loads(text)
+        for key in ("num_kv_heads", "head_dim", "qk_norm", "tie_embeddings"):
+            del state["config"]["model"][key]
+        old = json.dumps(state, indent=2)
+        state_file.write_text(old + " " * (len(text) - len(old)))  # the size files.json recorded
+    proc = run(tiny_corpus, tmp_path, "--resume", "auto", "model.num_kv_heads=2", expect=2)
+    assert "model config differs" in proc.stderr and "num_kv_heads" in proc.stderr
+    run(tiny_corpus, tmp_path, "--resume", "auto", "train.stop_at_step=4")
+    assert result(tmp_path)["first_step"] == 2
+
+
 def test_checkpoint_loading_never_runs_code(tiny_corpus, tmp_path):
     """A pickle that would run code when loaded is refused (weights_only loads)."""
     run(tiny_corpus, tmp_path, "train.stop_at_step=2")

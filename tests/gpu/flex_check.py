@@ -61,12 +61,18 @@ def main() -> int:
     B, H, D = 2, 8, 64
     tol = 3e-2 if cuda else 1e-5
     failures = 0
-    for family in ("staggered:8", "block:4", "mdlm", "ar"):
+    # the last case is grouped-query attention: 2 K/V heads for the 8 query heads
+    for family, kv_heads in (("staggered:8", H), ("block:4", H), ("mdlm", H), ("ar", H), ("staggered:8", 2)):
         layouts = [layout(family, L, s) for s in (0, 1)]
         meta = two_copy_meta(torch.stack([r for r, _ in layouts]), torch.stack([d for _, d in layouts])).to(device)
         g = torch.Generator(device=device).manual_seed(0)
         q, k, v, grad_out = (torch.randn(B, H, 2 * L, D, device=device, generator=g, dtype=dtype) for _ in range(4))
-        reference = run(SdpaBackend(), meta, q.float(), k.float(), v.float(), grad_out.float(), cuda)
+        k, v = k[:, :kv_heads].contiguous(), v[:, :kv_heads].contiguous()
+        groups = H // kv_heads  # the reference repeats each K/V head for its query heads, then sums their grads
+        reference = run(SdpaBackend(), meta, q.float(), *(t.float().repeat_interleave(groups, dim=1) for t in (k, v)),
+                        grad_out.float(), cuda)
+        reference = (*reference[:2], *(d.view(B, kv_heads, groups, 2 * L, D).sum(2) for d in reference[2:]))
+        family = family if kv_heads == H else f"{family} gqa"
         for backend in (FlexBackend(), TiledBackend()):
             got = run(backend, meta, q, k, v, grad_out, cuda)
             errors = [float((a.float() - b).abs().max()) for a, b in zip(got, reference)]

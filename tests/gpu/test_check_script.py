@@ -25,7 +25,8 @@ def test_flex_comparison_runs_forward_only_on_cpu():
     proc = subprocess.run([sys.executable, "tests/gpu/flex_check.py", "--cpu", "--seq-len", "48"], cwd=ROOT,
                           capture_output=True, text=True, timeout=300, env=fresh_env())
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.count("flex") == 4 and proc.stdout.count("tiled") == 4 and "FAIL" not in proc.stdout
+    assert proc.stdout.count("flex") == 5 and proc.stdout.count("tiled") == 5 and "FAIL" not in proc.stdout
+    assert proc.stdout.count("gqa") == 2  # grouped-query attention: 2 K/V heads for 8 query heads
 
 
 def test_decode_comparison_runs_on_cpu():

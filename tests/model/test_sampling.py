@@ -68,6 +68,42 @@ def test_cache_gives_the_logits_and_tokens_of_recompute(model, peaked, order, an
     assert all(V not in seq for seq in cached.sequences)  # every [MASK] was decoded
 
 
+@pytest.fixture(scope="module")
+def grouped(single_process_layout):
+    """Grouped-query attention (4 query heads of 24, 2 K/V heads), QK-norm, tied embeddings."""
+    cfg = ModelConfig(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=24, qk_norm=True,
+                      tie_embeddings=True, vocab_size=V, seq_len=64, attention_backend="sdpa", init_std=0.05)
+    model = SetDiffusionTransformer(cfg, single_process_layout.parallel, init_seed=0).eval()
+    with torch.no_grad():  # the tied output layer is the embedding: larger, for peaked distributions
+        model.embedding.word.weight.mul_(20.0)
+    return model
+
+
+@pytest.mark.parametrize("order,tau", [("staggered:4", 0.5), ("staggered:4", 1.0), ("block:4", 0.5), ("ar", 1.0)])
+def test_grouped_query_cache_holds_the_kv_heads_and_gives_the_logits_of_recompute(grouped, order, tau):
+    from model.kv_cache import KVCache
+
+    assert KVCache.for_model(grouped, 3, 8).keys[0].shape == (3, 2, 8, 24)  # the K/V heads only
+    cached = run(grouped, order=order, tau=tau, record_logits=True)
+    if tau < 1.0:
+        assert cached.stats.tokens_per_forward > 1.5
+    fresh = run(grouped, order=order, tau=tau, record_logits=True, use_cache=False)
+    assert cached.generated == fresh.generated and len(cached.trace) == len(fresh.trace)
+    for step_c, step_f in zip(cached.trace, fresh.trace):
+        assert torch.equal(step_c.positions[step_c.valid], step_f.positions[step_f.valid])
+        torch.testing.assert_close(step_c.logits[step_c.valid][:, :V], step_f.logits[step_f.valid][:, :V],
+                                   atol=1e-4, rtol=1e-5)
+
+
+def test_grouped_query_ar_baseline_cache_equals_a_no_cache_greedy_loop(single_process_layout):
+    cfg = ModelConfig(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=1, qk_norm=True, tie_embeddings=True,
+                      vocab_size=V, seq_len=64, attention_backend="sdpa", init_std=0.05)
+    model = SetDiffusionTransformer(cfg, single_process_layout.parallel, set_mode=False, init_seed=0).eval()
+    result = run(model, max_new_tokens=8)
+    for b, prompt in enumerate(PROMPTS):
+        assert result.sequences[b] == ar_greedy_loop(model, prompt, 8)
+
+
 @pytest.mark.parametrize("order,tau", [("staggered:4", 0.5), ("block:4", 1.0), ("block:4", 0.5), ("ar", 1.0)])
 def test_ragged_batch_decodes_each_prompt_as_alone(peaked, order, tau):
     model = peaked
@@ -127,16 +163,21 @@ def test_order_ar_equals_an_independent_greedy_loop(model):
     assert result.sequences[0] == tokens
 
 
+def ar_greedy_loop(ar_model, prompt, steps: int) -> list[int]:
+    """An AR-baseline model's greedy continuation, each token from a full causal forward, no cache."""
+    tokens = list(prompt)
+    for _ in range(steps):
+        ids = torch.tensor([tokens])
+        with torch.no_grad():
+            logits = ar_model(ids, torch.arange(len(tokens))[None], causal_meta(torch.zeros_like(ids)))
+        tokens.append(int(logits[0, -1].argmax()))
+    return tokens
+
+
 def test_ar_baseline_cache_equals_a_no_cache_greedy_loop(ar_model):
     result = run(ar_model, max_new_tokens=10)
     for b, prompt in enumerate(PROMPTS):
-        tokens = list(prompt)
-        for _ in range(10):
-            ids = torch.tensor([tokens])
-            with torch.no_grad():
-                logits = ar_model(ids, torch.arange(len(tokens))[None], causal_meta(torch.zeros_like(ids)))
-            tokens.append(int(logits[0, -1].argmax()))
-        assert result.sequences[b] == tokens
+        assert result.sequences[b] == ar_greedy_loop(ar_model, prompt, 10)
     assert run(ar_model, max_new_tokens=10, use_cache=False).sequences == result.sequences
 
 

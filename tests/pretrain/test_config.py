@@ -152,3 +152,20 @@ def test_reference_recipes_hold_the_reference_values(recipe, fields):
         assert cfg[section][key] == value, f"{recipe}: {dotted} = {cfg[section][key]!r}, reference {value!r}"
     # SwiGLU (3 matrices) of the reference's GELU MLP parameter count (2 matrices of 3072)
     assert 3 * cfg["model"]["ffn_hidden_size"] == 2 * 3072
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["model.num_kv_heads=3"], "model.num_heads=4 is not divisible by model.num_kv_heads=3"),
+    (["model.num_heads=8", "model.num_kv_heads=2", "parallel.tensor=8"], ""),  # 2 K/V heads replicated on 8 ranks
+    (["model.num_heads=12", "model.head_dim=16", "model.num_kv_heads=4", "parallel.tensor=3"],
+     "model.num_kv_heads=4 must divide or be divisible by parallel.tensor=3"),
+    (["model.head_dim=7"], "the head size 7"),
+    (["model.head_dim=-1"], "model.head_dim and model.num_kv_heads must be >= 0"),
+    (["model.hidden_size=130", "model.head_dim=32"], ""),  # heads need not divide hidden when head_dim is given
+])
+def test_grouped_query_attention_and_head_dim_settings(overrides, message):
+    if not message:
+        load_config(None, overrides)
+        return
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_config(None, overrides)

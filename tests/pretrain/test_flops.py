@@ -66,3 +66,42 @@ def test_allowed_pairs_are_counted_on_the_device_and_match_the_dense_mask():
             total = allowed_pairs_total(meta)
             assert isinstance(total, torch.Tensor) and total.dim() == 0
             assert int(total) == int(dense_mask(meta).sum())
+
+
+class _MatmulAttention:
+    """Dense-mask attention as explicit matrix products, which FlopCounterMode counts."""
+
+    name = "matmul"
+
+    def prepare(self, meta):
+        return dense_mask(meta)[:, None]
+
+    def attend(self, q, k, v, mask):
+        groups = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        scores = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
+        return scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v
+
+
+@pytest.mark.parametrize("options", [{}, dict(num_kv_heads=2, head_dim=24, qk_norm=True, tie_embeddings=True),
+                                     dict(num_kv_heads=1)])
+def test_step_flops_are_the_matrix_products_a_forward_executes(single_process_layout, options):
+    """Forward FLOPs (a third of step_flops with dense attention) equal what torch's FlopCounterMode
+    counts in the model's forward: grouped-query attention's smaller K/V projections included."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from model.config import ModelConfig
+    from model.transformer import SetDiffusionTransformer
+    from pretrain.flops import step_flops
+
+    cfg = ModelConfig(num_layers=2, hidden_size=64, num_heads=4, vocab_size=100, seq_len=16, **options)
+    model = SetDiffusionTransformer(cfg, single_process_layout.parallel).eval()
+    model.backend = _MatmulAttention()
+    B, L = 2, 16
+    rank = torch.arange(L).expand(B, L)
+    ids = torch.randint(0, 100, (B, 2 * L), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(ids, torch.cat([rank, rank], dim=1), two_copy_meta(rank, torch.zeros(B, L, dtype=torch.long)))
+    expected = step_flops(cfg, tokens_per_sequence=2 * L, allowed_pairs=(2 * L) ** 2, logits_rows=L, sequences=B,
+                          vocab_rows=model.padded_vocab) / 3
+    assert counter.get_total_flops() == pytest.approx(expected, rel=1e-12)
