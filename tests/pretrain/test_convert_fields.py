@@ -50,7 +50,7 @@ def test_options_the_llama_export_cannot_write_are_refused_in_one_line(tmp_path,
     import json
 
     from pretrain.config import config_to_dict, load_config
-    from pretrain.convert import main
+    from pretrain.inference.convert import main
 
     checkpoint = tmp_path / "step_0000001"
     checkpoint.mkdir()
@@ -62,6 +62,6 @@ def test_options_the_llama_export_cannot_write_are_refused_in_one_line(tmp_path,
     assert not (tmp_path / "out").exists()
     # the plain model (K/V heads = heads, head size hidden / heads, untied) passes this check
     plain = load_config(None, ["model.num_kv_heads=4", "model.head_dim=32"]).model
-    from pretrain.convert import check_llama_exportable
+    from pretrain.inference.convert import check_llama_exportable
 
     check_llama_exportable(plain)
