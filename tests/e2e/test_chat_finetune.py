@@ -61,3 +61,8 @@ def test_prompt_masked_fine_tuning_learns_a_task_decoded_in_parallel(tmp_path):
     assert trained["accuracy"] >= 0.5, trained
     assert trained["tokens_per_forward"] > 1.0, trained  # several answer tokens decoded per forward
     assert trained["examples"] == 64 and trained["order"] == "staggered:4" and trained["window"] == 4
+    # the likelihood bound of a chat corpus is the responses' (the random digits of the prompts,
+    # ~2.3 nats each, are context): near zero for a model that reverses them
+    bound = json.loads(run("pretrain.inference.evaluate", str(tmp_path / "trained-hf"), "--data",
+                           str(tmp_path / "corpus"), "--batches", "2", "--micro-batch", "4", "--orders", "1").stdout)
+    assert bound["nll_per_token"] < 0.5, bound
