@@ -46,6 +46,8 @@ import sys
 import tempfile
 import time
 
+import numpy as np
+
 from data_pipeline.chat import ChatFormat, iter_examples, load_chat_template
 from data_pipeline.embedded_corpus import EOS, locate_corpus, read_articles
 from data_pipeline.manifest import FORMAT_VERSION, missing_or_truncated, validate_manifest
@@ -197,8 +199,11 @@ def tokenize_rank(out: pathlib.Path, sources, rank: int, world: int, fingerprint
         pending = collections.deque()
         for count, (texts, owners) in enumerate(slices(sources, text_field, embedded, slice_docs, skip_bad,
                                                        skipped, chat), 1):
-            if (rank_dir / f"slice-{count - 1:06d}").is_dir():
+            done = rank_dir / f"slice-{count - 1:06d}"
+            if done.is_dir():
                 reused += 1
+                if (done / "long_examples.npy").is_file():
+                    skipped["long_examples"] += int(np.load(done / "long_examples.npy"))
                 continue
             lines = [e.line for e in texts] if chat is not None else []
             pending.append((pool.apply_async(encode_slice, (str(rank_dir), count - 1, texts, owners, max_tokens,

@@ -115,6 +115,7 @@ def encode_slice(rank_dir: str, index: int, texts: list, sources: list[int], max
     np.save(tmp / "tokens.npy", np.concatenate(pieces) if pieces else np.zeros(0, np.int32))
     if chat:
         np.save(tmp / "context.npy", np.concatenate(flags) if flags else np.zeros(0, np.uint8))
+        np.save(tmp / "long_examples.npy", np.asarray(len(long)))  # skipped, counted again on resume
     np.save(tmp / "offsets.npy", offsets)
     np.save(tmp / "hashes.npy", np.asarray(hashes, dtype=np.uint64))
     np.save(tmp / "sources.npy", np.asarray(sources, dtype=np.int32))

@@ -116,3 +116,31 @@ def test_chat_settings_are_checked(tmp_path):
         prepare(tmp_path / "out", [source], fmt="chat")
     with pytest.raises(BadInput, match="--seq-len applies to --format chat"):
         prepare(tmp_path / "out", [source], seq_len=64)
+
+
+def test_a_killed_chat_prepare_resumes_to_the_same_corpus_and_counts(tmp_path, capsys):
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[2]
+    examples = reversal_examples(200, seed=3)
+    rng = random.Random(4)
+    for i in (5, 150):  # too long for --seq-len 24: one in an early slice, one in a late one
+        examples[i] = {"prompt": "reverse 1 =", "response": " " + " ".join(str(rng.randint(0, 99)) for _ in range(60))}
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(e) + "\n" for e in examples))
+    tokenizer = tmp_path / "tokenizer.json"
+    train_tokenizer([e["prompt"] + e["response"] for e in reversal_examples(200)], 300).save(str(tokenizer))
+    flags = ["--input", str(tmp_path / "train.jsonl"), "--tokenizer", str(tokenizer), "--format", "chat",
+             "--seq-len", "24", "--skip-bad", "--val-percent", "10", "--docs-per-shard", "16", "--slice-docs", "25"]
+    assert main([*flags, "--out", str(tmp_path / "straight")]) == 0
+    killed = subprocess.run([sys.executable, str(root / "tests/data_pipeline/prepare_killed.py"), "3", *flags,
+                             "--out", str(tmp_path / "resumed")], cwd=root, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == 75, killed.stderr[-2000:]
+    capsys.readouterr()
+    assert main([*flags, "--out", str(tmp_path / "resumed")]) == 0
+    assert "resumed, " in capsys.readouterr().out
+    straight, resumed = read_manifest(tmp_path / "straight"), read_manifest(tmp_path / "resumed")
+    assert straight["skipped"]["long_examples"] == resumed["skipped"]["long_examples"] == 2
+    files = lambda out: {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}  # noqa: E731
+    assert files(tmp_path / "straight") == files(tmp_path / "resumed")
