@@ -120,16 +120,14 @@ class MicroBatches(torch.utils.data.Dataset):
     def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
         step, micro = divmod(int(k), self.sampler.grad_accum)
         indices = self.sampler.indices(step, micro, self.dp_rank)
-        pairs = [self.sequences.sequence(int(i)) for i in indices]
+        tokens, doc_id, context = self.sequences.batch(indices)
         release = getattr(self.sequences.documents, "close", None)
         if release is not None:
             release()  # an idle worker must not pin cached shards another worker is waiting to evict
-        tokens = torch.from_numpy(np.stack([p[0] for p in pairs]))
-        doc_id = torch.from_numpy(np.stack([p[1] for p in pairs]))
-        context = (torch.from_numpy(np.stack([self.sequences.sequence_context(int(i)) for i in indices]))
-                   if self.sequences.has_context else None)
-        batch = self.collator(tokens, doc_id, step=step, global_batch=self.sampler.global_batch,
-                              first_slot=self.sampler.first_slot(micro, self.dp_rank), context=context)
+        batch = self.collator(torch.from_numpy(tokens), torch.from_numpy(doc_id), step=step,
+                              global_batch=self.sampler.global_batch,
+                              first_slot=self.sampler.first_slot(micro, self.dp_rank),
+                              context=None if context is None else torch.from_numpy(context))
         batch["sequence_index"] = torch.from_numpy(np.asarray(indices, dtype=np.int64))
         return batch
 

@@ -93,6 +93,13 @@ class PackedSequences:
             filled += flags.size + 1
         return context
 
+    def batch(self, indices) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(tokens [B, L], doc_id [B, L], context [B, L] bool, or None without context flags) of
+        the sequences ``indices``, as the collator takes them."""
+        pairs = [self.sequence(int(j)) for j in indices]
+        context = np.stack([self.sequence_context(int(j)) for j in indices]) if self.has_context else None
+        return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs]), context
+
     def shard_blocks(self, shard_ranges: list[tuple[int, int]]) -> list[np.ndarray]:
         """Sequence indices grouped by the shard holding each sequence's first document."""
         if self.whole_first is not None:

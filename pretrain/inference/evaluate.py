@@ -30,7 +30,6 @@ import pathlib
 import re
 import sys
 
-import numpy as np
 import torch
 
 from pretrain.cli_errors import EXPECTED, at_least, check_decoding_flags, error_line, read_json
@@ -91,13 +90,9 @@ def evaluate(model_dir: pathlib.Path, data: pathlib.Path, *, order: str | None =
                                                       keep_clean_bos=bool(fields.get("keep_clean_bos", False)),
                                                       seed=seed + k, mode="set" if set_mode else "ar_baseline"))
         for b in range(count):
-            rows = [b * micro_batch + i for i in range(micro_batch)]
-            pairs = [sequences.sequence(j) for j in rows]
-            tokens = torch.stack([torch.from_numpy(p[0]) for p in pairs])
-            doc = torch.stack([torch.from_numpy(p[1]) for p in pairs])
-            context = (torch.from_numpy(np.stack([sequences.sequence_context(j) for j in rows]))
-                       if sequences.has_context else None)  # a chat corpus: the bound of the responses
-            batch = collate(tokens, doc, step=b, context=context)
+            tokens, doc, context = sequences.batch(range(b * micro_batch, (b + 1) * micro_batch))
+            batch = collate(torch.from_numpy(tokens), torch.from_numpy(doc), step=b,  # chat: the responses' bound
+                            context=None if context is None else torch.from_numpy(context))
             logits, loss_fn = forward_step(batch, model, set_mode)
             losses.append(float(loss_fn(logits)[0]))
     nll = sum(losses) / len(losses)
