@@ -111,6 +111,8 @@ class SetDiffusionCollator:
         weight = torch.zeros(B, L, dtype=torch.float64)
         real = doc_id >= 0
         loss_token = real.clone() if context is None else real & ~context  # positions that may carry loss
+        # a corpus token that is the reused [MASK] id (model.mask_token) cannot be predicted: no loss
+        loss_token &= tokens != self.cfg.mask_id
         if self.cfg.keep_clean_bos:
             loss_token[:, 0] = False
         family_id = torch.zeros(B, dtype=torch.long)

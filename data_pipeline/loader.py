@@ -46,6 +46,8 @@ def fetch_corpus(remote: str, cache_dir: str = "") -> pathlib.Path:
     manifest = read_manifest(out)
     for name in [manifest["splits"][split]["lengths"] for split in SPLITS] + ["tokenizer.json"]:
         fetch(name)
+    if manifest.get("tokenizer_config"):  # the tokenizer's EOS name and chat template
+        fetch("tokenizer_config.json")
     return out
 
 

@@ -85,12 +85,35 @@ def read_manifest(data_path: str | pathlib.Path) -> dict:
     return validate_manifest(manifest, path)
 
 
+TOKENIZER_CONFIG = "tokenizer_config.json"
+
+
+def eos_token(tokenizer: str | pathlib.Path) -> str:
+    """The token that ends documents: the ``eos_token`` of the tokenizer_config.json beside
+    ``tokenizer`` (a pretrained model's own: Qwen3 base <|endoftext|>, Llama 3 <|end_of_text|>),
+    else <|endoftext|> (the tokenizer setdiff-prepare trains)."""
+    from data_pipeline.embedded_corpus import EOS
+
+    config = pathlib.Path(tokenizer).with_name(TOKENIZER_CONFIG)
+    if not config.is_file():
+        return EOS
+    try:
+        token = json.loads(config.read_text(encoding="utf-8")).get("eos_token")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+        raise ValueError(f"{config}: not a tokenizer_config.json ({err})") from None
+    if isinstance(token, dict):  # transformers' serialized AddedToken
+        token = token.get("content")
+    if token is None:
+        return EOS
+    if not isinstance(token, str) or not token:
+        raise ValueError(f"{config}: eos_token {token!r} is not a token")
+    return token
+
+
 def check_tokenizer(manifest: dict, data_path: str | pathlib.Path, tokenizer: str | pathlib.Path) -> None:
     """The tokenizer is the one the shards were made with, and the manifest's eos_id and
     vocab_size are that tokenizer's."""
     from tokenizers import Tokenizer
-
-    from data_pipeline.embedded_corpus import EOS
 
     digest = hashlib.sha256(pathlib.Path(tokenizer).read_bytes()).hexdigest()
     if digest != manifest["tokenizer_sha256"]:
@@ -98,9 +121,10 @@ def check_tokenizer(manifest: dict, data_path: str | pathlib.Path, tokenizer: st
                          f"were made with (sha256 {digest[:12]} vs manifest {manifest['tokenizer_sha256'][:12]})")
     tok = Tokenizer.from_file(str(tokenizer))
     where = manifest_path(data_path)
-    eos = tok.token_to_id(EOS)
+    name = eos_token(tokenizer)
+    eos = tok.token_to_id(name)
     if manifest["eos_id"] != eos:
-        raise ValueError(f"data: {where}: eos_id {manifest['eos_id']} is not the id of {EOS} in {tokenizer} "
+        raise ValueError(f"data: {where}: eos_id {manifest['eos_id']} is not the id of {name} in {tokenizer} "
                          f"({eos}); re-run setdiff-prepare")
     if manifest["vocab_size"] != tok.get_vocab_size():
         raise ValueError(f"data: {where}: vocab_size {manifest['vocab_size']} is not the vocabulary of "

@@ -50,7 +50,8 @@ import numpy as np
 
 from data_pipeline.chat import ChatFormat, iter_examples, load_chat_template
 from data_pipeline.embedded_corpus import EOS, locate_corpus, read_articles
-from data_pipeline.manifest import FORMAT_VERSION, missing_or_truncated, validate_manifest
+from data_pipeline.manifest import (FORMAT_VERSION, TOKENIZER_CONFIG, eos_token, missing_or_truncated,
+                                   validate_manifest)
 from data_pipeline.readers import BadInput, iter_documents, list_inputs, sha256_file, tokenizer_sample
 from data_pipeline.shard_writer import (_start_encoder, encode_slice, merge, rank_done_file, read_rank_records,
                                         world_dir, write_json_atomic)
@@ -78,8 +79,13 @@ def load_tokenizer(path: pathlib.Path):
         tok = Tokenizer.from_file(str(path))
     except Exception as err:  # tokenizers raises plain Exception subclasses
         raise BadInput(f"{path}: not a tokenizer.json ({err})") from None
-    if tok.token_to_id(EOS) is None:
-        raise BadInput(f"{path}: the tokenizer has no {EOS} token to end documents with")
+    try:
+        eos = eos_token(path)
+    except ValueError as err:
+        raise BadInput(str(err)) from None
+    if tok.token_to_id(eos) is None:
+        raise BadInput(f"{path}: the tokenizer has no {eos} token to end documents with"
+                       + (f" (the eos_token of {path.with_name(TOKENIZER_CONFIG)})" if eos != EOS else ""))
     return tok
 
 
@@ -158,9 +164,11 @@ def slices(sources: list[tuple[int, pathlib.Path]], text_field: str, embedded, s
 
 
 def tokenize_rank(out: pathlib.Path, sources, rank: int, world: int, fingerprint: str, tokenizer, text_field: str,
-                  embedded, slice_docs: int, skip_bad: bool, workers: int, chat=None, after_slice=None) -> dict:
+                  embedded, slice_docs: int, skip_bad: bool, workers: int, chat=None, after_slice=None,
+                  tokenizer_config: pathlib.Path | None = None) -> dict:
     """Pass 1 of one rank: its inputs as tokenized parts, resuming from the slices already done.
     ``chat``: a ChatFormat, for prompt/response examples (data_pipeline/chat.py).
+    ``tokenizer_config``: the tokenizer's tokenizer_config.json (EOS name, chat template), kept beside it.
     ``after_slice(finished, pool)``: called each time a slice is written (tests kill the run there)."""
     done_file = rank_done_file(out, rank, world)
     if done_file.is_file() and json.loads(done_file.read_text()).get("fingerprint") == fingerprint:
@@ -176,6 +184,8 @@ def tokenize_rank(out: pathlib.Path, sources, rank: int, world: int, fingerprint
         shutil.rmtree(partial)  # slices a killed run had in flight
     tok_path = rank_dir / "tokenizer.json"
     if not tok_path.is_file():
+        if tokenizer_config is not None:  # before tokenizer.json: a present tokenizer.json is complete
+            shutil.copyfile(tokenizer_config, rank_dir / TOKENIZER_CONFIG)
         tok = tokenizer(sources)
         tok.save(str(tok_path.with_name(".tokenizer.json.tmp")))
         os.replace(tok_path.with_name(".tokenizer.json.tmp"), tok_path)
@@ -241,10 +251,16 @@ def merge_ranks(out: pathlib.Path, world: int, val_percent: int, docs_per_shard:
         raise BadInput(f"merge: the ranks in {world_dir(out, world)} used different tokenizers; "
                        f"prepare every rank with the same --tokenizer")
     (out / "manifest.json").unlink(missing_ok=True)  # until the new shards are complete, there is no corpus here
-    shutil.copyfile(world_dir(out, world) / records[0]["dir"] / "tokenizer.json", out / "tokenizer.json")
+    source = world_dir(out, world) / records[0]["dir"]
+    shutil.copyfile(source / "tokenizer.json", out / "tokenizer.json")
+    (out / TOKENIZER_CONFIG).unlink(missing_ok=True)
+    has_config = (source / TOKENIZER_CONFIG).is_file()
+    if has_config:  # the EOS name and chat template travel with the tokenizer
+        shutil.copyfile(source / TOKENIZER_CONFIG, out / TOKENIZER_CONFIG)
     tok = load_tokenizer(out / "tokenizer.json")
-    head = {"fingerprint": fingerprint, "eos_id": tok.token_to_id(EOS), "vocab_size": tok.get_vocab_size(),
-            "tokenizer_sha256": sha256_file(out / "tokenizer.json")}
+    head = {"fingerprint": fingerprint, "eos_id": tok.token_to_id(eos_token(out / "tokenizer.json")),
+            "vocab_size": tok.get_vocab_size(), "tokenizer_sha256": sha256_file(out / "tokenizer.json"),
+            **({"tokenizer_config": True} if has_config else {})}
     start = time.perf_counter()
     manifest = merge(out, world, head, val_percent, docs_per_shard, seed, workers)
     print(f"prepare: wrote the shards in {time.perf_counter() - start:.1f} s")
@@ -292,9 +308,14 @@ def prepare(out: pathlib.Path, inputs: list[pathlib.Path], *, embedded: bool = F
                 "rank": rank, "world": world, "inputs": [[i, str(p), sha256_file(p)] for i, p in mine],
                 "tokenizer": sha256_file(tokenizer) if tokenizer else
                 {"vocab_size": vocab_size, "sample_mb": tokenizer_sample_mb}}  # sampled from "inputs": world 1
-    if chat is not None:  # (text corpora keep the fingerprints they had)
-        config = tokenizer.with_name("tokenizer_config.json")
-        settings.update(examples="chat", seq_len=seq_len, chat_template=sha256_file(config) if config.is_file() else None)
+    config = tokenizer.with_name(TOKENIZER_CONFIG) if tokenizer else None
+    config = config if config is not None and config.is_file() else None
+    if config is not None:
+        load_tokenizer(tokenizer)  # its EOS named by the config is there (BadInput before any work)
+        if eos_token(tokenizer) != EOS:  # (other corpora keep the fingerprints they had)
+            settings["eos"] = eos_token(tokenizer)
+    if chat is not None:
+        settings.update(examples="chat", seq_len=seq_len, chat_template=sha256_file(config) if config else None)
     fingerprint = _digest(settings)
     if world == 1:
         old, _ = up_to_date(out, merge_fingerprint([fingerprint], val_percent, docs_per_shard, seed))
@@ -313,7 +334,7 @@ def prepare(out: pathlib.Path, inputs: list[pathlib.Path], *, embedded: bool = F
 
     start = time.perf_counter()
     tokenize_rank(out, mine, rank, world, fingerprint, make_tokenizer, text_field, corpus, slice_docs,
-                  skip_bad, workers, chat, after_slice)
+                  skip_bad, workers, chat, after_slice, config)
     print(f"prepare: rank {rank} of {world}: tokenized in {time.perf_counter() - start:.1f} s")
     if world > 1:
         print(f"prepare: rank {rank} of {world} done; once every rank is: setdiff-prepare merge --out {out} "

@@ -29,7 +29,12 @@ class ModelConfig:
     ffn_hidden_size: int = 0
     """SwiGLU inner width; 0 picks the Llama rule (8/3 * hidden, rounded up to 64)."""
     vocab_size: int = 0
-    """Real vocabulary size; 0 takes it from the tokenizer. [MASK] gets id vocab_size."""
+    """Vocabulary rows the model predicts over; 0 takes the tokenizer's size. It may exceed the
+    tokenizer's (a pretrained model's padded table, e.g. Qwen3's 151,936): ids the corpus never
+    uses are just never targets."""
+    mask_token: int = -1
+    """The id of [MASK]: -1 adds a row of its own at id vocab_size; an id below vocab_size reuses
+    that (rarely or never used) token, so the model keeps exactly its source's vocabulary."""
     make_vocab_size_divisible_by: int = 128
     """The embedding table is padded to a multiple of this times the tensor-parallel size."""
     seq_len: int = 128
@@ -45,6 +50,14 @@ class ModelConfig:
     (BlockMask; GPU), or 'auto' (flex on CUDA, else tiled)."""
     dropout: float = 0.0
     """Dropout on the attention-output and MLP-output residual branches in training, in [0, 1)."""
+
+    def mask_id(self) -> int:
+        """The id of [MASK]: model.mask_token, or the new row vocab_size."""
+        return self.vocab_size if self.mask_token < 0 else self.mask_token
+
+    def vocab_rows(self) -> int:
+        """Rows of the vocabulary-sized weights that hold ids: vocab_size, plus [MASK]'s own row."""
+        return self.vocab_size + (1 if self.mask_token < 0 else 0)
 
     def resolved_head_dim(self) -> int:
         return self.head_dim or self.hidden_size // self.num_heads

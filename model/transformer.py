@@ -45,10 +45,10 @@ from model.dropout import ATTENTION, MLP, BranchDropout
 from model.masks import AttentionMeta
 
 
-def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int) -> int:
-    """Real vocabulary + [MASK], padded so every tensor rank holds an equal slice."""
+def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int, mask_row: bool = True) -> int:
+    """Real vocabulary (+ [MASK]'s own row), padded so every tensor rank holds an equal slice."""
     multiple = divisible_by * tensor_parallel
-    return multiple * math.ceil((vocab_size + 1) / multiple)
+    return multiple * math.ceil((vocab_size + mask_row) / multiple)
 
 
 @dataclass
@@ -277,7 +277,7 @@ class Embedding(nn.Module):
         with parts.seeded(0):
             self.word = tp.VocabParallelEmbedding(
                 parts.padded_vocab, cfg.hidden_size, config=parts.mp_config,
-                init_method=vocab_rows_init(cfg.vocab_size + 1, cfg.init_std), tp_group=parts.parallel.tp_group)
+                init_method=vocab_rows_init(cfg.vocab_rows(), cfg.init_std), tp_group=parts.parallel.tp_group)
 
     def forward(self, input_ids):
         return self.word(input_ids).transpose(0, 1).contiguous()
@@ -301,11 +301,14 @@ class Head(nn.Module):
             self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
             self.output = tp.ColumnParallelLinear(
                 cfg.hidden_size, parts.padded_vocab, config=parts.mp_config,
-                init_method=vocab_rows_init(cfg.vocab_size + 1, cfg.init_std), bias=False,
+                init_method=vocab_rows_init(cfg.vocab_rows(), cfg.init_std), bias=False,
                 gather_output=False, skip_weight_param_allocation=cfg.tie_embeddings, tp_group=tp_group)
         per_rank = parts.padded_vocab // tp_group.size()
         global_ids = torch.arange(per_rank) + tp_group.rank() * per_rank
-        self.register_buffer("invalid_logit", global_ids >= cfg.vocab_size, persistent=False)
+        invalid = global_ids >= cfg.vocab_size
+        if self.set_mode:  # [MASK] is never a prediction, also when it reuses a token id
+            invalid |= global_ids == cfg.mask_id()
+        self.register_buffer("invalid_logit", invalid, persistent=False)
 
     def logits(self, x, weight: torch.Tensor | None = None):
         """Vocab-parallel logits of hidden states [..., H] (any leading shape); ``weight``: the tied
@@ -342,8 +345,11 @@ class ModelParts:
         if cfg.vocab_size <= 0:
             raise ValueError("model.vocab_size must be set (> 0) before building the model")
         self.cfg, self.parallel, self.set_mode, self.init_seed = cfg, parallel, set_mode, init_seed
+        if not -1 <= cfg.mask_token < cfg.vocab_size:
+            raise ValueError(f"model.mask_token={cfg.mask_token} is not a token id below model.vocab_size="
+                             f"{cfg.vocab_size} (or -1: a [MASK] row of its own)")
         self.padded_vocab = padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by,
-                                              parallel.tp_size)
+                                              parallel.tp_size, mask_row=cfg.mask_token < 0)
         self.mp_config = _megatron_config(parallel.tp_size, params_dtype)
 
     def seeded(self, component: int):
@@ -352,7 +358,7 @@ class ModelParts:
         return seeded(component_seed(self.init_seed, component))
 
     def vocab_parameter_rows(self, embedding_name: str, head_name: str) -> dict[str, int]:
-        rows = self.cfg.vocab_size + 1  # real ids and [MASK]
+        rows = self.cfg.vocab_rows()  # real ids and [MASK]
         if self.cfg.tie_embeddings:
             return {f"{embedding_name}.word.weight": rows}
         return {f"{embedding_name}.word.weight": rows, f"{head_name}.output.weight": rows}
@@ -372,7 +378,7 @@ class SetDiffusionTransformer(nn.Module):
         parts = ModelParts(cfg, parallel, set_mode=set_mode, init_seed=init_seed, params_dtype=params_dtype)
         self.cfg = cfg
         self.set_mode = set_mode
-        self.mask_id = cfg.vocab_size
+        self.mask_id = cfg.mask_id()
         self.padded_vocab = parts.padded_vocab
         self.activation_checkpointing = activation_checkpointing
         self.embedding = Embedding(parts)

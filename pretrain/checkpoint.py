@@ -10,6 +10,7 @@ Layout under ``<run>/checkpoints``:
         model.safetensors         the whole model, unsharded (layout-independent weights)
         ema.safetensors           the EMA of the weights, unsharded the same way (train.ema > 0)
         tokenizer.json
+        tokenizer_config.json     when the corpus tokenizer has one (its chat template, EOS name)
         files.json                every file above and its size, written last
     latest                        the tag of the newest complete checkpoint
     .partial/                     saves in progress
@@ -38,6 +39,7 @@ import torch
 
 TAG = re.compile(r"^step_(\d{7,})$")
 EMA_FILE = "ema.safetensors"
+TOKENIZER_CONFIG = "tokenizer_config.json"  # beside a tokenizer.json, as transformers keeps it
 FILES = "files.json"  # every file of the checkpoint and its size, written last
 RANK_FILE = re.compile(r"^rank_\d{5}\.safetensors$")
 

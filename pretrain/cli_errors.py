@@ -4,8 +4,8 @@ else is a bug and keeps its traceback.
 
 The readers here name the file they read when it is damaged: a truncated safetensors file,
 invalid JSON or a tokenizer that does not parse otherwise ends in a library error that names
-no path. They also read the Llama directory of the trainer's ``train.init_from``
-(pretrain/llama_weights.py), so this module sits beside the trainer, not in inference/.
+no path. They also read the Llama or Qwen3 directory of the trainer's ``train.init_from``
+(pretrain/hf_weights.py), so this module sits beside the trainer, not in inference/.
 """
 from __future__ import annotations
 

@@ -104,8 +104,9 @@ class TrainConfig:
     overwrite: bool = False
     """Start over in a run directory that holds checkpoints: the old run moves to <name>.old-<UTC time>."""
     init_from: str = ""
-    """A Llama-architecture directory (setdiff-convert output or a public Llama-style checkpoint with the
-    corpus's tokenizer) whose weights start a new run: fine-tuning; step and optimizer start fresh."""
+    """A Llama or Qwen3 directory (setdiff-convert output, or a public checkpoint such as Qwen3-1.7B-Base,
+    sharded or not, with the corpus's tokenizer) whose weights start a new run: fine-tuning; step and
+    optimizer start fresh. Its shape must be this run's model (configs/qwen3_*.yaml)."""
     max_nonfinite_steps: int = 5
     """Stop after this many optimizer steps in a row with a non-finite loss or gradient (each is skipped)."""
     stop_at_step: int = 0

@@ -1,7 +1,7 @@
 """What a run starts from besides its seed, checked against the run first (model config, corpus,
 tokenizer): a checkpoint of its own layout (DeepSpeed's whole state, loaded by the trainer), a
 checkpoint of another layout (its unsharded weights, before DeepSpeed copies them), a
-Llama-architecture directory (``train.init_from``), and the EMA a checkpoint kept.
+Llama or Qwen3 directory (``train.init_from``), and the EMA a checkpoint kept.
 
 Weights are read as full tensors under the flat model's names and cut for this rank's layout
 (pretrain/state.py); ``flat_names`` maps a pipeline module's names to those.
@@ -22,7 +22,7 @@ from pretrain.checkpoint import EMA_FILE, read_trainer_state
 from pretrain.config import RunConfig, config_to_dict
 from pretrain.distributed import Layout
 from pretrain.engine import zero_stage_run
-from pretrain.llama_weights import read_llama_dir
+from pretrain.hf_weights import read_hf_dir
 from pretrain.state import full_state_dict, load_full_state, local_pieces
 
 
@@ -82,35 +82,47 @@ def load_checkpoint_weights(model: torch.nn.Module, directory: pathlib.Path, cfg
 
 def init_weights_from(model: torch.nn.Module, model_dir: pathlib.Path, cfg: RunConfig, layout: Layout,
                       tokenizer_path: pathlib.Path, is_main: bool) -> None:
-    """Weights of a Llama-architecture directory, checked against the recipe and corpus."""
+    """Weights of a Llama or Qwen3 directory, checked against the recipe and corpus: the same
+    network, and a vocabulary that holds this run's. A plain AR model's [MASK] gets this run's
+    own initialization (a new row) or is the token model.mask_token names; a setdiff-convert
+    directory brings its own, which must be this run's."""
     from tokenizers import Tokenizer
 
-    hf, full = read_llama_dir(model_dir)
+    where = model_dir / "config.json"
+    hf, source, full = read_hf_dir(model_dir)
     m = cfg.model
-    mask_row = "setdiff" in hf  # setdiff-convert output carries [MASK]; a plain Llama gets ours
-    expected = {"num_hidden_layers": m.num_layers, "hidden_size": m.hidden_size,
-                "num_attention_heads": m.num_heads, "intermediate_size": m.resolved_ffn_hidden_size(),
-                "vocab_size": m.vocab_size + (1 if mask_row else 0),
-                "num_key_value_heads": m.resolved_kv_heads(), "head_dim": m.resolved_head_dim()}
-    implied = {"num_key_value_heads": hf.get("num_attention_heads"),
-               "head_dim": hf.get("hidden_size", 0) // max(1, hf.get("num_attention_heads", 1))}
-    wrong = [f"{key}={hf.get(key, implied.get(key))} (this run: {value})" for key, value in expected.items()
-             if hf.get(key, implied.get(key)) != value]
-    if m.qk_norm:
-        wrong.append("no QK-norm weights (this run: model.qk_norm=true)")
-    if m.tie_embeddings and not hf.get("tie_word_embeddings", False):
-        wrong.append("an untied lm_head (this run: model.tie_embeddings=true)")
+    setdiff = hf.get("setdiff")
+    if setdiff is not None:  # setdiff-convert output: vocab_size holds [MASK]'s own row, if it has one
+        source.vocab_size = setdiff.get("vocab_size", setdiff["mask_token_id"])
+        source.mask_token = -1 if setdiff["mask_token_id"] >= source.vocab_size else setdiff["mask_token_id"]
+    pairs = [("num_hidden_layers", source.num_layers, m.num_layers),
+             ("hidden_size", source.hidden_size, m.hidden_size),
+             ("num_attention_heads", source.num_heads, m.num_heads),
+             ("num_key_value_heads", source.resolved_kv_heads(), m.resolved_kv_heads()),
+             ("head_dim", source.resolved_head_dim(), m.resolved_head_dim()),
+             ("intermediate_size", source.resolved_ffn_hidden_size(), m.resolved_ffn_hidden_size()),
+             ("vocab_size", source.vocab_size, m.vocab_size),
+             ("rope_theta", source.rope_theta, m.rope_theta), ("rms_norm_eps", source.norm_eps, m.norm_eps)]
+    if setdiff is not None:
+        pairs.append(("setdiff.mask_token_id", source.mask_id(), m.mask_id()))
+    wrong = [f"{key}={theirs} (this run: {ours})" for key, theirs, ours in pairs if theirs != ours]
+    if source.qk_norm != m.qk_norm:
+        wrong.append(f"model_type {hf['model_type']!r} {'has' if source.qk_norm else 'has no'} QK-norm "
+                     f"(this run: model.qk_norm={str(m.qk_norm).lower()})")
+    if m.tie_embeddings and not source.tie_embeddings:
+        wrong.append("an lm_head of its own (this run: model.tie_embeddings=true would lose it)")
     if wrong:
-        raise ValueError(f"train.init_from: {model_dir / 'config.json'} does not fit this run's model: "
-                         + ", ".join(wrong))
+        raise ValueError(f"train.init_from: {where} does not fit this run's model: " + ", ".join(wrong))
     tokenizer = model_dir / "tokenizer.json"
     if not tokenizer.is_file():
         raise FileNotFoundError(f"train.init_from: {tokenizer} not found (the run must use the model's tokenizer)")
     if Tokenizer.from_file(str(tokenizer)).to_str() != Tokenizer.from_file(str(tokenizer_path)).to_str():
         raise ValueError(f"train.init_from: {tokenizer} is not the corpus tokenizer {tokenizer_path} "
                          f"(prepare the corpus with setdiff-prepare --tokenizer {tokenizer})")
+    if source.tie_embeddings and not m.tie_embeddings:  # untying: the output layer starts as the embedding
+        full["head.output.weight"] = full["embedding.word.weight"]
     tp_group = layout.parallel.tp_group
-    if not mask_row:  # the [MASK] rows keep this model's own initialization
+    if setdiff is None and m.mask_token < 0:  # [MASK]'s new row keeps this model's own initialization
         flat_name = flat_names(cfg)
         own = {flat_name(k): v for k, v in full_state_dict(model, tp_group).items()}
         for name in ("embedding.word.weight", "head.output.weight"):
@@ -118,7 +130,7 @@ def init_weights_from(model: torch.nn.Module, model_dir: pathlib.Path, cfg: RunC
                 full[name] = torch.cat([full[name], own[name][m.vocab_size:m.vocab_size + 1]])
     load_full_state(model, full, tp_group, flat_names(cfg))
     if is_main:
-        print(f"initialized the weights from {model_dir}", flush=True)
+        print(f"initialized the weights from {model_dir} ({hf['model_type']})", flush=True)
 
 
 def restore_ema(ema, module: torch.nn.Module, directory: pathlib.Path, saved: dict, cfg: RunConfig, layout: Layout,

@@ -33,7 +33,7 @@ class FlopCounter:
         self.cfg, self.share, self.set_mode = cfg, share, set_mode
         # the output layer's real rows (ids and [MASK]): the padding TP adds is no model FLOP,
         # and counting it would make the model's figure depend on the layout
-        self.vocab_rows = cfg.vocab_size + 1
+        self.vocab_rows = cfg.vocab_rows()
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """[model mfu, model useful, rank mfu, rank useful] FLOPs, float64 on the batch's device."""

@@ -22,8 +22,8 @@ import yaml
 from model.objectives import forward_step, share_step_normalizer
 from model.pipeline import BlockPipe, HeadPipe, build_pipeline_module, pipeline_vocab_parameter_rows
 from model.transformer import ModelParts, SetDiffusionTransformer
-from pretrain.checkpoint import (EMA_FILE, CheckpointWriter, free_bytes_at, load_rank_state, read_trainer_state,
-                                 save_rank_state, tag_of)
+from pretrain.checkpoint import (EMA_FILE, TOKENIZER_CONFIG, CheckpointWriter, free_bytes_at, load_rank_state,
+                                 read_trainer_state, save_rank_state, tag_of)
 from pretrain.config import RunConfig, config_to_dict, resolve_global_batch
 from pretrain.distributed import init_distributed, init_model_parallel
 from pretrain.ema import EMA
@@ -335,10 +335,14 @@ class Trainer:
             if ema_weights is not None:
                 save_file(ema_weights, str(partial / EMA_FILE))
             shutil.copyfile(self.data.tokenizer_path, partial / "tokenizer.json")
+            tokenizer_config = self.data.tokenizer_path.with_name(TOKENIZER_CONFIG)
+            if tokenizer_config.is_file():
+                shutil.copyfile(tokenizer_config, partial / TOKENIZER_CONFIG)
             tokens_seen = self.step * self.data.sampler.global_batch * self.cfg.model.seq_len
             trainer_state = {"step": self.step, "tokens_seen": tokens_seen, "config": config_to_dict(self.cfg),
                              "layout": layout_record(self.cfg, self.layout), "world_size": dist.get_world_size(),
-                             "fingerprints": self.data.fingerprints, "data_state": data_states}
+                             "fingerprints": self.data.fingerprints, "eos_id": self.data.eos_id,
+                             "data_state": data_states}
             (partial / "trainer.json").write_text(json.dumps(trainer_state, indent=2))
             if self.after_write is not None:
                 self.after_write(self.step, partial)

@@ -23,6 +23,8 @@ class TrainingData:
     """The corpus's tokenizer (copied into the run directory and every checkpoint)."""
     fingerprints: dict
     """The corpus's and its tokenizer's fingerprints: a checkpoint records them, a resume checks them."""
+    eos_id: int
+    """The corpus's end-of-text id (ends every document; setdiff-convert's eos_token_id)."""
     sampler: StepSampler
     """The training split's shuffled order, cut into global batches of micro-batches."""
     train_loader: ResumableLoader
@@ -44,13 +46,16 @@ def open_training_data(cfg: RunConfig, layout: Layout) -> TrainingData:
         raise FileNotFoundError(f"data.tokenizer: {tokenizer_path} not found")
     check_tokenizer(manifest, data_path, tokenizer_path)
     vocab = int(manifest["vocab_size"])
-    if cfg.model.vocab_size and cfg.model.vocab_size != vocab:
-        raise ValueError(f"model.vocab_size={cfg.model.vocab_size} does not match the corpus "
+    if cfg.model.vocab_size and cfg.model.vocab_size < vocab:
+        raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the corpus "
                          f"vocabulary {vocab} in {pathlib.Path(data_path) / 'manifest.json'}")
-    cfg.model.vocab_size = vocab
+    cfg.model.vocab_size = cfg.model.vocab_size or vocab  # larger: a pretrained model's padded table
+    if not -1 <= cfg.model.mask_token < cfg.model.vocab_size:
+        raise ValueError(f"model.mask_token={cfg.model.mask_token} is not a token id below model.vocab_size="
+                         f"{cfg.model.vocab_size} (or -1: a [MASK] row of its own)")
     set_mode = d.mode == "set"
     collator_cfg = CollatorConfig(
-        order=d.order, order_schedule=d.order_schedule, objective=d.objective, mask_id=vocab,
+        order=d.order, order_schedule=d.order_schedule, objective=d.objective, mask_id=cfg.model.mask_id(),
         schedule=d.schedule, t_min=d.t_min, t_max=d.t_max, antithetic=d.antithetic, mode=d.mode, seed=t.seed,
         keep_clean_bos=d.keep_clean_bos,
         mask_bits=set_mode and make_backend(cfg.model.attention_backend).name == "sdpa"
@@ -75,5 +80,6 @@ def open_training_data(cfg: RunConfig, layout: Layout) -> TrainingData:
         val_collator, layout.dp_rank)
     return TrainingData(tokenizer_path=tokenizer_path,
                         fingerprints={"data": manifest["fingerprint"], "tokenizer": manifest["tokenizer_sha256"]},
+                        eos_id=int(manifest["eos_id"]),
                         sampler=sampler, train_loader=train_loader, val_batches=val_batches,
                         families=[str(f) for f in collator.families])

@@ -41,3 +41,27 @@ def signal_after_step(proc, step: int, signum: int, group: bool = False) -> int:
             break
     proc.stdout.read()
     return proc.wait(timeout=300)
+
+
+def both_logits(ours, hf, mask_id: int, seq_len: int, max_token: int):
+    """Our model's and a transformers model's logits [2, L, V] (the noisy half) for the same
+    two-copy batch under the set-causal 4D mask: two rows of ids below ``max_token``, the
+    second holding two documents, staggered:4 sets."""
+    import torch
+
+    from data_pipeline.collator import CollatorConfig, SetDiffusionCollator
+    from model.masks import dense_mask, two_copy_meta
+
+    collate = SetDiffusionCollator(CollatorConfig(order="staggered:4", objective="ordered_ce", mask_id=mask_id,
+                                                  seed=1))
+    tokens = torch.randint(0, max_token, (2, seq_len), generator=torch.Generator().manual_seed(0))
+    doc = torch.zeros(2, seq_len, dtype=torch.long)
+    doc[1, seq_len * 5 // 8:] = 1
+    batch = collate(tokens, doc, step=0)
+    meta = two_copy_meta(batch["set_rank"], batch["doc_id"])
+    mask_4d = torch.where(dense_mask(meta), 0.0, torch.finfo(torch.float32).min)[:, None]
+    with torch.no_grad():
+        mine = ours(batch["input_ids"], batch["position_ids"], meta)
+        theirs = hf(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                    attention_mask=mask_4d).logits[:, seq_len:]
+    return mine, theirs

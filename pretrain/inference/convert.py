@@ -1,18 +1,21 @@
 """setdiff-convert CHECKPOINT OUT_DIR: a training checkpoint -> a directory stock
-`transformers` loads as a Llama model.
+`transformers` loads: a Qwen3ForCausalLM when the model has QK-norm, else a LlamaForCausalLM.
 
 Any layout converts the same way: every checkpoint carries its unsharded weights
 (``model.safetensors``, gathered over tensor and pipeline ranks and ZeRO partitions). The
-network is Llama-shaped already (pre-norm RMSNorm, SwiGLU, rotate-half rotary embeddings from
-position ids, no biases, untied output), so conversion renames tensors and splits the fused
-[q; k; v] and [gate; up] weights. The vocabulary is the tokenizer's plus [MASK] (id =
-vocab_size - 1 of the converted model); ``config.json`` keeps the set-diffusion fields under
-``setdiff``, among them the training ``order`` spec, the family to decode with
-(``decode_order``, its ``set_size`` and ``window``; see decoding_fields) and which weights
-were written (``weights``: the EMA of the weights by default when the run kept one,
-``--weights raw`` the trained weights). A set-diffusion forward needs the two-copy layout,
-its position ids and the set-causal 4D mask (SET_DIFFUSION.md §3); `transformers` runs that
-forward unchanged.
+network is that architecture already (pre-norm RMSNorm, SwiGLU, rotate-half rotary embeddings
+from position ids, no biases; grouped-query attention, head width, tied embeddings and QK-norm
+as configured), so conversion renames tensors and splits the fused [q; k; v] or [k; v] and
+[gate; up] weights (pretrain/hf_weights.py). The vocabulary is the model's rows: [MASK] is the
+row after them (id = vocab_size - 1 of the converted model) or, with model.mask_token, the
+token it reuses, so the model keeps its source's vocabulary. ``config.json`` keeps the
+set-diffusion fields under ``setdiff``, among them ``mask_token_id``, the training ``order``
+spec, the family to decode with (``decode_order``, its ``set_size`` and ``window``; see
+decoding_fields) and which weights were written (``weights``: the EMA of the weights by
+default when the run kept one, ``--weights raw`` the trained weights). End of text is the
+corpus's EOS; the tokenizer files (with a chat template, when the corpus tokenizer had one)
+are the checkpoint's. A set-diffusion forward needs the two-copy layout, its position ids and
+the set-causal 4D mask (SET_DIFFUSION.md §3); `transformers` runs that forward unchanged.
 """
 from __future__ import annotations
 
@@ -28,42 +31,27 @@ import torch
 
 from model.config import ModelConfig
 from model.orders import parse_order_mixture, schedule_orders
-from pretrain.checkpoint import EMA_FILE
+from pretrain.checkpoint import EMA_FILE, TOKENIZER_CONFIG
 from pretrain.cli_errors import EXPECTED, error_line, error_text, load_tokenizer, load_weights, read_json
 from pretrain.config import config_from_dict
-from pretrain.llama_weights import hf_state_dict, read_llama_dir
-
-
-def check_llama_exportable(cfg: ModelConfig) -> None:
-    """Refuse what this Llama export cannot write faithfully: QK-norm (Qwen3), grouped-query
-    attention, another head size, a tied output layer. Never write a wrong model."""
-    if cfg.qk_norm:
-        raise ValueError("model.qk_norm=true: LlamaForCausalLM has no QK-norm, so setdiff-convert cannot "
-                         "export this model (Qwen3 export is not there yet)")
-    unsupported = [f"model.{name}={value}" for name, value, plain in (
-        ("num_kv_heads", cfg.num_kv_heads, cfg.resolved_kv_heads() == cfg.num_heads),
-        ("head_dim", cfg.head_dim, cfg.resolved_head_dim() * cfg.num_heads == cfg.hidden_size),
-        ("tie_embeddings", cfg.tie_embeddings, not cfg.tie_embeddings)) if not plain]
-    if unsupported:
-        raise ValueError(f"{', '.join(unsupported)}: setdiff-convert does not export grouped-query attention, "
-                         "another head size or tied embeddings yet")
+from pretrain.hf_weights import hf_architecture, hf_state_dict, read_hf_dir
 
 
 def read_model_dir(model_dir: pathlib.Path) -> tuple[ModelConfig, dict, dict[str, torch.Tensor]]:
     """(our ModelConfig, the setdiff fields, our full state dict) from a converted directory."""
-    hf, full = read_llama_dir(model_dir)
+    hf, cfg, full = read_hf_dir(model_dir)
     if "setdiff" not in hf:
         raise ValueError(f"{model_dir / 'config.json'} has no 'setdiff' section: not a set-diffusion model")
-    missing = [key for key in ("hidden_size", "num_attention_heads", "intermediate_size",
-                               "max_position_embeddings", "rope_theta", "rms_norm_eps") if key not in hf]
-    missing += [f"setdiff.{key}" for key in ("mask_token_id", "order", "objective") if key not in hf["setdiff"]]
+    fields = hf["setdiff"]
+    missing = [key for key in ("max_position_embeddings",) if key not in hf]
+    missing += [f"setdiff.{key}" for key in ("mask_token_id", "order", "objective") if key not in fields]
     if missing:
         raise ValueError(f"{model_dir / 'config.json'} lacks {', '.join(missing)}")
-    cfg = ModelConfig(num_layers=hf["num_hidden_layers"], hidden_size=hf["hidden_size"],
-                      num_heads=hf["num_attention_heads"], ffn_hidden_size=hf["intermediate_size"],
-                      vocab_size=hf["setdiff"]["mask_token_id"], seq_len=hf["max_position_embeddings"],
-                      rope_theta=hf["rope_theta"], norm_eps=hf["rms_norm_eps"], attention_backend="auto")
-    return cfg, hf["setdiff"], full
+    # the real vocabulary; directories written before model.mask_token existed end with [MASK]'s row
+    cfg.vocab_size = fields.get("vocab_size", fields["mask_token_id"])
+    cfg.mask_token = -1 if fields["mask_token_id"] >= cfg.vocab_size else fields["mask_token_id"]
+    cfg.attention_backend = "auto"
+    return cfg, fields, full
 
 
 def decoding_fields(mode: str, order: str, seq_len: int) -> dict:
@@ -92,15 +80,8 @@ def hf_config(run: dict, eos_id: int, weights: str = "raw") -> dict:
     if d.get("order_schedule"):  # a curriculum: the model ends with its last order
         order = schedule_orders(d["order_schedule"])[-1][1]
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "vocab_size": cfg.vocab_size + 1, "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.resolved_ffn_hidden_size(), "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_heads,
-        "head_dim": cfg.hidden_size // cfg.num_heads, "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta, "max_position_embeddings": cfg.seq_len, "tie_word_embeddings": False,
-        "attention_bias": False, "mlp_bias": False, "initializer_range": cfg.init_std, "torch_dtype": "float32",
-        "eos_token_id": eos_id, "bos_token_id": None, "pad_token_id": eos_id,
-        "setdiff": {"mask_token_id": cfg.vocab_size, "mode": d["mode"], "order": order,
+        **hf_architecture(cfg), "eos_token_id": eos_id, "bos_token_id": None, "pad_token_id": eos_id,
+        "setdiff": {"mask_token_id": cfg.mask_id(), "vocab_size": cfg.vocab_size, "mode": d["mode"], "order": order,
                     "order_schedule": d.get("order_schedule", ""),
                     **decoding_fields(d["mode"], order, cfg.seq_len), "objective": d["objective"],
                     "keep_clean_bos": bool(d.get("keep_clean_bos", False)),
@@ -162,9 +143,24 @@ def write_inference_dir(out: pathlib.Path, checkpoint: pathlib.Path, run: dict, 
     (out / "generation_config.json").write_text(json.dumps(
         {"eos_token_id": eos_id, "pad_token_id": eos_id, "max_length": cfg.seq_len}, indent=2))
     shutil.copyfile(checkpoint / "tokenizer.json", out / "tokenizer.json")
-    (out / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
-         "pad_token": "<|endoftext|>", "model_max_length": cfg.seq_len}, indent=2))
+    eos = load_tokenizer(checkpoint / "tokenizer.json").id_to_token(eos_id)
+    source = checkpoint / TOKENIZER_CONFIG  # the corpus tokenizer's own (a chat template, its class)
+    tokenizer_config = read_json(source) if source.is_file() else {"tokenizer_class": "PreTrainedTokenizerFast"}
+    tokenizer_config.update(eos_token=eos, pad_token=tokenizer_config.get("pad_token") or eos,
+                            model_max_length=cfg.seq_len)
+    (out / TOKENIZER_CONFIG).write_text(json.dumps(tokenizer_config, indent=2))
+
+
+def checkpoint_eos_id(checkpoint: pathlib.Path, state: dict) -> int:
+    """The corpus's end-of-text id the trainer recorded; checkpoints written before it did
+    used <|endoftext|>."""
+    if "eos_id" in state:
+        return int(state["eos_id"])
+    eos_id = load_tokenizer(checkpoint / "tokenizer.json").token_to_id("<|endoftext|>")
+    if eos_id is None:
+        raise ValueError(f"{checkpoint / 'trainer.json'} records no eos_id and {checkpoint / 'tokenizer.json'} "
+                         "has no <|endoftext|>")
+    return eos_id
 
 
 def convert(checkpoint: pathlib.Path, out: pathlib.Path, weights: str | None = None,
@@ -185,12 +181,12 @@ def convert(checkpoint: pathlib.Path, out: pathlib.Path, weights: str | None = N
         raise ValueError(f"{checkpoint / 'trainer.json'} has no 'config' section")
     run = state["config"]
     try:
-        check_llama_exportable(config_from_dict(run).model)
+        config_from_dict(run)
     except (KeyError, ValueError) as err:
         raise ValueError(f"{checkpoint / 'trainer.json'}: {error_text(err)}") from None
     source = choose_weights(checkpoint, weights)
     full = load_weights(source)
-    eos_id = load_tokenizer(checkpoint / "tokenizer.json").token_to_id("<|endoftext|>")
+    eos_id = checkpoint_eos_id(checkpoint, state)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:

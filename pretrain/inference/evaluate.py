@@ -86,7 +86,7 @@ def evaluate(model_dir: pathlib.Path, data: pathlib.Path, *, order: str | None =
         raise ValueError(f"{data}: the validation split has fewer than {micro_batch} sequences of {cfg.seq_len}")
     losses = []
     for k in range(orders):
-        collate = SetDiffusionCollator(CollatorConfig(order=order, objective=objective, mask_id=cfg.vocab_size,
+        collate = SetDiffusionCollator(CollatorConfig(order=order, objective=objective, mask_id=cfg.mask_id(),
                                                       keep_clean_bos=bool(fields.get("keep_clean_bos", False)),
                                                       seed=seed + k, mode="set" if set_mode else "ar_baseline"))
         for b in range(count):

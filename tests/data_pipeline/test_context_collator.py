@@ -123,3 +123,22 @@ def test_a_context_of_the_wrong_shape_is_named():
         collate(tokens, doc, step=0, context=context[:, :-1])
     with pytest.raises(ValueError, match="context must be a bool"):
         collate(tokens, doc, step=0, context=context.long())
+
+
+@pytest.mark.parametrize("spec", FAMILIES)
+def test_a_corpus_token_that_is_the_reused_mask_id_carries_no_loss(spec):
+    """model.mask_token reuses a token id as [MASK]; where the corpus holds that token it is no
+    target (its logit is -inf), and every other position keeps the loss weight it had (orders
+    and noise do not depend on the tokens)."""
+    tokens, doc, _ = packed()
+    reused = 7
+    tokens[tokens == reused] = 8
+    with_reused = tokens.clone()
+    with_reused[:, [3, 9, 16]] = reused  # row 1's 16 is padding
+    collate = SetDiffusionCollator(CollatorConfig(order=spec, objective="ordered_ce" if spec in SINGLETON
+                                                  else "set_nelbo", mask_id=reused, seed=0))
+    plain, batch = collate(tokens, doc, step=0), collate(with_reused, doc, step=0)
+    assert torch.equal(plain["set_rank"], batch["set_rank"])
+    hit = batch["targets"] == reused
+    assert int(hit.sum()) == 9 and int((hit & (plain["loss_weight"] > 0)).sum()) > 0
+    assert torch.equal(batch["loss_weight"], torch.where(hit, 0.0, plain["loss_weight"]))

@@ -9,15 +9,13 @@ import sys
 import pytest
 import torch
 
-from data_pipeline.collator import CollatorConfig, SetDiffusionCollator
-from model.masks import dense_mask, two_copy_meta
 from model.transformer import SetDiffusionTransformer
 from pretrain.checkpoint import read_trainer_state
 from pretrain.config import config_from_dict
 from pretrain.inference.convert import main as convert_main
 from pretrain.state import load_full_state
 
-from helpers import fresh_env, tiny_run
+from helpers import both_logits, fresh_env, tiny_run
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TINY = tiny_run("train.steps=3", "data.num_workers=0", "model.attention_backend=sdpa", seq_len=32,
@@ -51,19 +49,9 @@ def test_transformers_loads_it_and_matches_our_logits(single_process_layout, tin
     # the recipe keeps an EMA, which convert writes by default (gathered over TP ranks like the weights)
     load_full_state(ours, load_file(str(checkpoint / "ema.safetensors")), single_process_layout.parallel.tp_group)
 
-    V, L = cfg.vocab_size, cfg.seq_len
-    collate = SetDiffusionCollator(CollatorConfig(order="staggered:4", objective="ordered_ce", mask_id=V, seed=1))
-    tokens = torch.randint(0, V, (2, L), generator=torch.Generator().manual_seed(0))
-    doc = torch.zeros(2, L, dtype=torch.long)
-    doc[1, 20:] = 1
-    batch = collate(tokens, doc, step=0)
-    meta = two_copy_meta(batch["set_rank"], batch["doc_id"])
-    mask_4d = torch.where(dense_mask(meta), 0.0, torch.finfo(torch.float32).min)[:, None]
-    with torch.no_grad():
-        expected = ours(batch["input_ids"], batch["position_ids"], meta)[..., :V]
-        got = hf(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                 attention_mask=mask_4d).logits[:, L:, :V]
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    V = cfg.vocab_size
+    expected, got = both_logits(ours, hf, V, cfg.seq_len, V)
+    torch.testing.assert_close(got[..., :V], expected[..., :V], rtol=1e-4, atol=1e-4)
 
 
 def test_reverse_mapping_and_eval(tiny_corpus, tmp_path):

@@ -101,7 +101,7 @@ def test_a_mixture_converts_loads_in_transformers_and_samples(mixture_run, tmp_p
 
     from pretrain.config import config_from_dict
     from pretrain.checkpoint import read_trainer_state
-    from pretrain.llama_weights import hf_state_dict
+    from pretrain.hf_weights import hf_state_dict
 
     checkpoint, out = mixture_run / "checkpoints" / "step_0000003", tmp_path / "hf"
     proc = cli("pretrain.inference.convert", str(checkpoint), str(out))

@@ -169,3 +169,23 @@ def test_grouped_query_attention_and_head_dim_settings(overrides, message):
         return
     with pytest.raises(ValueError, match=re.escape(message)):
         load_config(None, overrides)
+
+
+@pytest.mark.parametrize("recipe,model", [("qwen3_0.6b.yaml", "Qwen3-0.6B-Base"), ("qwen3_1.7b.yaml", "Qwen3-1.7B-Base"),
+                                          ("gsm8k_qwen3.yaml", "Qwen3-1.7B-Base")])
+def test_qwen3_recipes_have_the_published_shapes(recipe, model):
+    """The model block of each Qwen3 recipe is what train.init_from reads from that model's published
+    config.json (tests/fixtures/qwen3_configs.json), field by field; [MASK] is <|fim_middle|>."""
+    import json
+
+    from pretrain.hf_weights import model_config_from_hf
+
+    published = json.loads((pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "qwen3_configs.json")
+                           .read_text())[model]
+    source, ours = model_config_from_hf(published, model), load_config(CONFIGS[0].parent / recipe).model
+    for field in ("num_layers", "hidden_size", "num_heads", "qk_norm", "tie_embeddings", "vocab_size",
+                  "rope_theta", "norm_eps"):
+        assert getattr(ours, field) == getattr(source, field), field
+    assert (ours.resolved_kv_heads(), ours.resolved_head_dim(), ours.resolved_ffn_hidden_size()) == \
+        (source.resolved_kv_heads(), source.resolved_head_dim(), source.resolved_ffn_hidden_size())
+    assert ours.mask_token == 151660 and load_config(CONFIGS[0].parent / recipe).train.init_from.endswith(model)

@@ -38,30 +38,3 @@ def test_sample_decodes_with_the_recorded_family(order):
     cfg.validate()
     assert cfg.order == fields["decode_order"]
     assert cfg.window == (8 if cfg.order == "staggered:8" else None)  # block and mdlm fix their own window
-
-
-@pytest.mark.parametrize("overrides,named", [
-    (["model.qk_norm=true", "model.num_kv_heads=2"], "model.qk_norm=true"),
-    (["model.num_kv_heads=2"], "model.num_kv_heads=2"),
-    (["model.head_dim=16", "model.tie_embeddings=true"], "model.head_dim=16, model.tie_embeddings=True"),
-])
-def test_options_the_llama_export_cannot_write_are_refused_in_one_line(tmp_path, capsys, overrides, named):
-    """setdiff-convert stops before reading the weights, naming the option (never a wrong model)."""
-    import json
-
-    from pretrain.config import config_to_dict, load_config
-    from pretrain.inference.convert import main
-
-    checkpoint = tmp_path / "step_0000001"
-    checkpoint.mkdir()
-    (checkpoint / "trainer.json").write_text(json.dumps({"config": config_to_dict(load_config(None, overrides))}))
-    (checkpoint / "model.safetensors").write_bytes(b"")
-    assert main([str(checkpoint), str(tmp_path / "out")]) == 2
-    err = capsys.readouterr().err
-    assert named in err and len(err.strip().splitlines()) == 1, err
-    assert not (tmp_path / "out").exists()
-    # the plain model (K/V heads = heads, head size hidden / heads, untied) passes this check
-    plain = load_config(None, ["model.num_kv_heads=4", "model.head_dim=32"]).model
-    from pretrain.inference.convert import check_llama_exportable
-
-    check_llama_exportable(plain)
