@@ -41,6 +41,9 @@ class ModelConfig:
     """Training sequence length L (the network sees 2L tokens in set mode)."""
     rope_theta: float = 10000.0
     """Rotary embedding base."""
+    rope_scaling: str = ""
+    """Rotary frequencies rescaled for a longer context: '' (none) or Llama 3.1's rule
+    'llama3:FACTOR:LOW_FREQ_FACTOR:HIGH_FREQ_FACTOR:ORIGINAL_CONTEXT' (Llama 3.2 1B: 'llama3:32:1:4:8192')."""
     norm_eps: float = 1e-5
     """RMSNorm epsilon."""
     init_std: float = 0.02
@@ -58,6 +61,20 @@ class ModelConfig:
     def vocab_rows(self) -> int:
         """Rows of the vocabulary-sized weights that hold ids: vocab_size, plus [MASK]'s own row."""
         return self.vocab_size + (1 if self.mask_token < 0 else 0)
+
+    def llama3_rope_scaling(self) -> tuple[float, float, float, float] | None:
+        """(factor, low_freq_factor, high_freq_factor, original context) of rope_scaling, or None."""
+        if not self.rope_scaling:
+            return None
+        kind, *values = self.rope_scaling.split(":")
+        try:
+            numbers = tuple(float(v) for v in values)
+        except ValueError:
+            numbers = ()
+        if kind != "llama3" or len(numbers) != 4 or min(numbers) <= 0 or numbers[1] >= numbers[2]:
+            raise ValueError(f"model.rope_scaling={self.rope_scaling!r}: expected 'llama3:FACTOR:LOW_FREQ_FACTOR:"
+                             "HIGH_FREQ_FACTOR:ORIGINAL_CONTEXT' with positive numbers, LOW < HIGH (or '')")
+        return numbers
 
     def resolved_head_dim(self) -> int:
         return self.head_dim or self.hidden_size // self.num_heads

@@ -139,8 +139,7 @@ def cached_forward(model: SetDiffusionTransformer, cache: KVCache, clean_ids_BN:
     T = mask_B1QK.shape[-1] - A
 
     x_SBH = model.embedding(torch.cat([clean_ids_BN, masked_ids_BA], dim=1))
-    cos, sin = rotary_cos_sin(torch.cat([clean_pos_BN, masked_pos_BA], dim=1), model.layers[0].attn.head_dim,
-                              model.cfg.rope_theta, x_SBH.dtype)
+    cos, sin = rotary_cos_sin(torch.cat([clean_pos_BN, masked_pos_BA], dim=1), model.cfg, x_SBH.dtype)
 
     # where the real clean slots go in the cache: (row, slot) -> (row, length + slot)
     real_BN = torch.arange(N, device=clean_count_B.device)[None, :] < clean_count_B[:, None]

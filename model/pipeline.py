@@ -64,14 +64,12 @@ class BlockPipe(Block):
         cfg = parts.cfg
         self.cfg = cfg
         self.set_mode = parts.set_mode
-        self.head_dim = cfg.resolved_head_dim()
-        self.rope_theta = cfg.rope_theta
         self.backend = make_backend(cfg.attention_backend)
         self.stage_inputs = stage_inputs or StageInputs()
 
     def _mask_and_rotary(self, position_ids, set_rank, doc_id, dtype):
         meta = two_copy_meta(set_rank, doc_id) if self.set_mode else causal_meta(doc_id)
-        return self.backend.prepare(meta), rotary_cos_sin(position_ids, self.head_dim, self.rope_theta, dtype)
+        return self.backend.prepare(meta), rotary_cos_sin(position_ids, self.cfg, dtype)
 
     def forward(self, inputs):
         x_SBH, position_ids, set_rank, doc_id, dropout_key = inputs

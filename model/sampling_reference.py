@@ -106,7 +106,7 @@ def _hidden_states(model: SetDiffusionTransformer, input_ids_BT: torch.Tensor, p
                    backend: AttentionBackend) -> torch.Tensor:
     """The model's forward (eval mode) with the given attention, up to the head: [T, B, H]."""
     x_SBH = model.embedding(input_ids_BT)
-    cos, sin = rotary_cos_sin(position_ids_BT, model.layers[0].attn.head_dim, model.cfg.rope_theta, x_SBH.dtype)
+    cos, sin = rotary_cos_sin(position_ids_BT, model.cfg, x_SBH.dtype)
     for layer in model.layers:
         x_SBH = layer(x_SBH, cos, sin, backend, None)
     return x_SBH

@@ -123,10 +123,26 @@ class RMSNorm(nn.Module):
         return (xf * summed_over_tensor_ranks(self.weight, self.tp_group).to(xf.dtype)).to(x.dtype)
 
 
-def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype):
+def rotary_inv_freq(cfg: ModelConfig, device=None) -> torch.Tensor:
+    """[head_dim / 2] rotary frequencies theta^(-2i/d); with rope_scaling, Llama 3.1's rule:
+    wavelengths longer than original / low_freq_factor slow down by the factor, shorter than
+    original / high_freq_factor stay, and those between interpolate smoothly."""
+    head_dim = cfg.resolved_head_dim()
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    scaling = cfg.llama3_rope_scaling()
+    if scaling is None:
+        return inv_freq
+    factor, low, high, original = scaling
+    wavelength = 2 * math.pi / inv_freq
+    smooth = ((original / wavelength - low) / (high - low)).clamp(0.0, 1.0)
+    scaled = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    return torch.where(wavelength < original / high, inv_freq,
+                       torch.where(wavelength > original / low, inv_freq / factor, scaled))
+
+
+def rotary_cos_sin(position_ids: torch.Tensor, cfg: ModelConfig, dtype):
     """cos, sin [B, 1, T, head_dim] for arbitrary per-token positions (rotate-half layout)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device,
-                                             dtype=torch.float32) / head_dim))
+    inv_freq = rotary_inv_freq(cfg, position_ids.device)
     angles = position_ids.float()[..., None] * inv_freq  # [B, T, hd/2]
     angles = torch.cat([angles, angles], dim=-1)[:, None]
     return angles.cos().to(dtype), angles.sin().to(dtype)
@@ -404,7 +420,7 @@ class SetDiffusionTransformer(nn.Module):
         """``dropout_key`` [B]: the collator's per-sequence keys of the dropout masks; needed
         in training mode when model.dropout > 0 (eval mode never drops)."""
         x_SBH = self.embedding(input_ids)
-        cos, sin = rotary_cos_sin(position_ids, self.cfg.resolved_head_dim(), self.cfg.rope_theta, x_SBH.dtype)
+        cos, sin = rotary_cos_sin(position_ids, self.cfg, x_SBH.dtype)
         mask = self.backend.prepare(meta)  # built once per batch, shared by every layer
         dropout = branch_dropout(self.cfg, self.training, dropout_key)
         for layer in self.layers:

@@ -165,6 +165,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     if m.resolved_head_dim() % 2:
         raise ValueError(f"config: the head size {m.resolved_head_dim()} (model.head_dim, or hidden_size/num_heads) "
                          "must be even for rotary embeddings")
+    m.llama3_rope_scaling()  # a malformed spec is named
     if m.num_heads % m.resolved_kv_heads():
         raise ValueError(f"config: model.num_heads={m.num_heads} is not divisible by "
                          f"model.num_kv_heads={m.num_kv_heads}")

@@ -5,7 +5,8 @@ Qwen3 adds QK-norm (an RMSNorm over head_dim on each head's queries and keys bef
 so a model with ``qk_norm`` is a Qwen3 and any other a Llama. Grouped-query attention, a head
 width other than hidden / heads and tied embeddings exist in both. The names map one to one
 but for our fused weights: [q; k; v] (``attn.qkv``, equal query and K/V heads) or [k; v]
-(``attn.kv``, grouped-query attention), and [gate; up].
+(``attn.kv``, grouped-query attention), and [gate; up]. Llama 3.1's rotary scaling ('llama3') maps to
+``model.rope_scaling``.
 
 setdiff-convert writes with ``hf_state_dict`` and ``hf_architecture``; ``read_hf_dir`` reads a
 directory it wrote (setdiff-sample, setdiff-eval) or a public checkpoint, its weights in one
@@ -40,7 +41,7 @@ def hf_architecture(cfg: ModelConfig) -> dict:
         "intermediate_size": cfg.resolved_ffn_hidden_size(), "num_hidden_layers": cfg.num_layers,
         "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.resolved_kv_heads(),
         "head_dim": cfg.resolved_head_dim(), "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta, "rope_scaling": None, "max_position_embeddings": cfg.seq_len,
+        "rope_theta": cfg.rope_theta, "rope_scaling": _rope_scaling_json(cfg), "max_position_embeddings": cfg.seq_len,
         "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False, "initializer_range": cfg.init_std,
         "torch_dtype": "float32"}
     if model_type == "llama":
@@ -50,19 +51,42 @@ def hf_architecture(cfg: ModelConfig) -> dict:
     return fields
 
 
-def _rope_theta(hf: dict) -> tuple[float, str | None]:
-    """(rotary base, the scaling it names or None): transformers 4 writes rope_theta and
-    rope_scaling, transformers 5 one rope_parameters dict."""
+LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def _rope(hf: dict, where) -> tuple[float, str]:
+    """(rotary base, our model.rope_scaling spec) of a config.json: transformers 4 writes
+    rope_theta and rope_scaling, transformers 5 one rope_parameters dict. Llama 3.1's scaling is
+    read; another kind is refused."""
     params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    kind = scaling.get("rope_type", scaling.get("type")) or params.get("rope_type")
-    theta = hf.get("rope_theta", params.get("rope_theta", 10000.0))
-    return float(theta), None if kind in (None, "default") else str(kind)
+    scaling = hf.get("rope_scaling") or params
+    kind = scaling.get("rope_type", scaling.get("type"))
+    theta = float(hf.get("rope_theta", params.get("rope_theta", 10000.0)))
+    if kind in (None, "default"):
+        return theta, ""
+    if kind != "llama3":
+        raise ValueError(f"{where}: rotary scaling {kind!r} is not supported (the default rotary embedding "
+                         "and Llama 3.1's 'llama3' are)")
+    missing = [key for key in LLAMA3_KEYS if key not in scaling]
+    if missing:
+        raise ValueError(f"{where}: the llama3 rotary scaling lacks {', '.join(missing)}")
+    return theta, "llama3:" + ":".join(repr(float(scaling[key])) for key in LLAMA3_KEYS)
+
+
+def _rope_scaling_json(cfg: ModelConfig) -> dict | None:
+    """config.json's rope_scaling of model.rope_scaling (None without)."""
+    values = cfg.llama3_rope_scaling()
+    if values is None:
+        return None
+    scaling = {"rope_type": "llama3", **dict(zip(LLAMA3_KEYS, values))}
+    scaling["original_max_position_embeddings"] = int(scaling["original_max_position_embeddings"])
+    return scaling
 
 
 def model_config_from_hf(hf: dict, where: pathlib.Path) -> ModelConfig:
     """Our ModelConfig of a Llama or Qwen3 config.json (``where``, for errors); anything we
-    cannot run as that network (biases, sliding windows, scaled rotary, other activations) is
+    cannot run as that network (biases, sliding windows, rotary scaling other than Llama 3.1's, other
+    activations) is
     refused, naming the keys."""
     model_type = hf.get("model_type")
     if model_type not in ARCHITECTURES:
@@ -72,14 +96,12 @@ def model_config_from_hf(hf: dict, where: pathlib.Path) -> ModelConfig:
                                "vocab_size") if key not in hf]
     if missing:
         raise ValueError(f"{where} lacks {', '.join(missing)}")
-    theta, scaling = _rope_theta(hf)
+    theta, rope_scaling = _rope(hf, where)
     problems = []
     if hf.get("attention_bias") or hf.get("mlp_bias"):
         problems.append("attention/MLP biases are not supported")
     if hf.get("hidden_act", "silu") != "silu":
         problems.append(f"hidden_act {hf.get('hidden_act')!r} is not 'silu'")
-    if scaling:
-        problems.append(f"rotary scaling {scaling!r} is not supported (only the default rotary embedding)")
     if hf.get("use_sliding_window"):
         problems.append("use_sliding_window=true is not supported (attention is set-causal over the whole sequence)")
     if problems:
@@ -92,7 +114,7 @@ def model_config_from_hf(hf: dict, where: pathlib.Path) -> ModelConfig:
         num_kv_heads=0 if kv_heads == heads else kv_heads, head_dim=0 if head_dim * heads == hidden else head_dim,
         qk_norm=model_type == "qwen3", tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         ffn_hidden_size=hf["intermediate_size"], vocab_size=hf["vocab_size"],
-        seq_len=hf.get("max_position_embeddings", 128), rope_theta=theta, norm_eps=hf.get("rms_norm_eps", 1e-6),
+        seq_len=hf.get("max_position_embeddings", 128), rope_theta=theta, rope_scaling=rope_scaling, norm_eps=hf.get("rms_norm_eps", 1e-6),
         init_std=hf.get("initializer_range", 0.02))
 
 

@@ -102,7 +102,8 @@ def init_weights_from(model: torch.nn.Module, model_dir: pathlib.Path, cfg: RunC
              ("head_dim", source.resolved_head_dim(), m.resolved_head_dim()),
              ("intermediate_size", source.resolved_ffn_hidden_size(), m.resolved_ffn_hidden_size()),
              ("vocab_size", source.vocab_size, m.vocab_size),
-             ("rope_theta", source.rope_theta, m.rope_theta), ("rms_norm_eps", source.norm_eps, m.norm_eps)]
+             ("rope_theta", source.rope_theta, m.rope_theta), ("rms_norm_eps", source.norm_eps, m.norm_eps),
+             ("rope_scaling", source.llama3_rope_scaling(), m.llama3_rope_scaling())]
     if setdiff is not None:
         pairs.append(("setdiff.mask_token_id", source.mask_id(), m.mask_id()))
     wrong = [f"{key}={theirs} (this run: {ours})" for key, theirs, ours in pairs if theirs != ours]

@@ -37,7 +37,7 @@ def test_blocks_of_a_stage_share_one_mask_per_micro_batch(single_process_layout)
         # reference: the flat model's Block.forward with the mask and tables built by hand
         x_SBH, position_ids, set_rank, doc_id, _ = inputs
         mask = build_mask(two_copy_meta(set_rank, doc_id))
-        cos, sin = rotary_cos_sin(position_ids, 8, cfg.rope_theta, x_SBH.dtype)
+        cos, sin = rotary_cos_sin(position_ids, cfg, x_SBH.dtype)
         expected = x_SBH
         for block in blocks:
             expected = super(BlockPipe, block).forward(expected, cos, sin, block.backend, mask, None)

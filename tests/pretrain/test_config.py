@@ -64,6 +64,8 @@ def test_overrides_change_one_field_with_its_type(tmp_path):
     ("model.num_layers=two", "must be an integer"),
     ("model.hidden_size=130", "not divisible by model.num_heads"),
     ("model.hidden_size=36", "must be even for rotary"),
+    ("model.rope_scaling=llama3:32:4:1:8192", "model.rope_scaling='llama3:32:4:1:8192'"),
+    ("model.rope_scaling=yarn:4", "model.rope_scaling='yarn:4'"),
     ("model.num_layers=0", "must be > 0"),
     ("diffusion.order=blocks:4", "diffusion.order='blocks:4'"),
     ("diffusion.order=mdlm", "ordered_ce' needs singleton sets"),

@@ -20,6 +20,9 @@ BASE = dict(num_layers=2, hidden_size=64, num_heads=4, vocab_size=96, seq_len=16
 VARIANTS = {
     "llama": ({}, "LlamaForCausalLM"),
     "llama_gqa_tied_head_dim": ({"num_kv_heads": 2, "head_dim": 24, "tie_embeddings": True}, "LlamaForCausalLM"),
+    # Llama 3.1's rotary scaling: with a context of 64, head_dim 16's wavelengths fall in all three bands
+    "llama3_rope_scaling": ({"num_kv_heads": 2, "tie_embeddings": True, "rope_theta": 5e5,
+                             "rope_scaling": "llama3:4.0:1.0:4.0:64.0"}, "LlamaForCausalLM"),
     "qwen3_gqa_tied": ({"num_kv_heads": 2, "head_dim": 32, "qk_norm": True, "tie_embeddings": True},
                        "Qwen3ForCausalLM"),
     "qwen3_one_kv_head_untied": ({"num_kv_heads": 1, "qk_norm": True}, "Qwen3ForCausalLM"),
@@ -67,7 +70,8 @@ def test_transformers_loads_the_architecture_and_computes_our_logits(single_proc
 
     hf_json, read_cfg, read_full = read_hf_dir(tmp_path / "hf")
     assert read_full.keys() == full.keys() and all(torch.equal(read_full[k], full[k]) for k in full)
-    for field in ("num_layers", "hidden_size", "num_heads", "qk_norm", "tie_embeddings", "rope_theta", "norm_eps"):
+    for field in ("num_layers", "hidden_size", "num_heads", "qk_norm", "tie_embeddings", "rope_theta", "rope_scaling",
+                  "norm_eps"):
         assert getattr(read_cfg, field) == getattr(cfg, field), field
     assert (read_cfg.resolved_kv_heads(), read_cfg.resolved_head_dim(), read_cfg.vocab_size) == \
         (cfg.resolved_kv_heads(), cfg.resolved_head_dim(), cfg.vocab_rows())
@@ -91,11 +95,16 @@ def test_transformers_5_rope_parameters_are_read():
                                                                                      "rope_theta": 1e6}}
     del hf["rope_theta"], hf["rope_scaling"]
     assert model_config_from_hf(hf, "config.json").rope_theta == 1e6
+    hf["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 32.0, "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    read = model_config_from_hf(hf, "config.json")
+    assert (read.rope_theta, read.llama3_rope_scaling()) == (5e5, (32.0, 1.0, 4.0, 8192.0))
 
 
 @pytest.mark.parametrize("change,named", [
     ({"model_type": "qwen2"}, "model_type is 'qwen2'"),
-    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rotary scaling 'llama3'"),
+    ({"rope_scaling": {"rope_type": "dynamic", "factor": 8.0}}, "rotary scaling 'dynamic'"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "lacks low_freq_factor"),
     ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6}}, "rotary scaling 'yarn'"),
     ({"attention_bias": True}, "biases"),
     ({"use_sliding_window": True}, "use_sliding_window"),
