@@ -27,7 +27,7 @@ import shutil
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-EXTRAS = ("test", "corpus")  # the gpu extra is never installed on CPU machines
+EXTRAS = ("test", "corpus", "eval")  # the gpu extra is never installed on CPU machines
 DEFAULT_CONSTRAINTS = ROOT / "requirements" / "constraints.txt"
 CLONES = "clones"  # the registry's folder under ENV_ROOT
 
