@@ -17,7 +17,7 @@ DEPS_ENV := $(ENV_ROOT)/$(DEPS_HASH)
 VENV := .venv
 VPY := $(VENV)/bin/python
 DEMO_CONFIG ?= configs/demo_cpu.yaml
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= --durations=25
 
 .PHONY: env demo test test-fast system-deps clean-venv clean-envs
 env: $(VENV)/.deps-$(DEPS_HASH)
