@@ -102,8 +102,9 @@ def model_config_from_hf(hf: dict, where: pathlib.Path) -> ModelConfig:
         problems.append("attention/MLP biases are not supported")
     if hf.get("hidden_act", "silu") != "silu":
         problems.append(f"hidden_act {hf.get('hidden_act')!r} is not 'silu'")
-    if hf.get("use_sliding_window"):
-        problems.append("use_sliding_window=true is not supported (attention is set-causal over the whole sequence)")
+    if hf.get("use_sliding_window") or any(kind != "full_attention" for kind in hf.get("layer_types") or []):
+        problems.append("sliding-window layers (use_sliding_window, layer_types) are not supported (attention is "
+                        "set-causal over the whole sequence)")
     if problems:
         raise ValueError(f"{where}: " + "; ".join(problems))
     heads, hidden = hf["num_attention_heads"], hf["hidden_size"]

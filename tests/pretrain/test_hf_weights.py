@@ -108,6 +108,7 @@ def test_transformers_5_rope_parameters_are_read():
     ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6}}, "rotary scaling 'yarn'"),
     ({"attention_bias": True}, "biases"),
     ({"use_sliding_window": True}, "use_sliding_window"),
+    ({"layer_types": ["full_attention", "sliding_attention"]}, "layer_types"),
     ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
 ])
 def test_what_we_cannot_run_is_refused_naming_the_key(change, named):
