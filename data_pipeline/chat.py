@@ -99,9 +99,16 @@ def _raise_exception(message):
 
 
 def load_chat_template(tokenizer: pathlib.Path) -> ChatTemplate | None:
-    """The chat template beside a tokenizer.json, or None when there is no tokenizer_config.json."""
+    """The chat template beside a tokenizer.json, or None when there is no tokenizer_config.json or
+    it has none (a base model's: prompt/response examples need no template)."""
     config = tokenizer.with_name("tokenizer_config.json")
-    return ChatTemplate(config) if config.is_file() else None
+    if not config.is_file():
+        return None
+    try:
+        has_template = bool(json.loads(config.read_text()).get("chat_template"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as err:
+        raise BadInput(f"{config}: cannot read the tokenizer config ({err})") from None
+    return ChatTemplate(config) if has_template else None
 
 
 def example_of(record, where: str, template: ChatTemplate | None, line: int) -> Example:
@@ -123,7 +130,7 @@ def example_of(record, where: str, template: ChatTemplate | None, line: int) -> 
                        f"{messages[-1]['role']!r}")
     if template is None:
         raise BadInput(f"{where}: 'messages' need the tokenizer's chat template: put its tokenizer_config.json "
-                       "(with chat_template) beside --tokenizer")
+                       "(with chat_template) beside --tokenizer, or write prompt/response records")
     try:
         prompt = template.render(messages[:-1], add_generation_prompt=True)
         whole = template.render(messages, add_generation_prompt=False)

@@ -102,3 +102,15 @@ def test_messages_without_a_template_and_templates_that_break_are_named(tokenize
     (tmp_path / "x.parquet").write_bytes(b"")
     with pytest.raises(BadInput, match="--format chat reads JSONL"):
         list(iter_examples(tmp_path / "x.parquet", None, False, {}))
+
+
+def test_a_tokenizer_config_without_a_template_serves_prompt_response_records(tmp_path):
+    """A base model's tokenizer_config.json (Llama 3 base: no chat_template) is no error: there is
+    no template, prompt/response records need none, and 'messages' records are named."""
+    from data_pipeline.chat import load_chat_template
+
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|end_of_text|>"}))
+    assert load_chat_template(tmp_path / "tokenizer.json") is None
+    (tmp_path / "tokenizer_config.json").write_text("{not json")
+    with pytest.raises(BadInput, match="tokenizer_config.json: cannot read the tokenizer config"):
+        load_chat_template(tmp_path / "tokenizer.json")
