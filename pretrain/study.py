@@ -1,0 +1,235 @@
+"""setdiff-study --config configs/study_cpu.yaml --out study/: the paper's comparisons at small
+scale, in one command.
+
+Every family of the study config is trained from the same recipe, on the same data, for the
+same steps and tokens, once per seed (``runs/<family>-s<seed>``, a plain setdiff-pretrain run
+resumed with ``--resume auto``), converted with its EMA weights (``models/``) and evaluated
+(``eval/``): the likelihood bound on the validation split, averaged over sampled orders.
+``REPORT.md`` gathers the table (mean and spread over seeds), the loss curves
+(``loss_curves.png``, from each run's TensorBoard scalars) and one line per claim of the paper
+saying whether this run agrees, from its numbers.
+
+Resumable at every stage: a run whose result.json has the study's steps is not trained again,
+a model or an evaluation already written is not redone, and a killed run continues from its
+last checkpoint. Deleting one run's folder redoes that run and what is computed from it. A run
+folder made with other settings (``study_run.json`` records them) is an error naming it.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import yaml
+
+from pretrain.cli_errors import EXPECTED, error_line, read_json
+from pretrain.config import load_config
+
+# the paper's likelihood claim, as family kinds in increasing perplexity: AR < SetDLM < BD3-LM < MDLM
+CLAIM_ORDER = ("ar", "setdlm", "bd3lm", "mdlm")
+
+
+@dataclasses.dataclass
+class Study:
+    recipe: str
+    """The training recipe every run starts from (configs/*.yaml)."""
+    data: str
+    """The prepared corpus every run trains and is evaluated on."""
+    steps: int
+    """Optimizer steps of every run."""
+    families: dict
+    """name -> {kind: ar|setdlm|bd3lm|mdlm, overrides: [section.key=value, ...]}."""
+    seeds: list = dataclasses.field(default_factory=lambda: [0])
+    """One run per seed and family (train.seed)."""
+    overrides: list = dataclasses.field(default_factory=list)
+    """Overrides of the recipe shared by every run (before each family's own)."""
+    eval_orders: int = 4
+    """Sampled orders per validation sequence of the likelihood bound."""
+    eval_batches: int = 16
+    """Validation micro-batches of the likelihood bound."""
+
+
+def load_study(path: pathlib.Path) -> Study:
+    """The study config, every run's recipe + overrides validated, errors naming the key or family."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--config {path} not found")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict) or not isinstance(raw.get("study"), dict):
+        raise ValueError(f"{path}: needs a top-level 'study' mapping")
+    fields = {f.name for f in dataclasses.fields(Study)}
+    unknown = sorted(set(raw["study"]) - fields)
+    if unknown:
+        raise ValueError(f"{path}: unknown study key {', '.join(unknown)} (known: {', '.join(sorted(fields))})")
+    try:
+        study = Study(**raw["study"])
+    except TypeError as err:
+        raise ValueError(f"{path}: {err}") from None
+    if not isinstance(study.families, dict) or not study.families:
+        raise ValueError(f"{path}: study.families must map names to {{kind, overrides}}")
+    for name, family in study.families.items():
+        if not isinstance(family, dict) or family.get("kind") not in CLAIM_ORDER:
+            raise ValueError(f"{path}: study.families.{name}.kind must be one of {', '.join(CLAIM_ORDER)}")
+        for seed in study.seeds:
+            load_config(study.recipe, run_overrides(study, name, seed, pathlib.Path("study")))
+    return study
+
+
+def run_name(family: str, seed: int) -> str:
+    return f"{family}-s{seed}"
+
+
+def run_overrides(study: Study, family: str, seed: int, out: pathlib.Path) -> list[str]:
+    return [f"data.path={study.data}", f"out_dir={out / 'runs'}", f"name={run_name(family, seed)}",
+            f"train.steps={study.steps}", f"train.seed={seed}", *study.overrides,
+            *study.families[family].get("overrides", [])]
+
+
+def train(study: Study, out: pathlib.Path, family: str, seed: int) -> bool:
+    """Train (or finish) one run; False when it was complete already."""
+    name = run_name(family, seed)
+    run_dir, overrides = out / "runs" / name, run_overrides(study, family, seed, out)
+    record = {"recipe": study.recipe, "overrides": overrides}
+    if (run_dir / "study_run.json").is_file() and read_json(run_dir / "study_run.json") != record:
+        raise ValueError(f"{run_dir} was trained with other settings than {record['overrides']} "
+                         f"(see its study_run.json): delete it to train it again")
+    result = run_dir / "result.json"
+    if result.is_file() and read_json(result).get("steps") == study.steps and not read_json(result).get("stopped"):
+        return False
+    shutil.rmtree(out / "models" / name, ignore_errors=True)  # computed from the old run
+    (out / "eval" / f"{name}.json").unlink(missing_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "study_run.json").write_text(json.dumps(record, indent=2))
+    (out / "logs").mkdir(exist_ok=True)
+    print(f"study: training {name}", flush=True)
+    with open(out / "logs" / f"{name}.log", "a") as log:
+        proc = subprocess.run([sys.executable, "-m", "pretrain.cli", "--config", study.recipe, *overrides,
+                               "--resume", "auto"], stdout=log, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"study: run {name} failed (exit {proc.returncode}); see {out / 'logs' / f'{name}.log'}")
+    return True
+
+
+def convert_and_evaluate(study: Study, out: pathlib.Path, name: str) -> dict:
+    """The run's EMA weights converted (models/<name>) and its likelihood bound (eval/<name>.json)."""
+    from pretrain.inference.convert import convert
+    from pretrain.inference.evaluate import evaluate
+
+    model_dir, evaluation = out / "models" / name, out / "eval" / f"{name}.json"
+    if not (model_dir / "config.json").is_file():
+        checkpoint = pathlib.Path(read_json(out / "runs" / name / "result.json")["checkpoint"])
+        convert(checkpoint, model_dir, force=True)
+    if not evaluation.is_file():
+        print(f"study: evaluating {name}", flush=True)
+        result = evaluate(model_dir, pathlib.Path(study.data), orders=study.eval_orders, batches=study.eval_batches)
+        evaluation.parent.mkdir(exist_ok=True)
+        evaluation.write_text(json.dumps(result, indent=2))
+    return read_json(evaluation)
+
+
+def loss_curve(run_dir: pathlib.Path) -> list[tuple[int, float]]:
+    """(step, train/loss) of a run from its TensorBoard events (every resume included)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    return sorted({e.step: e.value for e in events.Scalars("train/loss")}.items())
+
+
+def summarize(study: Study, evaluations: dict[str, dict]) -> list[dict]:
+    """One row per family: mean and standard deviation over seeds of the NLL bound per token."""
+    rows = []
+    for family, spec in study.families.items():
+        nlls = [evaluations[run_name(family, seed)]["nll_per_token"] for seed in study.seeds]
+        mean = sum(nlls) / len(nlls)
+        std = math.sqrt(sum((x - mean) ** 2 for x in nlls) / (len(nlls) - 1)) if len(nlls) > 1 else 0.0
+        rows.append({"family": family, "kind": spec["kind"], "seeds": len(nlls), "nll_per_token": mean, "nll_std": std,
+                     "perplexity": math.exp(min(mean, 50.0))})
+    return rows
+
+
+def likelihood_claim(rows: list[dict]) -> str:
+    """Whether AR < SetDLM < BD3-LM < MDLM in perplexity holds for the best run of each kind present."""
+    best = {}
+    for row in rows:
+        best[row["kind"]] = min(best.get(row["kind"], math.inf), row["perplexity"])
+    kinds = [kind for kind in CLAIM_ORDER if kind in best]
+    chain = " < ".join(f"{kind} {best[kind]:.2f}" for kind in kinds)
+    holds = all(best[a] < best[b] for a, b in zip(kinds, kinds[1:]))
+    return (f"{'agrees' if holds else 'does not agree'}: best perplexity per kind in the paper's order: {chain}"
+            if len(kinds) > 1 else "not tested: the study has fewer than two kinds of model")
+
+
+def write_report(study: Study, out: pathlib.Path, config_path: pathlib.Path, rows: list[dict],
+                 curves: dict[str, list[tuple[int, float]]]) -> pathlib.Path:
+    import platform
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for name, points in curves.items():
+        axes.plot([s for s, _ in points], [v for _, v in points], label=name)
+    axes.set_xlabel("step")
+    axes.set_ylabel("train/loss (logging-window mean)")
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(out / "loss_curves.png", dpi=100)
+    plt.close(figure)
+    lines = [f"# Study: {config_path}", "",
+             f"Recipe `{study.recipe}`, data `{study.data}`, {study.steps} steps per run, seeds {study.seeds}; "
+             f"machine: {platform.machine()}, {platform.processor() or 'unknown CPU'}, Python {platform.python_version()}.",
+             "", "```bash", f"setdiff-study --config {config_path} --out {out}", "```", "",
+             "## Likelihood bound on the validation split (EMA weights)", "",
+             f"NLL per token averaged over {study.eval_orders} sampled orders x {study.eval_batches} micro-batches; "
+             "mean (and standard deviation) over seeds.", "",
+             "| family | kind | seeds | NLL / token | std | perplexity (bound) |",
+             "|---|---|---:|---:|---:|---:|"]
+    lines += [f"| {r['family']} | {r['kind']} | {r['seeds']} | {r['nll_per_token']:.4f} | "
+              f"{r['nll_std']:.4f} | {r['perplexity']:.2f} |" for r in rows]
+    lines += ["", "![loss curves](loss_curves.png)", "", "## The paper's claims", "",
+              f"- Likelihood between AR and block diffusion (AR < SetDLM < BD3-LM < MDLM): {likelihood_claim(rows)}.",
+              "- Better speed-quality trade-offs than block diffusion: not measured by this study yet.",
+              "- Stronger infilling than block diffusion: not measured by this study yet.", ""]
+    report = out / "REPORT.md"
+    report.write_text("\n".join(lines))
+    (out / "results.json").write_text(json.dumps({"likelihood": rows, "loss_curves": curves}, indent=2))
+    return report
+
+
+def run_study(config_path: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
+    study = load_study(config_path)
+    out.mkdir(parents=True, exist_ok=True)
+    evaluations, curves = {}, {}
+    for family in study.families:
+        for seed in study.seeds:
+            train(study, out, family, seed)
+            name = run_name(family, seed)
+            evaluations[name] = convert_and_evaluate(study, out, name)
+            curves[name] = loss_curve(out / "runs" / name)
+    report = write_report(study, out, config_path, summarize(study, evaluations), curves)
+    print(f"study: wrote {report}")
+    return report
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="setdiff-study", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=pathlib.Path, required=True, help="a study config (configs/study_cpu.yaml)")
+    parser.add_argument("--out", type=pathlib.Path, required=True, help="the study's directory")
+    args = parser.parse_args(argv)
+    try:
+        run_study(args.config, args.out)
+    except (*EXPECTED, RuntimeError) as err:
+        print(error_line("setdiff-study", err), file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

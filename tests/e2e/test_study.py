@@ -1,0 +1,74 @@
+"""setdiff-study end to end on a miniature study: two families, a few steps each; the report's
+table is the evaluations' numbers and its loss curves are the runs' own logs; a finished study
+trains nothing again, and a deleted run is the only one redone."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from helpers import fresh_env, tiny_run
+from test_convert import ROOT
+
+
+def study(config, out) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "pretrain.study", "--config", str(config), "--out", str(out)],
+                          cwd=ROOT, env=fresh_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_a_miniature_study_reports_its_runs_and_resumes(tiny_corpus, tmp_path):
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump({"study": {
+        "recipe": str(ROOT / "configs/demo_cpu.yaml"), "data": str(tiny_corpus), "steps": 4, "seeds": [0],
+        "overrides": tiny_run("data.num_workers=0", "train.save_interval=0", seq_len=32, log_interval=2),
+        "eval_orders": 2, "eval_batches": 2,
+        "families": {"ar": {"kind": "ar", "overrides": ["diffusion.order=ar"]},
+                     "mdlm": {"kind": "mdlm", "overrides": ["diffusion.order=mdlm", "diffusion.objective=masked_ce"]}},
+    }}))
+    out = tmp_path / "study"
+    first = study(config, out)
+    assert first.stdout.count("study: training") == 2
+    report = (out / "REPORT.md").read_text()
+    curves = json.loads((out / "results.json").read_text())["loss_curves"]
+    for name, kind in (("ar", "ar"), ("mdlm", "mdlm")):
+        evaluation = json.loads((out / "eval" / f"{name}-s0.json").read_text())
+        row = re.search(rf"^\| {name} \| {kind} \| 1 \| ([0-9.]+) \| ([0-9.]+) \| ([0-9.]+) \|$", report, re.M)
+        assert row and float(row[1]) == pytest.approx(evaluation["nll_per_token"], abs=1e-4), report
+        assert float(row[3]) == pytest.approx(evaluation["perplexity"], rel=1e-3)
+        log = json.loads((out / "runs" / f"{name}-s0" / "result.json").read_text())["log"]
+        assert [entry["step"] for entry in log] == [2, 4]
+        plotted = curves[f"{name}-s0"]  # the loss curves are the runs' own logs
+        assert [step for step, _ in plotted] == [2, 4]
+        assert [loss for _, loss in plotted] == pytest.approx([e["loss"] for e in log], rel=1e-6)
+    claim = re.search(r"AR < SetDLM < BD3-LM < MDLM\): (.*)\.$", report, re.M)[1]
+    results = {r["kind"]: r["perplexity"] for r in json.loads((out / "results.json").read_text())["likelihood"]}
+    assert claim.startswith("agrees" if results["ar"] < results["mdlm"] else "does not agree"), claim
+    assert (out / "loss_curves.png").stat().st_size > 1000
+
+    again = study(config, out)
+    assert "study: training" not in again.stdout and "study: evaluating" not in again.stdout
+    shutil.rmtree(out / "runs" / "mdlm-s0")
+    redo = study(config, out)
+    assert redo.stdout.count("study: training") == 1 and "training mdlm-s0" in redo.stdout
+    assert "evaluating mdlm-s0" in redo.stdout and "evaluating ar-s0" not in redo.stdout
+
+
+def test_bad_study_configs_are_named(tmp_path):
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump({"study": {"recipe": str(ROOT / "configs/demo_cpu.yaml"), "data": "x",
+                                                "steps": 2, "families": {"f": {"kind": "gpt"}}}}))
+    proc = subprocess.run([sys.executable, "-m", "pretrain.study", "--config", str(config), "--out",
+                           str(tmp_path / "o")], cwd=ROOT, env=fresh_env(), capture_output=True, text=True)
+    assert proc.returncode == 2 and "study.families.f.kind must be one of" in proc.stderr, proc.stderr
+    config.write_text(yaml.safe_dump({"study": {"recipe": str(ROOT / "configs/demo_cpu.yaml"), "data": "x",
+                                                "steps": 2, "familes": {}}}))
+    proc = subprocess.run([sys.executable, "-m", "pretrain.study", "--config", str(config), "--out",
+                           str(tmp_path / "o")], cwd=ROOT, env=fresh_env(), capture_output=True, text=True)
+    assert proc.returncode == 2 and "unknown study key familes" in proc.stderr, proc.stderr
