@@ -3,7 +3,7 @@ split, prepared with the model's tokenizer) or a raw text file tokenized on the 
 model's own tokenizer.json.
 
 Raw files are read as setdiff-prepare reads its inputs (data_pipeline/readers.py): a ``.txt``
-file is one document; a ``.jsonl`` (``.jsonl.gz``, ``.jsonl.zst``) line or a ``.parquet`` row is
+file is one document (stripped); a ``.jsonl`` (``.jsonl.gz``, ``.jsonl.zst``) line or a ``.parquet`` row is
 one, its ``text`` field. Documents with no text are skipped. Each document is encoded as
 setdiff-prepare encodes it (the tokenizer's special tokens included), followed by the model's EOS
 (generation_config.json ``eos_token_id``), and the stream is packed into sequences of the model's

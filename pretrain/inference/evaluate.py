@@ -265,13 +265,13 @@ def run(args) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="setdiff-eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model_dir", type=pathlib.Path, nargs="+",
+    parser.add_argument("model_dir", type=pathlib.Path, nargs="+", metavar="MODEL_DIR",
                         help="a setdiff-convert directory (several with --curve)")
-    parser.add_argument("--data", type=pathlib.Path, nargs="+",
+    parser.add_argument("--data", type=pathlib.Path, nargs="+", metavar="CORPUS",
                         help="corpora of the likelihood bound, one row each: setdiff-prepare directories (their "
-                             "validation split) or raw .txt (one document a file), .jsonl, .jsonl.gz, .jsonl.zst "
-                             "(one document a line, its 'text') or .parquet files, tokenized with the model's "
-                             "tokenizer, each document followed by its EOS")
+                             "validation split) or raw .txt (one document a file, stripped), .jsonl, .jsonl.gz, "
+                             ".jsonl.zst (one document a line, its 'text') or .parquet files, tokenized with the "
+                             "model's tokenizer, each document followed by its EOS")
     parser.add_argument("--order", nargs="+", help="order family (default: the model's); several with --task")
     parser.add_argument("--objective", help="ordered_ce, set_nelbo or auto (default: the model's; "
                         "masked_ce models report the NELBO, as auto)")

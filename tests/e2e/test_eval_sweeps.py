@@ -50,9 +50,9 @@ def eval_error(capsys, *argv) -> str:
     return lines[0]
 
 
-def transformers_nll(model_dir: pathlib.Path, texts: list[str]) -> tuple[float, int]:
+def transformers_nll(model_dir: pathlib.Path, texts: list[str], windows: int = 10**9) -> tuple[float, int]:
     """(mean negative log-probability per token, tokens) of the documents, each followed by the
-    model's EOS and the stream cut into windows of seq_len, computed by stock transformers on
+    model's EOS and the stream cut into windows of seq_len (the first ``windows``), computed by stock transformers on
     the converted directory: the two-copy input [tokens ; [MASK]...], positions [0..n ; 0..n] and
     the set-causal mask of the left-to-right singleton order written out from SET_DIFFUSION.md
     section 3 (rank = position; clean sees clean <= itself, noisy sees clean < itself and itself;
@@ -71,6 +71,7 @@ def transformers_nll(model_dir: pathlib.Path, texts: list[str]) -> tuple[float, 
         ids = tokenizer(text)["input_ids"] + [eos]
         stream += ids
         doc_of += [d] * len(ids)
+    stream, doc_of = stream[:windows * L], doc_of[:windows * L]
     total = 0.0
     for start in range(0, len(stream), L):
         x, doc = torch.tensor(stream[start:start + L]), torch.tensor(doc_of[start:start + L])
@@ -97,7 +98,7 @@ def test_raw_corpora_are_scored_as_transformers_scores_them(ar_model, tiny_corpu
     jsonl.write_text(lines)
     txt.write_text("\n" + "\n\n".join(DOCUMENTS[2:]) + "\n")
     zst.write_bytes(zstandard.ZstdCompressor().compress(lines.encode()))
-    flags = ["--orders", "2", "--batches", "8", "--micro-batch", "2"]  # all of a raw file, a last partial batch
+    flags = ["--orders", "2", "--batches", "8", "--micro-batch", "4"]  # all of a raw file
     together = run_eval(capsys, ar_model, "--data", jsonl, txt, zst, tiny_corpus, *flags)
     rows = together["corpora"]
     assert [row["data"] for row in rows] == [str(jsonl), str(txt), str(zst), str(tiny_corpus)]
@@ -106,13 +107,17 @@ def test_raw_corpora_are_scored_as_transformers_scores_them(ar_model, tiny_corpu
     for row, texts in ((rows[0], DOCUMENTS), (rows[1], [txt_document])):
         expected, tokens = transformers_nll(ar_model, texts)
         assert row["order"] == "ar" and row["objective"] == "ordered_ce" and row["tokens"] == tokens
-        assert row["sequences"] == math.ceil(tokens / 32)
+        assert row["sequences"] == math.ceil(tokens / 32) and row["sequences"] % 4, "a last, shorter micro-batch"
         assert row["nll_per_token"] == pytest.approx(expected, abs=1e-4)
         assert row["perplexity"] == pytest.approx(math.exp(row["nll_per_token"]), rel=1e-12)
     assert {**rows[2], "data": str(jsonl)} == rows[0]  # zstd-compressed JSONL: the same documents
     for row in rows:  # one corpus a call: the same row, and its fields at the top level as before
         alone = run_eval(capsys, ar_model, "--data", row["data"], *flags)
         assert alone["corpora"] == [row] and {k: alone[k] for k in row} == row
+    capped = run_eval(capsys, ar_model, "--data", jsonl, "--orders", "1", "--batches", "1", "--micro-batch", "2")
+    expected, tokens = transformers_nll(ar_model, DOCUMENTS, windows=2)  # --batches x --micro-batch sequences
+    assert capped["sequences"] == 2 and capped["tokens"] == tokens == 64
+    assert capped["nll_per_token"] == pytest.approx(expected, abs=1e-4)
 
 
 def test_corpora_that_cannot_be_read_are_named(ar_model, tmp_path, capsys):
