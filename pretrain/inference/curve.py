@@ -11,6 +11,7 @@ sample starts from).
 from __future__ import annotations
 
 import csv
+import importlib.util
 import itertools
 import pathlib
 
@@ -28,8 +29,11 @@ def output_paths(prefix: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
     return prefix.with_name(prefix.name + ".csv"), prefix.with_name(prefix.name + ".png")
 
 
-def check_curve_paths(model_dirs: list[pathlib.Path], prefix: pathlib.Path) -> None:
-    """Every model directory and the output folder, named before any decoding starts."""
+def check_curve_inputs(model_dirs: list[pathlib.Path], prefix: pathlib.Path) -> None:
+    """Every model directory, the output folder and matplotlib, before any decoding starts."""
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ValueError("--curve draws with matplotlib, which this Python lacks: it is in the eval extra "
+                         "(make env, or pip install -e '.[eval]')")
     for model_dir in model_dirs:
         if not (pathlib.Path(model_dir) / "config.json").is_file():
             raise FileNotFoundError(f"model directory {model_dir}: no config.json (a setdiff-convert directory)")
@@ -44,14 +48,12 @@ def curve_rows(model_dirs: list[pathlib.Path], judge, judge_tokenizer, *, taus: 
                repetition_penalty: float = 1.0, seed: int = 0) -> list[dict]:
     """One row per (model, window, tau): the judge's generative perplexity of the samples, their
     mean unigram entropy and the decoding's speed. Windows apply to staggered models only."""
-    from pretrain.inference.judge import decode_and_score
-    from pretrain.inference.sample import decode_config, decoding_window, load_model
+    from pretrain.inference.judge import decode_and_score, load_sampler
+    from pretrain.inference.sample import decode_config, decoding_window
 
     rows = []
     for model_dir in model_dirs:
-        model, fields, tokenizer, eos_id = load_model(pathlib.Path(model_dir), "cpu")
-        if eos_id is None:
-            raise ValueError(f"{model_dir}: generation_config.json names no eos_token_id to start samples from")
+        model, fields, tokenizer, eos_id = load_sampler(model_dir)
         own = decode_config(fields, model.cfg.seq_len, 1, False)  # the model's own decode order
         swept = windows if own.order.startswith("staggered:") else [None]
         for window, tau in itertools.product(swept, taus):
@@ -113,7 +115,7 @@ def speed_quality_curve(model_dirs: list[pathlib.Path], prefix: pathlib.Path, ju
     """The sweep of ``curve_rows`` under the judge at ``judge_dir``, written to OUT_PREFIX.csv/.png."""
     from pretrain.inference.judge import load_judge
 
-    check_curve_paths(model_dirs, prefix)
+    check_curve_inputs(model_dirs, prefix)
     judge, judge_tokenizer = load_judge(judge_dir, gguf_file)
     rows = curve_rows(model_dirs, judge, judge_tokenizer, **decoding)
     csv_path, png_path = write_curve(rows, prefix)

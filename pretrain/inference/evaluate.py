@@ -115,13 +115,11 @@ def generative_perplexity(model_dir: pathlib.Path, judge_dir: pathlib.Path, *, s
     """Unconditional samples of the model (from a document boundary, KV-cached decoding with
     the model's order) scored by a judge causal LM directory (transformers; GGUF files with
     ``gguf_file``): see judge.decode_and_score."""
-    from pretrain.inference.judge import decode_and_score, load_judge
-    from pretrain.inference.sample import decode_config, load_model
+    from pretrain.inference.judge import decode_and_score, load_judge, load_sampler
+    from pretrain.inference.sample import decode_config
 
     judge, judge_tokenizer = load_judge(judge_dir, gguf_file)
-    model, fields, tokenizer, eos_id = load_model(model_dir, "cpu")
-    if eos_id is None:
-        raise ValueError(f"{model_dir}: generation_config.json names no eos_token_id to start samples from")
+    model, fields, tokenizer, eos_id = load_sampler(model_dir)
     cfg = decode_config(fields, model.cfg.seq_len, 1, infill=False, tau=tau, temperature=temperature, top_p=top_p,
                         max_new_tokens=new_tokens, repetition_penalty=repetition_penalty, set_mode=model.set_mode)
     scored = decode_and_score(model, tokenizer, eos_id, cfg, judge, judge_tokenizer, samples, seed)

@@ -22,6 +22,16 @@ def load_judge(judge_dir: pathlib.Path, gguf_file: str | None = None):
     return judge, AutoTokenizer.from_pretrained(judge_dir, **extra)
 
 
+def load_sampler(model_dir: pathlib.Path):
+    """(model, setdiff fields, tokenizer, eos id) of a converted model whose samples start from its EOS."""
+    from pretrain.inference.sample import load_model
+
+    model, fields, tokenizer, eos_id = load_model(pathlib.Path(model_dir), "cpu")
+    if eos_id is None:
+        raise ValueError(f"{model_dir}: generation_config.json names no eos_token_id to start samples from")
+    return model, fields, tokenizer, eos_id
+
+
 def judge_perplexity(judge, judge_tokenizer, texts: list[str]) -> tuple[float, int]:
     """(total NLL, scored tokens) of ``texts`` under a causal LM judge; each text starts
     after the judge's BOS when it has one, and every token after the first is scored."""
