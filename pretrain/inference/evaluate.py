@@ -1,16 +1,33 @@
-"""setdiff-eval MODEL_DIR --data PREPARED [--judge JUDGE_DIR] [--task answers FILE.jsonl]: the
-likelihood bound on validation shards, the generative perplexity of samples under a judge model,
-and task accuracy at a decoding speed.
+"""setdiff-eval MODEL_DIR --data CORPUS [CORPUS ...] [--judge JUDGE_DIR] [--task answers FILE.jsonl],
+or setdiff-eval MODEL_DIR [MODEL_DIR ...] --curve OUT_PREFIX --judge JUDGE_DIR --tau T [T ...]: the
+likelihood bound on one or several corpora, the generative perplexity of samples under a judge
+model, task accuracy at a decoding speed, and the speed-quality curve of several models.
 
 MODEL_DIR is a directory written by setdiff-convert (a Llama directory with the set-diffusion
 fields). For the chosen order family (default: the one the model trained with) the loss is the
 objective's per-token NLL bound: exact for singleton families under ``ordered_ce``, the NELBO
 otherwise; it is averaged over K sampled orders (partitions and noise) per sequence, and
-reported as NLL per token and perplexity.
+reported as NLL per token and perplexity, weighting every scored token alike.
+
+Each --data CORPUS gives one row ("corpora" in the JSON; with one corpus its row's fields are also
+at the top level): a setdiff-prepare directory (its validation split; it must be prepared with the
+model's tokenizer) or a raw text file tokenized with the model's own tokenizer.json: a .txt file is
+one document (as setdiff-prepare reads it), a .jsonl, .jsonl.gz or .jsonl.zst line one (its "text"
+field), a .parquet row one (its "text" column); each document is followed by the model's EOS
+(generation_config.json) and the stream is packed into sequences of the model's seq_len with
+document boundaries. At most --batches x --micro-batch sequences of each corpus are scored.
 
 With --judge, unconditional samples (KV-cached decoding in the model's order, from a document
 boundary) are scored by a judge causal LM that transformers loads (a GGUF checkpoint such as
 Gemma 3 270M with --judge-gguf-file): the generative perplexity exp(judge NLL per token).
+
+With --curve OUT_PREFIX, every MODEL_DIR decodes such samples for each --tau (and each --window,
+for models that decode a staggered order), scored by --judge: OUT_PREFIX.csv has one row per
+setting (model, order, window, tau, tokens_per_forward, tokens_per_s, generative_perplexity,
+unigram_entropy_mean, samples_below_entropy_4, samples, new_tokens, judge_tokens) and
+OUT_PREFIX.png plots generative perplexity and mean unigram entropy against tokens per forward,
+one line per model (and window). Tokens per forward and tokens/s count generated tokens only,
+never the prompt.
 
 With --task answers FILE.jsonl (lines {"question": ..., "answer": ...}), every question is the
 prompt of a greedy KV-cached decode (stopping at EOS) for each setting of --order, --window and
@@ -36,87 +53,60 @@ from pretrain.cli_errors import EXPECTED, at_least, check_decoding_flags, error_
 from pretrain.inference.quiet import default_debug_log, third_party_output_to
 
 
-def check_corpus_tokenizer(model_dir: pathlib.Path, data: pathlib.Path) -> None:
-    """The corpus was prepared with the model's tokenizer (as resuming a run checks): the
-    hash of MODEL_DIR/tokenizer.json is the manifest's tokenizer_sha256. Token ids of another
-    tokenizer mean other text, and a perplexity of them means nothing."""
-    from data_pipeline.prepare import sha256_file
-
-    model_tokenizer = pathlib.Path(model_dir) / "tokenizer.json"
-    manifest_path = pathlib.Path(data) / "manifest.json"
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"--data: {manifest_path} not found (prepare the corpus with setdiff-prepare)")
-    if not model_tokenizer.is_file():
-        raise FileNotFoundError(f"{model_tokenizer} not found: cannot check the tokenizer {data} was prepared with")
-    manifest = read_json(manifest_path)
-    corpus_tokenizer = pathlib.Path(data) / "tokenizer.json"
-    expected = manifest.get("tokenizer_sha256")
-    if expected is None:  # a manifest without the hash: the corpus's own copy of its tokenizer
-        if not corpus_tokenizer.is_file():
-            raise ValueError(f"{manifest_path} has no tokenizer_sha256 and {corpus_tokenizer} is missing: "
-                             "cannot check which tokenizer the corpus was prepared with")
-        expected = sha256_file(corpus_tokenizer)
-    digest = sha256_file(model_tokenizer)
-    if digest != expected:
-        raise ValueError(f"{data} was prepared with another tokenizer than the model's: {model_tokenizer} "
-                         f"(sha256 {digest[:12]}) vs {manifest_path} (tokenizer_sha256 {expected[:12]}, the "
-                         f"corpus's {corpus_tokenizer}); prepare the corpus with setdiff-prepare --tokenizer "
-                         f"{model_tokenizer}")
-
-
 @torch.no_grad()
-def evaluate(model_dir: pathlib.Path, data: pathlib.Path, *, order: str | None = None, objective: str | None = None,
-             orders: int = 4, batches: int = 8, micro_batch: int = 4, fmt: str = "mds", seed: int = 0) -> dict:
+def evaluate(model_dir: pathlib.Path, data: list[pathlib.Path], *, order: str | None = None,
+             objective: str | None = None, orders: int = 4, batches: int = 8, micro_batch: int = 4, fmt: str = "mds",
+             seed: int = 0) -> list[dict]:
+    """The likelihood bound of the model on each corpus of ``data`` (one row each): at most
+    ``batches`` x ``micro_batch`` sequences of it, each scored under ``orders`` sampled orders."""
     from data_pipeline.collator import CollatorConfig, SetDiffusionCollator
-    from data_pipeline.loader import open_sequences
-    from model.objectives import evaluation_objective, forward_step
+    from model.objectives import evaluation_objective
     from pretrain.inference.convert import read_model_dir
+    from pretrain.inference.corpora import corpus_kind, corpus_sequences
     from pretrain.standalone import single_process_model
 
+    for path in data:  # every path named before the model loads
+        corpus_kind(path)
     cfg, fields, full = read_model_dir(model_dir)
-    check_corpus_tokenizer(model_dir, data)
     set_mode = fields.get("mode", "set") == "set"
     model = single_process_model(cfg, set_mode=set_mode, weights=full).eval()
     order = order or fields["order"]
     # a likelihood bound whatever the training loss (masked_ce models report the NELBO)
     objective = evaluation_objective(objective or fields["objective"])
-    sequences = open_sequences(str(data), "val", fmt, cfg.seq_len, True)
-    count = min(batches, len(sequences) // micro_batch)
-    if count == 0:
-        raise ValueError(f"{data}: the validation split has fewer than {micro_batch} sequences of {cfg.seq_len}")
-    losses = []
-    for k in range(orders):
-        collate = SetDiffusionCollator(CollatorConfig(order=order, objective=objective, mask_id=cfg.mask_id(),
-                                                      keep_clean_bos=bool(fields.get("keep_clean_bos", False)),
-                                                      seed=seed + k, mode="set" if set_mode else "ar_baseline"))
-        for b in range(count):
-            tokens, doc, context = sequences.batch(range(b * micro_batch, (b + 1) * micro_batch))
-            batch = collate(torch.from_numpy(tokens), torch.from_numpy(doc), step=b,  # chat: the responses' bound
+    keep_clean_bos = bool(fields.get("keep_clean_bos", False))
+    collators = [SetDiffusionCollator(CollatorConfig(order=order, objective=objective, mask_id=cfg.mask_id(),
+                                                     keep_clean_bos=keep_clean_bos, seed=seed + k,
+                                                     mode="set" if set_mode else "ar_baseline")) for k in range(orders)]
+    rows = []
+    for path in data:
+        kind, sequences = corpus_sequences(model_dir, path, cfg.seq_len, fmt, batches * micro_batch)
+        count = min(batches * micro_batch, len(sequences))
+        nll, tokens = corpus_nll(model, set_mode, collators, sequences, count, micro_batch)
+        rows.append({"data": str(path), "kind": kind, "order": order, "objective": objective, "orders": orders,
+                     "sequences": count, "tokens": tokens, "nll_per_token": nll,
+                     "perplexity": math.exp(min(nll, 50.0))})
+    return rows
+
+
+def corpus_nll(model, set_mode: bool, collators: list, sequences, count: int, micro_batch: int) -> tuple[float, int]:
+    """(NLL per token, tokens scored) of the first ``count`` sequences under each collator's
+    orders: every micro-batch's loss weighted by its loss tokens, so a padded last sequence
+    weighs no more than its tokens."""
+    from model.objectives import forward_step
+
+    total, tokens = 0.0, 0.0
+    for collate in collators:
+        for step, start in enumerate(range(0, count, micro_batch)):
+            ids, doc, context = sequences.batch(range(start, min(start + micro_batch, count)))
+            batch = collate(torch.from_numpy(ids), torch.from_numpy(doc), step=step,  # chat: the responses' bound
                             context=None if context is None else torch.from_numpy(context))
             logits, loss_fn = forward_step(batch, model, set_mode)
-            losses.append(float(loss_fn(logits)[0]))
-    nll = sum(losses) / len(losses)
-    return {"order": order, "objective": objective, "orders": orders, "sequences": count * micro_batch,
-            "nll_per_token": nll, "perplexity": math.exp(min(nll, 50.0))}
-
-
-def judge_perplexity(judge, judge_tokenizer, texts: list[str]) -> tuple[float, int]:
-    """(total NLL, scored tokens) of ``texts`` under a causal LM judge; each text starts
-    after the judge's BOS when it has one, and every token after the first is scored."""
-    total, count = 0.0, 0
-    for text in texts:
-        ids = judge_tokenizer(text, add_special_tokens=True)["input_ids"]
-        bos = judge_tokenizer.bos_token_id
-        if bos is not None and (not ids or ids[0] != bos):
-            ids = [bos] + ids
-        if len(ids) < 2:
-            continue
-        ids_1T = torch.tensor([ids])
-        with torch.no_grad():
-            logits = judge(input_ids=ids_1T).logits[0, :-1].float()
-        total += float(torch.nn.functional.cross_entropy(logits, ids_1T[0, 1:], reduction="sum"))
-        count += len(ids) - 1
-    return total, count
+            normalizer = float(batch["loss_normalizer"])
+            total += float(loss_fn(logits)[0]) * normalizer
+            tokens += normalizer
+    if tokens == 0:
+        raise ValueError("no token to score: the sequences hold only padding or prompts")
+    return total / tokens, round(tokens / len(collators))
 
 
 def generative_perplexity(model_dir: pathlib.Path, judge_dir: pathlib.Path, *, samples: int = 8,
@@ -124,38 +114,17 @@ def generative_perplexity(model_dir: pathlib.Path, judge_dir: pathlib.Path, *, s
                           gguf_file: str | None = None, seed: int = 0, repetition_penalty: float = 1.0) -> dict:
     """Unconditional samples of the model (from a document boundary, KV-cached decoding with
     the model's order) scored by a judge causal LM directory (transformers; GGUF files with
-    ``gguf_file``): exp(judge NLL per token), and each sample's unigram entropy (nats; a
-    degenerate, repetitive sample scores a low perplexity but an entropy < 4, the reference's
-    rejection threshold)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    ``gguf_file``): see judge.decode_and_score."""
+    from pretrain.inference.judge import decode_and_score, load_judge, load_sampler
+    from pretrain.inference.sample import decode_config
 
-    from model.sampling import generate, unigram_entropy
-    from pretrain.inference.sample import decode_config, load_model
-
-    if not (pathlib.Path(judge_dir) / "config.json").is_file() and not gguf_file:
-        raise FileNotFoundError(f"--judge {judge_dir}: no config.json (a transformers model directory, or "
-                                "pass --judge-gguf-file for a GGUF checkpoint)")
-    model, fields, tokenizer, eos_id = load_model(model_dir, "cpu")
-    if eos_id is None:
-        raise ValueError(f"{model_dir}: generation_config.json names no eos_token_id to start samples from")
+    judge, judge_tokenizer = load_judge(judge_dir, gguf_file)
+    model, fields, tokenizer, eos_id = load_sampler(model_dir)
     cfg = decode_config(fields, model.cfg.seq_len, 1, infill=False, tau=tau, temperature=temperature, top_p=top_p,
                         max_new_tokens=new_tokens, repetition_penalty=repetition_penalty, set_mode=model.set_mode)
-    result = generate(model, [[eos_id]] * samples, cfg, torch.Generator().manual_seed(seed))
-    rows = [[t for t in row if t != eos_id] for row in result.generated]
-    texts = [tokenizer.decode(row) for row in rows]
-    entropies = [unigram_entropy(row) for row in rows]
-    extra = {"gguf_file": gguf_file} if gguf_file else {}
-    judge = AutoModelForCausalLM.from_pretrained(judge_dir, torch_dtype=torch.float32, **extra).eval()
-    judge_tokenizer = AutoTokenizer.from_pretrained(judge_dir, **extra)
-    total, count = judge_perplexity(judge, judge_tokenizer, texts)
-    if count == 0:
-        raise ValueError("the samples gave the judge no token to score")
-    return {"judge": str(judge_dir), "samples": samples, "new_tokens": new_tokens, "order": cfg.order,
-            "tau": tau, "temperature": temperature, "top_p": top_p, "repetition_penalty": repetition_penalty,
-            "judge_tokens": count, "generative_perplexity": math.exp(min(total / count, 50.0)),
-            "unigram_entropy": entropies, "unigram_entropy_mean": sum(entropies) / len(entropies),
-            "samples_below_entropy_4": sum(e < 4.0 for e in entropies),
-            "tokens_per_forward": result.stats.tokens_per_forward, "example": texts[0][:300]}
+    scored = decode_and_score(model, tokenizer, eos_id, cfg, judge, judge_tokenizer, samples, seed)
+    return {"judge": str(judge_dir), "new_tokens": new_tokens, "order": cfg.order, "tau": tau,
+            "temperature": temperature, "top_p": top_p, "repetition_penalty": repetition_penalty, **scored}
 
 
 NUMBER = re.compile(r"-?[0-9][0-9,]*(?:\.[0-9]+)?")
@@ -205,9 +174,8 @@ def task_accuracy(model_dir: pathlib.Path, task: pathlib.Path, *, orders: list[s
                   seed: int = 0) -> dict:
     """Exact-match accuracy of greedy KV-cached decoding on a question/answer file, one row per
     (order, window, tau), with the decoding's tokens per forward and tokens/s."""
-    from model.orders import parse_order
     from model.sampling import DecodeStats, generate
-    from pretrain.inference.sample import decode_config, load_model
+    from pretrain.inference.sample import decode_config, decoding_window, load_model
 
     pairs = read_task(task)[:limit or None]
     model, fields, tokenizer, eos_id = load_model(model_dir, "cpu")
@@ -227,9 +195,7 @@ def task_accuracy(model_dir: pathlib.Path, task: pathlib.Path, *, orders: list[s
                 completion = tokenizer.decode([t for t in row if t != eos_id])
                 correct += is_correct(completion, pairs[start + offset][1])
                 first = first if first is not None else completion
-        family = parse_order(cfg.order)
-        window = cfg.window or (family.size if family.name == "staggered" else None)  # None: the order's own
-        rows.append({"order": cfg.order, "window": window, "tau": tau, "accuracy": correct / len(pairs),
+        rows.append({"order": cfg.order, "window": decoding_window(cfg), "tau": tau, "accuracy": correct / len(pairs),
                      "correct": correct, "examples": len(pairs), "tokens_per_forward": total.tokens_per_forward,
                      "tokens_per_s": total.tokens_per_s, "forwards": total.forwards, "seconds": total.seconds,
                      "example_completion": first})
@@ -243,24 +209,72 @@ def check_flags(args) -> None:
     check_decoding_flags(args)
     for window in args.window or []:
         at_least("--window", window, 1)
-    if args.task is None:
-        for flag, values in (("--tau", args.tau), ("--order", args.order or []), ("--window", args.window or [])):
+    check_curve_flags(args)
+    if args.task is None and len(args.order or []) > 1:
+        raise ValueError(f"--order: several values make a table with --task only; got {len(args.order)}")
+    if args.task is None and args.curve is None:
+        for flag, values in (("--tau", args.tau), ("--window", args.window or [])):
             if len(values) > 1:
-                raise ValueError(f"{flag}: several values make a table with --task only; got {len(values)}")
+                raise ValueError(f"{flag}: several values make a table with --task or --curve only; "
+                                 f"got {len(values)}")
         if args.window:
-            raise ValueError("--window applies to --task (decoding settings of the accuracy table)")
+            raise ValueError("--window applies to --task and --curve (the decoding settings of a table)")
+
+
+def check_curve_flags(args) -> None:
+    if len(args.model_dir) > 1 and args.curve is None:
+        raise ValueError(f"{len(args.model_dir)} model directories given: several models are compared with --curve "
+                         "only; --data, --judge and --task evaluate one")
+    if args.curve is None:
+        return
+    if args.judge is None:
+        raise ValueError("--curve needs --judge JUDGE_DIR, the causal LM that scores the samples")
+    if args.data is not None or args.task is not None or args.order is not None:
+        raise ValueError("--curve decodes each model in its own order: run --data, --task and --order in a "
+                         "call of their own")
+
+
+def run(args) -> dict:
+    """The evaluations the flags ask for, as one JSON object."""
+    if args.curve is not None:
+        from pretrain.inference.curve import speed_quality_curve
+
+        return {"curve": speed_quality_curve(args.model_dir, args.curve, args.judge, args.judge_gguf_file,
+                                             taus=args.tau, windows=args.window or [None], samples=args.samples,
+                                             new_tokens=args.new_tokens, temperature=args.temperature,
+                                             top_p=args.top_p, repetition_penalty=args.repetition_penalty)}
+    model_dir, result = args.model_dir[0], {}
+    if args.data is not None:
+        rows = evaluate(model_dir, args.data, order=(args.order or [None])[0], objective=args.objective,
+                        orders=args.orders, batches=args.batches, micro_batch=args.micro_batch, fmt=args.format)
+        result = {**rows[0], "corpora": rows} if len(rows) == 1 else {"corpora": rows}
+    if args.judge is not None:
+        result["generative"] = generative_perplexity(
+            model_dir, args.judge, samples=args.samples, new_tokens=args.new_tokens, tau=args.tau[0],
+            temperature=args.temperature, top_p=args.top_p, gguf_file=args.judge_gguf_file,
+            repetition_penalty=args.repetition_penalty)
+    if args.task is not None:
+        result["task"] = task_accuracy(
+            model_dir, pathlib.Path(args.task[1]), orders=args.order or [None], windows=args.window or [None],
+            taus=args.tau, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, limit=args.limit)
+    return result
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="setdiff-eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model_dir", type=pathlib.Path)
-    parser.add_argument("--data", type=pathlib.Path, help="a setdiff-prepare directory: the likelihood bound")
+    parser.add_argument("model_dir", type=pathlib.Path, nargs="+", metavar="MODEL_DIR",
+                        help="a setdiff-convert directory (several with --curve)")
+    parser.add_argument("--data", type=pathlib.Path, nargs="+", metavar="CORPUS",
+                        help="corpora of the likelihood bound, one row each: setdiff-prepare directories (their "
+                             "validation split) or raw .txt (one document a file, stripped), .jsonl, .jsonl.gz, "
+                             ".jsonl.zst (one document a line, its 'text') or .parquet files, tokenized with the "
+                             "model's tokenizer, each document followed by its EOS")
     parser.add_argument("--order", nargs="+", help="order family (default: the model's); several with --task")
     parser.add_argument("--objective", help="ordered_ce, set_nelbo or auto (default: the model's; "
                         "masked_ce models report the NELBO, as auto)")
     parser.add_argument("--orders", type=int, default=4, help="sampled orders per sequence")
-    parser.add_argument("--batches", type=int, default=8)
+    parser.add_argument("--batches", type=int, default=8, help="at most this many micro-batches of each corpus")
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--format", default="mds", choices=["mds", "webdataset"])
     judge = parser.add_argument_group("generative perplexity")
@@ -269,42 +283,35 @@ def main(argv=None) -> int:
     judge.add_argument("--samples", type=int, default=8)
     judge.add_argument("--new-tokens", type=int, default=128)
     judge.add_argument("--tau", type=float, nargs="+", default=[0.9],
-                       help="confidence threshold of decoding; several with --task")
+                       help="confidence threshold of decoding; several with --task or --curve")
     judge.add_argument("--temperature", type=float, default=1.0)
     judge.add_argument("--top-p", type=float, default=0.9)
     judge.add_argument("--repetition-penalty", type=float, default=1.0)
     task = parser.add_argument_group("task accuracy")
     task.add_argument("--task", nargs=2, metavar=("answers", "FILE"),
                       help="'answers FILE.jsonl': exact-match accuracy on question/answer lines")
-    task.add_argument("--window", type=int, nargs="+", help="staggered decoding windows (default: the model's)")
+    task.add_argument("--window", type=int, nargs="+",
+                      help="staggered decoding windows (default: the model's); with --task or --curve")
     task.add_argument("--batch-size", type=int, default=16, help="prompts decoded together")
     task.add_argument("--max-new-tokens", type=int, help="longest completion (default: what fits, at most 64)")
     task.add_argument("--limit", type=int, default=0, help="only the first N questions (0: all)")
+    curve = parser.add_argument_group("speed-quality curve")
+    curve.add_argument("--curve", type=pathlib.Path, metavar="OUT_PREFIX",
+                       help="sweep --tau (and --window, staggered models) for every MODEL_DIR with --judge: "
+                            "OUT_PREFIX.csv and OUT_PREFIX.png; tokens per forward and tokens/s count generated "
+                            "tokens only, never the prompt")
     parser.add_argument("--debug-log", type=pathlib.Path, default=None,
                         help="where third-party log lines and warnings go (default: a file in the temp dir)")
     args = parser.parse_args(argv)
-    if args.data is None and args.judge is None and args.task is None:
-        parser.error("give --data (the likelihood bound), --judge (generative perplexity), --task or several")
+    if args.data is None and args.judge is None and args.task is None and args.curve is None:
+        parser.error("give --data (the likelihood bound), --judge (generative perplexity), --task, --curve "
+                     "or several")
     if args.task is not None and args.task[0] != "answers":
         parser.error(f"--task: the kind must be 'answers' (question/answer JSONL), got {args.task[0]!r}")
     try:
         check_flags(args)
-        result = {}
         with third_party_output_to(args.debug_log or default_debug_log("setdiff-eval")):
-            if args.data is not None:
-                result = evaluate(args.model_dir, args.data, order=(args.order or [None])[0], objective=args.objective,
-                                  orders=args.orders, batches=args.batches, micro_batch=args.micro_batch,
-                                  fmt=args.format)
-            if args.judge is not None:
-                result["generative"] = generative_perplexity(
-                    args.model_dir, args.judge, samples=args.samples, new_tokens=args.new_tokens, tau=args.tau[0],
-                    temperature=args.temperature, top_p=args.top_p, gguf_file=args.judge_gguf_file,
-                    repetition_penalty=args.repetition_penalty)
-            if args.task is not None:
-                result["task"] = task_accuracy(
-                    args.model_dir, pathlib.Path(args.task[1]), orders=args.order or [None],
-                    windows=args.window or [None], taus=args.tau, batch_size=args.batch_size,
-                    max_new_tokens=args.max_new_tokens, limit=args.limit)
+            result = run(args)
     except EXPECTED as err:
         print(error_line("setdiff-eval", err), file=sys.stderr)
         return 2

@@ -132,6 +132,15 @@ def decode_config(fields: dict, seq_len: int, longest: int, infill: bool, *, ord
                         max_new_tokens=max_new, use_cache=use_cache)
 
 
+def decoding_window(cfg) -> int | None:
+    """The active window a staggered decoding uses (given, or the order's D); None for the
+    other orders, whose window is their own."""
+    from model.orders import parse_order
+
+    family = parse_order(cfg.order)
+    return cfg.window or (family.size if family.name == "staggered" else None)
+
+
 def sample(args) -> dict:
     from model.sampling import DecodeStats, decode_canvases, generate, unigram_entropy
 

@@ -35,7 +35,7 @@ def test_task_files_are_checked_line_by_line(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--judge", "J", "--tau", "0.9", "0.5"], "--tau: several values make a table with --task only"),
+    (["--judge", "J", "--tau", "0.9", "0.5"], "--tau: several values make a table with --task or --curve only"),
     (["--judge", "J", "--window", "4"], "--window applies to --task"),
     (["--task", "answers", "T", "--window", "0"], "--window 0 must be >= 1"),
     (["--task", "answers", "{missing}"], "not found"),
