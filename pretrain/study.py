@@ -5,9 +5,12 @@ Every family of the study config is trained from the same recipe, on the same da
 same steps and tokens, once per seed (``runs/<family>-s<seed>``, a plain setdiff-pretrain run
 resumed with ``--resume auto``), converted with its EMA weights (``models/``) and evaluated
 (``eval/``): the likelihood bound on the validation split, averaged over sampled orders.
-``REPORT.md`` gathers the table (mean and spread over seeds), the loss curves
-(``loss_curves.png``, from each run's TensorBoard scalars) and one line per claim of the paper
-saying whether this run agrees, from its numbers.
+With a ``curve`` section, the SetDLM and BD3-LM models (seed 0) decode
+unconditional samples over a sweep of tau (and window) scored by a judge, by default the study's
+own AR baseline (``curve.csv``, ``curve.png``). ``REPORT.md`` gathers the tables (the likelihood
+with its spread over seeds, the curve), the loss curves (``loss_curves.png``, from each run's
+TensorBoard scalars) and one line per claim of the paper saying whether this run agrees, from
+its numbers.
 
 Resumable at every stage: a run whose result.json has the study's steps is not trained again,
 a model or an evaluation already written is not redone, and a killed run continues from its
@@ -52,6 +55,10 @@ class Study:
     """Sampled orders per validation sequence of the likelihood bound."""
     eval_batches: int = 16
     """Validation micro-batches of the likelihood bound."""
+    curve: dict = dataclasses.field(default_factory=dict)
+    """The speed-quality curve of the SetDLM and BD3-LM families (seed 0): {judge: a family whose converted
+    model scores the samples (the AR baseline: a causal LM of the same data) or a transformers directory,
+    taus: [...], windows: [...], samples: N, new_tokens: M}; empty: not measured."""
 
 
 def load_study(path: pathlib.Path) -> Study:
@@ -71,6 +78,10 @@ def load_study(path: pathlib.Path) -> Study:
         raise ValueError(f"{path}: {err}") from None
     if not isinstance(study.families, dict) or not study.families:
         raise ValueError(f"{path}: study.families must map names to {{kind, overrides}}")
+    curve_keys = {"judge", "taus", "windows", "samples", "new_tokens"}
+    if study.curve and (set(study.curve) - curve_keys or "judge" not in study.curve):
+        raise ValueError(f"{path}: study.curve needs 'judge' and takes {', '.join(sorted(curve_keys))}; got "
+                         f"{', '.join(sorted(study.curve))}")
     for name, family in study.families.items():
         if not isinstance(family, dict) or family.get("kind") not in CLAIM_ORDER:
             raise ValueError(f"{path}: study.families.{name}.kind must be one of {', '.join(CLAIM_ORDER)}")
@@ -101,7 +112,8 @@ def train(study: Study, out: pathlib.Path, family: str, seed: int) -> bool:
     if result.is_file() and read_json(result).get("steps") == study.steps and not read_json(result).get("stopped"):
         return False
     shutil.rmtree(out / "models" / name, ignore_errors=True)  # computed from the old run
-    (out / "eval" / f"{name}.json").unlink(missing_ok=True)
+    for stale in (out / "eval" / f"{name}.json", out / "curve.csv"):
+        stale.unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "study_run.json").write_text(json.dumps(record, indent=2))
     (out / "logs").mkdir(exist_ok=True)
@@ -125,10 +137,60 @@ def convert_and_evaluate(study: Study, out: pathlib.Path, name: str) -> dict:
         convert(checkpoint, model_dir, force=True)
     if not evaluation.is_file():
         print(f"study: evaluating {name}", flush=True)
-        result = evaluate(model_dir, pathlib.Path(study.data), orders=study.eval_orders, batches=study.eval_batches)
+        (result,) = evaluate(model_dir, [pathlib.Path(study.data)], orders=study.eval_orders,
+                             batches=study.eval_batches)
         evaluation.parent.mkdir(exist_ok=True)
         evaluation.write_text(json.dumps(result, indent=2))
     return read_json(evaluation)
+
+
+def speed_quality(study: Study, out: pathlib.Path) -> list[dict]:
+    """The curve rows (pretrain/inference/curve.py) of seed 0 of every SetDLM and BD3-LM family,
+    written to curve.csv / curve.png; read back when curve.csv is there (a retrained run removes it)."""
+    from pretrain.inference.curve import curve_rows, write_curve
+    from pretrain.inference.judge import load_judge
+
+    if (out / "curve.csv").is_file():
+        return read_curve_back(out)
+    c = study.curve
+    judge = out / "models" / run_name(c["judge"], study.seeds[0]) if c["judge"] in study.families else c["judge"]
+    models = [out / "models" / run_name(family, study.seeds[0]) for family, spec in study.families.items()
+              if spec["kind"] in ("setdlm", "bd3lm")]
+    print("study: decoding the speed-quality curve", flush=True)
+    rows = curve_rows(models, *load_judge(pathlib.Path(judge)), taus=c.get("taus", [0.9, 0.7, 0.5]),
+                      windows=c.get("windows", [None]), samples=c.get("samples", 8),
+                      new_tokens=c.get("new_tokens", 64), temperature=1.0, top_p=0.9)
+    write_curve(rows, out / "curve")
+    return read_curve_back(out)
+
+
+def read_curve_back(out: pathlib.Path) -> list[dict]:
+    """curve.csv as written (numbers as floats, an empty window None)."""
+    import csv
+
+    with open(out / "curve.csv") as rows:
+        return [{k: (v if k in ("model", "order") else float(v) if v else None) for k, v in row.items()}
+                for row in csv.DictReader(rows)]
+
+
+def frontier_claim(rows: list[dict], kinds: dict[str, str]) -> str:
+    """Whether SetDLM decodes more tokens per forward than block diffusion at equal sample quality:
+    a point dominates another when it has at least its tokens per forward and at most its
+    generative perplexity (one better); compares how many BD3-LM points some SetDLM point
+    dominates with how many SetDLM points some BD3-LM point dominates."""
+    points = {kind: [(r["tokens_per_forward"], r["generative_perplexity"]) for r in rows
+                     if kinds.get(pathlib.Path(r["model"]).name) == kind] for kind in ("setdlm", "bd3lm")}
+    if not points["setdlm"] or not points["bd3lm"]:
+        return "not tested: the curve needs SetDLM and BD3-LM models"
+
+    def dominated(points_a, points_b):  # points of b that some point of a dominates
+        return sum(any(ta >= tb and pa <= pb and (ta, pa) != (tb, pb) for ta, pa in points_a) for tb, pb in points_b)
+
+    set_wins, block_wins = dominated(points["setdlm"], points["bd3lm"]), dominated(points["bd3lm"], points["setdlm"])
+    verdict = "agrees" if set_wins > block_wins else "does not agree" if set_wins < block_wins else "inconclusive"
+    return (f"{verdict}: SetDLM points dominate {set_wins} of {len(points['bd3lm'])} BD3-LM points (more tokens "
+            f"per forward at no higher generative perplexity); BD3-LM points dominate {block_wins} of "
+            f"{len(points['setdlm'])} SetDLM points")
 
 
 def loss_curve(run_dir: pathlib.Path) -> list[tuple[int, float]]:
@@ -158,14 +220,44 @@ def likelihood_claim(rows: list[dict]) -> str:
     for row in rows:
         best[row["kind"]] = min(best.get(row["kind"], math.inf), row["perplexity"])
     kinds = [kind for kind in CLAIM_ORDER if kind in best]
-    chain = " < ".join(f"{kind} {best[kind]:.2f}" for kind in kinds)
+    values = ", ".join(f"{kind} {best[kind]:.2f}" for kind in kinds)
     holds = all(best[a] < best[b] for a, b in zip(kinds, kinds[1:]))
-    return (f"{'agrees' if holds else 'does not agree'}: best perplexity per kind in the paper's order: {chain}"
+    return (f"{'agrees' if holds else 'does not agree'}: the best perplexity of each kind, in the paper's "
+            f"order: {values}"
             if len(kinds) > 1 else "not tested: the study has fewer than two kinds of model")
 
 
+def curve_section(study: Study, curve: list[dict]) -> list[str]:
+    if not curve:
+        return []
+    lines = ["## Speed and quality of decoding (seed 0, EMA weights)", "",
+             f"Unconditional samples ({study.curve.get('samples', 8)} of {study.curve.get('new_tokens', 64)} tokens "
+             f"per setting) scored by the judge `{study.curve['judge']}`; tokens per forward count generated tokens "
+             "only.", "", "| model | order | window | tau | tokens / forward | tokens/s | generative perplexity | "
+             "unigram entropy |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {pathlib.Path(r['model']).name} | {r['order']} | {'' if r['window'] is None else int(r['window'])} | "
+              f"{r['tau']:g} | {r['tokens_per_forward']:.3f} | {r['tokens_per_s']:.1f} | "
+              f"{r['generative_perplexity']:.2f} | {r['unigram_entropy_mean']:.3f} |" for r in curve]
+    return lines + ["", "![speed-quality curve](curve.png)", ""]
+
+
+def machine() -> str:
+    """The machine the report was written on, in words."""
+    import os
+    import platform
+
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+    cpuinfo = pathlib.Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+             if line.startswith("model name")] if cpuinfo.is_file() else []
+    return f"{os.cpu_count()} CPU cores ({names[0] if names else platform.processor() or 'unknown model'}), no GPU"
+
+
 def write_report(study: Study, out: pathlib.Path, config_path: pathlib.Path, rows: list[dict],
-                 curves: dict[str, list[tuple[int, float]]]) -> pathlib.Path:
+                 curves: dict[str, list[tuple[int, float]]], curve: list[dict]) -> pathlib.Path:
     import platform
 
     import matplotlib
@@ -183,7 +275,7 @@ def write_report(study: Study, out: pathlib.Path, config_path: pathlib.Path, row
     plt.close(figure)
     lines = [f"# Study: {config_path}", "",
              f"Recipe `{study.recipe}`, data `{study.data}`, {study.steps} steps per run, seeds {study.seeds}; "
-             f"machine: {platform.machine()}, {platform.processor() or 'unknown CPU'}, Python {platform.python_version()}.",
+             f"machine: {machine()}, Python {platform.python_version()}.",
              "", "```bash", f"setdiff-study --config {config_path} --out {out}", "```", "",
              "## Likelihood bound on the validation split (EMA weights)", "",
              f"NLL per token averaged over {study.eval_orders} sampled orders x {study.eval_batches} micro-batches; "
@@ -192,13 +284,16 @@ def write_report(study: Study, out: pathlib.Path, config_path: pathlib.Path, row
              "|---|---|---:|---:|---:|---:|"]
     lines += [f"| {r['family']} | {r['kind']} | {r['seeds']} | {r['nll_per_token']:.4f} | "
               f"{r['nll_std']:.4f} | {r['perplexity']:.2f} |" for r in rows]
-    lines += ["", "![loss curves](loss_curves.png)", "", "## The paper's claims", "",
+    kinds = {run_name(family, study.seeds[0]): spec["kind"] for family, spec in study.families.items()}
+    speed = frontier_claim(curve, kinds) if curve else "not measured (the study config has no curve)"
+    lines += ["", "![loss curves](loss_curves.png)", "", *curve_section(study, curve), "## The paper's claims", "",
               f"- Likelihood between AR and block diffusion (AR < SetDLM < BD3-LM < MDLM): {likelihood_claim(rows)}.",
-              "- Better speed-quality trade-offs than block diffusion: not measured by this study yet.",
+              f"- Better speed-quality trade-offs than block diffusion: {speed}.",
               "- Stronger infilling than block diffusion: not measured by this study yet.", ""]
     report = out / "REPORT.md"
     report.write_text("\n".join(lines))
-    (out / "results.json").write_text(json.dumps({"likelihood": rows, "loss_curves": curves}, indent=2))
+    (out / "results.json").write_text(json.dumps({"likelihood": rows, "loss_curves": curves, "curve": curve},
+                                                 indent=2))
     return report
 
 
@@ -212,7 +307,8 @@ def run_study(config_path: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
             name = run_name(family, seed)
             evaluations[name] = convert_and_evaluate(study, out, name)
             curves[name] = loss_curve(out / "runs" / name)
-    report = write_report(study, out, config_path, summarize(study, evaluations), curves)
+    curve = speed_quality(study, out) if study.curve else []
+    report = write_report(study, out, config_path, summarize(study, evaluations), curves, curve)
     print(f"study: wrote {report}")
     return report
 

@@ -3,7 +3,9 @@ table is the evaluations' numbers and its loss curves are the runs' own logs; a 
 trains nothing again, and a deleted run is the only one redone."""
 from __future__ import annotations
 
+import csv
 import json
+import pathlib
 import re
 import shutil
 import subprocess
@@ -29,15 +31,17 @@ def test_a_miniature_study_reports_its_runs_and_resumes(tiny_corpus, tmp_path):
         "recipe": str(ROOT / "configs/demo_cpu.yaml"), "data": str(tiny_corpus), "steps": 4, "seeds": [0],
         "overrides": tiny_run("data.num_workers=0", "train.save_interval=0", seq_len=32, log_interval=2),
         "eval_orders": 2, "eval_batches": 2,
-        "families": {"ar": {"kind": "ar", "overrides": ["diffusion.order=ar"]},
-                     "mdlm": {"kind": "mdlm", "overrides": ["diffusion.order=mdlm", "diffusion.objective=masked_ce"]}},
+        "families": {"ar": {"kind": "ar", "overrides": ["diffusion.mode=ar_baseline"]},
+                     "setdlm": {"kind": "setdlm", "overrides": ["diffusion.order=staggered:4"]},
+                     "bd3lm": {"kind": "bd3lm", "overrides": ["diffusion.order=block:4", "diffusion.objective=masked_ce"]}},
+        "curve": {"judge": "ar", "taus": [0.9, 0.3], "samples": 2, "new_tokens": 8},
     }}))
     out = tmp_path / "study"
     first = study(config, out)
-    assert first.stdout.count("study: training") == 2
+    assert first.stdout.count("study: training") == 3
     report = (out / "REPORT.md").read_text()
     curves = json.loads((out / "results.json").read_text())["loss_curves"]
-    for name, kind in (("ar", "ar"), ("mdlm", "mdlm")):
+    for name, kind in (("ar", "ar"), ("setdlm", "setdlm"), ("bd3lm", "bd3lm")):
         evaluation = json.loads((out / "eval" / f"{name}-s0.json").read_text())
         row = re.search(rf"^\| {name} \| {kind} \| 1 \| ([0-9.]+) \| ([0-9.]+) \| ([0-9.]+) \|$", report, re.M)
         assert row and float(row[1]) == pytest.approx(evaluation["nll_per_token"], abs=1e-4), report
@@ -48,16 +52,32 @@ def test_a_miniature_study_reports_its_runs_and_resumes(tiny_corpus, tmp_path):
         assert [step for step, _ in plotted] == [2, 4]
         assert [loss for _, loss in plotted] == pytest.approx([e["loss"] for e in log], rel=1e-6)
     claim = re.search(r"AR < SetDLM < BD3-LM < MDLM\): (.*)\.$", report, re.M)[1]
-    results = {r["kind"]: r["perplexity"] for r in json.loads((out / "results.json").read_text())["likelihood"]}
-    assert claim.startswith("agrees" if results["ar"] < results["mdlm"] else "does not agree"), claim
-    assert (out / "loss_curves.png").stat().st_size > 1000
+    ppl = {r["kind"]: r["perplexity"] for r in json.loads((out / "results.json").read_text())["likelihood"]}
+    holds = ppl["ar"] < ppl["setdlm"] < ppl["bd3lm"]
+    assert claim.startswith("agrees" if holds else "does not agree"), claim
+    assert (out / "loss_curves.png").stat().st_size > 1000 and (out / "curve.png").stat().st_size > 1000
+    with open(out / "curve.csv") as f:  # every model x tau, each a row of the report's curve table
+        rows = list(csv.DictReader(f))
+    assert sorted((pathlib.Path(r["model"]).name, float(r["tau"])) for r in rows) == \
+        [(m, t) for m in ("bd3lm-s0", "setdlm-s0") for t in (0.3, 0.9)]
+    for r in rows:
+        line = (f"| {pathlib.Path(r['model']).name} | {r['order']} | {r['window']} | {float(r['tau']):g} | "
+                f"{float(r['tokens_per_forward']):.3f} |")
+        assert line in report, line
+    points = {k: [(float(r["tokens_per_forward"]), float(r["generative_perplexity"])) for r in rows
+                  if r["model"].endswith(k)] for k in ("setdlm-s0", "bd3lm-s0")}
+    beaten = sum(any(t >= tb and p <= pb and (t, p) != (tb, pb) for t, p in points["setdlm-s0"])
+                 for tb, pb in points["bd3lm-s0"])
+    assert f"SetDLM points dominate {beaten} of 2 BD3-LM points" in report
 
     again = study(config, out)
     assert "study: training" not in again.stdout and "study: evaluating" not in again.stdout
-    shutil.rmtree(out / "runs" / "mdlm-s0")
+    assert "speed-quality curve" not in again.stdout
+    shutil.rmtree(out / "runs" / "bd3lm-s0")
     redo = study(config, out)
-    assert redo.stdout.count("study: training") == 1 and "training mdlm-s0" in redo.stdout
-    assert "evaluating mdlm-s0" in redo.stdout and "evaluating ar-s0" not in redo.stdout
+    assert redo.stdout.count("study: training") == 1 and "training bd3lm-s0" in redo.stdout
+    assert "evaluating bd3lm-s0" in redo.stdout and "evaluating ar-s0" not in redo.stdout
+    assert "decoding the speed-quality curve" in redo.stdout  # it holds the retrained model
 
 
 def test_bad_study_configs_are_named(tmp_path):
