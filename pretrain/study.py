@@ -5,12 +5,12 @@ Every family of the study config is trained from the same recipe, on the same da
 same steps and tokens, once per seed (``runs/<family>-s<seed>``, a plain setdiff-pretrain run
 resumed with ``--resume auto``), converted with its EMA weights (``models/``) and evaluated
 (``eval/``): the likelihood bound on the validation split, averaged over sampled orders.
-With a ``curve`` section, the SetDLM and BD3-LM models (seed 0) decode
-unconditional samples over a sweep of tau (and window) scored by a judge, by default the study's
-own AR baseline (``curve.csv``, ``curve.png``). ``REPORT.md`` gathers the tables (the likelihood
-with its spread over seeds, the curve), the loss curves (``loss_curves.png``, from each run's
-TensorBoard scalars) and one line per claim of the paper saying whether this run agrees, from
-its numbers.
+With a ``curve`` section, the SetDLM and BD3-LM models (seed 0) decode unconditional samples
+over a sweep of tau (and window) scored by a judge, by default the study's own AR baseline
+(``curve.csv``, ``curve.png``); with an ``infill`` section they fill masked spans of held-out
+text (pretrain/inference/infill.py). ``REPORT.md`` gathers the tables, the loss curves
+(``loss_curves.png``, from each run's TensorBoard scalars) and one line per claim of the paper
+saying whether this run agrees, from its numbers.
 
 Resumable at every stage: a run whose result.json has the study's steps is not trained again,
 a model or an evaluation already written is not redone, and a killed run continues from its
@@ -55,6 +55,9 @@ class Study:
     """Sampled orders per validation sequence of the likelihood bound."""
     eval_batches: int = 16
     """Validation micro-batches of the likelihood bound."""
+    infill: dict = dataclasses.field(default_factory=dict)
+    """Infilling of the SetDLM and BD3-LM families (seed 0) on validation text: {spans: [4, 8, 16],
+    sequences: N, tau: 0.9} (pretrain/inference/infill.py); empty: not measured."""
     curve: dict = dataclasses.field(default_factory=dict)
     """The speed-quality curve of the SetDLM and BD3-LM families (seed 0): {judge: a family whose converted
     model scores the samples (the AR baseline: a causal LM of the same data) or a transformers directory,
@@ -82,6 +85,8 @@ def load_study(path: pathlib.Path) -> Study:
     if study.curve and (set(study.curve) - curve_keys or "judge" not in study.curve):
         raise ValueError(f"{path}: study.curve needs 'judge' and takes {', '.join(sorted(curve_keys))}; got "
                          f"{', '.join(sorted(study.curve))}")
+    if set(study.infill) - {"spans", "sequences", "tau"}:
+        raise ValueError(f"{path}: study.infill takes spans, sequences and tau; got {', '.join(sorted(study.infill))}")
     for name, family in study.families.items():
         if not isinstance(family, dict) or family.get("kind") not in CLAIM_ORDER:
             raise ValueError(f"{path}: study.families.{name}.kind must be one of {', '.join(CLAIM_ORDER)}")
@@ -112,7 +117,7 @@ def train(study: Study, out: pathlib.Path, family: str, seed: int) -> bool:
     if result.is_file() and read_json(result).get("steps") == study.steps and not read_json(result).get("stopped"):
         return False
     shutil.rmtree(out / "models" / name, ignore_errors=True)  # computed from the old run
-    for stale in (out / "eval" / f"{name}.json", out / "curve.csv"):
+    for stale in (out / "eval" / f"{name}.json", out / "eval" / f"{name}.infill.json", out / "curve.csv"):
         stale.unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "study_run.json").write_text(json.dumps(record, indent=2))
@@ -193,6 +198,60 @@ def frontier_claim(rows: list[dict], kinds: dict[str, str]) -> str:
             f"{len(points['setdlm'])} SetDLM points")
 
 
+def infilling(study: Study, out: pathlib.Path) -> dict[str, list[dict]]:
+    """Infilling rows (eval/<run>.infill.json, reused when there) of seed 0 of every SetDLM and BD3-LM family."""
+    from pretrain.inference.infill import infill_scores
+
+    rows = {}
+    for family, spec in study.families.items():
+        if spec["kind"] not in ("setdlm", "bd3lm"):
+            continue
+        name = run_name(family, study.seeds[0])
+        path = out / "eval" / f"{name}.infill.json"
+        if not path.is_file():
+            print(f"study: infilling with {name}", flush=True)
+            path.write_text(json.dumps(infill_scores(
+                out / "models" / name, pathlib.Path(study.data), spans=study.infill.get("spans", [4, 8, 16]),
+                sequences=study.infill.get("sequences", 16), tau=study.infill.get("tau", 0.9),
+                orders=study.eval_orders), indent=2))
+        rows[name] = read_json(path)
+    return rows
+
+
+def infill_claim(rows: dict[str, list[dict]], kinds: dict[str, str]) -> str:
+    """Whether SetDLM infills better than block diffusion: at each span length, the lower NLL of
+    the truth of the best SetDLM run against the best BD3-LM run (accuracy reported beside)."""
+    best = {}
+    for name, spans in rows.items():
+        for row in spans:
+            key = (kinds[name], row["span"])
+            if key not in best or row["nll_per_token"] < best[key]["nll_per_token"]:
+                best[key] = row
+    spans = sorted({span for _, span in best})
+    pairs = [(best.get(("setdlm", s)), best.get(("bd3lm", s))) for s in spans]
+    pairs = [(s, a, b) for s, (a, b) in zip(spans, pairs) if a and b]
+    if not pairs:
+        return "not tested: infilling needs SetDLM and BD3-LM models"
+    wins = sum(a["nll_per_token"] < b["nll_per_token"] for _, a, b in pairs)
+    verdict = "agrees" if wins == len(pairs) else "does not agree" if wins == 0 else "mixed"
+    detail = "; ".join(f"span {s}: NLL {a['nll_per_token']:.3f} vs {b['nll_per_token']:.3f}, accuracy "
+                       f"{a['accuracy']:.3f} vs {b['accuracy']:.3f}" for s, a, b in pairs)
+    return f"{verdict}: SetDLM vs BD3-LM, lower NLL of the true span at {wins} of {len(pairs)} span lengths ({detail})"
+
+
+def infill_section(infill: dict[str, list[dict]]) -> list[str]:
+    if not infill:
+        return []
+    lines = ["## Infilling (seed 0, EMA weights)", "",
+             "A span in the middle of validation windows masked; everything else given. Accuracy of the decoded "
+             "span, the decoder's forwards, and the NLL per token of the true span with the rest as clean context.",
+             "", "| model | order | span | sequences | accuracy | forwards | NLL / span token |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {name} | {r['order']} | {r['span']} | {r['sequences']} | {r['accuracy']:.3f} | {r['forwards']} | "
+              f"{r['nll_per_token']:.4f} |" for name, spans in infill.items() for r in spans]
+    return lines + [""]
+
+
 def loss_curve(run_dir: pathlib.Path) -> list[tuple[int, float]]:
     """(step, train/loss) of a run from its TensorBoard events (every resume included)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -257,7 +316,8 @@ def machine() -> str:
 
 
 def write_report(study: Study, out: pathlib.Path, config_path: pathlib.Path, rows: list[dict],
-                 curves: dict[str, list[tuple[int, float]]], curve: list[dict]) -> pathlib.Path:
+                 curves: dict[str, list[tuple[int, float]]], curve: list[dict],
+                 infill: dict[str, list[dict]]) -> pathlib.Path:
     import platform
 
     import matplotlib
@@ -286,13 +346,15 @@ def write_report(study: Study, out: pathlib.Path, config_path: pathlib.Path, row
               f"{r['nll_std']:.4f} | {r['perplexity']:.2f} |" for r in rows]
     kinds = {run_name(family, study.seeds[0]): spec["kind"] for family, spec in study.families.items()}
     speed = frontier_claim(curve, kinds) if curve else "not measured (the study config has no curve)"
-    lines += ["", "![loss curves](loss_curves.png)", "", *curve_section(study, curve), "## The paper's claims", "",
+    filling = infill_claim(infill, kinds) if infill else "not measured (the study config has no infill)"
+    lines += ["", "![loss curves](loss_curves.png)", "", *curve_section(study, curve), *infill_section(infill),
+              "## The paper's claims", "",
               f"- Likelihood between AR and block diffusion (AR < SetDLM < BD3-LM < MDLM): {likelihood_claim(rows)}.",
               f"- Better speed-quality trade-offs than block diffusion: {speed}.",
-              "- Stronger infilling than block diffusion: not measured by this study yet.", ""]
+              f"- Stronger infilling than block diffusion: {filling}.", ""]
     report = out / "REPORT.md"
     report.write_text("\n".join(lines))
-    (out / "results.json").write_text(json.dumps({"likelihood": rows, "loss_curves": curves, "curve": curve},
+    (out / "results.json").write_text(json.dumps({"likelihood": rows, "loss_curves": curves, "curve": curve, "infill": infill},
                                                  indent=2))
     return report
 
@@ -308,7 +370,8 @@ def run_study(config_path: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
             evaluations[name] = convert_and_evaluate(study, out, name)
             curves[name] = loss_curve(out / "runs" / name)
     curve = speed_quality(study, out) if study.curve else []
-    report = write_report(study, out, config_path, summarize(study, evaluations), curves, curve)
+    infill = infilling(study, out) if study.infill else {}
+    report = write_report(study, out, config_path, summarize(study, evaluations), curves, curve, infill)
     print(f"study: wrote {report}")
     return report
 

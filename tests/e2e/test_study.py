@@ -35,6 +35,7 @@ def test_a_miniature_study_reports_its_runs_and_resumes(tiny_corpus, tmp_path):
                      "setdlm": {"kind": "setdlm", "overrides": ["diffusion.order=staggered:4"]},
                      "bd3lm": {"kind": "bd3lm", "overrides": ["diffusion.order=block:4", "diffusion.objective=masked_ce"]}},
         "curve": {"judge": "ar", "taus": [0.9, 0.3], "samples": 2, "new_tokens": 8},
+        "infill": {"spans": [2, 6], "sequences": 3},
     }}))
     out = tmp_path / "study"
     first = study(config, out)
@@ -69,6 +70,13 @@ def test_a_miniature_study_reports_its_runs_and_resumes(tiny_corpus, tmp_path):
     beaten = sum(any(t >= tb and p <= pb and (t, p) != (tb, pb) for t, p in points["setdlm-s0"])
                  for tb, pb in points["bd3lm-s0"])
     assert f"SetDLM points dominate {beaten} of 2 BD3-LM points" in report
+    infill = {name: json.loads((out / "eval" / f"{name}.infill.json").read_text()) for name in ("setdlm-s0", "bd3lm-s0")}
+    for name, spans in infill.items():
+        assert [r["span"] for r in spans] == [2, 6] and all(r["sequences"] == 3 for r in spans)
+        for r in spans:
+            assert f"| {name} | {r['order']} | {r['span']} | 3 | {r['accuracy']:.3f} | {r['forwards']} |" in report
+    wins = sum(a["nll_per_token"] < b["nll_per_token"] for a, b in zip(infill["setdlm-s0"], infill["bd3lm-s0"]))
+    assert f"lower NLL of the true span at {wins} of 2 span lengths" in report
 
     again = study(config, out)
     assert "study: training" not in again.stdout and "study: evaluating" not in again.stdout
@@ -77,6 +85,7 @@ def test_a_miniature_study_reports_its_runs_and_resumes(tiny_corpus, tmp_path):
     redo = study(config, out)
     assert redo.stdout.count("study: training") == 1 and "training bd3lm-s0" in redo.stdout
     assert "evaluating bd3lm-s0" in redo.stdout and "evaluating ar-s0" not in redo.stdout
+    assert "infilling with bd3lm-s0" in redo.stdout and "infilling with setdlm-s0" not in redo.stdout
     assert "decoding the speed-quality curve" in redo.stdout  # it holds the retrained model
 
 
