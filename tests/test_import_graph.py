@@ -1,5 +1,5 @@
 """No import cycles among the project's modules (model, data_pipeline, pretrain), and no training
-module imports the tools built on top of it (pretrain/inference, pretrain/bench).
+module imports the tools built on top of it (pretrain/inference, pretrain/bench, pretrain/study.py).
 
 Every import counts, also one deferred into a function: a cycle that only deferral keeps from
 failing is still two modules that each need the other."""
@@ -10,8 +10,8 @@ import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PACKAGES = ("model", "data_pipeline", "pretrain")
-# the tools around a trained model and the benchmarks: training code imports none of them
-TOOLS = ("pretrain.inference", "pretrain.bench")
+# the tools around a trained model, the benchmarks and the study: training code imports none of them
+TOOLS = ("pretrain.inference", "pretrain.bench", "pretrain.study")
 
 
 def project_modules() -> dict[str, pathlib.Path]:
@@ -78,7 +78,7 @@ def in_tools(module: str) -> bool:
 
 
 def test_training_imports_no_tools():
-    """pretrain/inference and pretrain/bench sit on top of training, never under it."""
+    """pretrain/inference, pretrain/bench and the study sit on top of training, never under it."""
     modules = project_modules()
     assert {"pretrain.inference.convert", "pretrain.bench.cli"} <= set(modules)  # the walk sees the sub-packages
     assert in_tools("pretrain.inference.sample") and not in_tools("pretrain.inference_x")
