@@ -131,6 +131,14 @@ def train(study: Study, out: pathlib.Path, family: str, seed: int) -> bool:
     return True
 
 
+def quiet(out: pathlib.Path, tag: str):
+    """Third-party output of an in-process stage (library warnings) into logs/<tag>.log."""
+    from pretrain.inference.quiet import third_party_output_to
+
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    return third_party_output_to(out / "logs" / f"{tag}.log")
+
+
 def convert_and_evaluate(study: Study, out: pathlib.Path, name: str) -> dict:
     """The run's EMA weights converted (models/<name>) and its likelihood bound (eval/<name>.json)."""
     from pretrain.inference.convert import convert
@@ -142,8 +150,9 @@ def convert_and_evaluate(study: Study, out: pathlib.Path, name: str) -> dict:
         convert(checkpoint, model_dir, force=True)
     if not evaluation.is_file():
         print(f"study: evaluating {name}", flush=True)
-        (result,) = evaluate(model_dir, [pathlib.Path(study.data)], orders=study.eval_orders,
-                             batches=study.eval_batches)
+        with quiet(out, f"{name}.eval"):
+            (result,) = evaluate(model_dir, [pathlib.Path(study.data)], orders=study.eval_orders,
+                                 batches=study.eval_batches)
         evaluation.parent.mkdir(exist_ok=True)
         evaluation.write_text(json.dumps(result, indent=2))
     return read_json(evaluation)
@@ -155,17 +164,20 @@ def speed_quality(study: Study, out: pathlib.Path) -> list[dict]:
     from pretrain.inference.curve import curve_rows, write_curve
     from pretrain.inference.judge import load_judge
 
-    if (out / "curve.csv").is_file():
-        return read_curve_back(out)
     c = study.curve
+    settings = out / "curve_settings.json"  # the curve is redone when the study's curve section changes
+    if (out / "curve.csv").is_file() and settings.is_file() and read_json(settings) == c:
+        return read_curve_back(out)
     judge = out / "models" / run_name(c["judge"], study.seeds[0]) if c["judge"] in study.families else c["judge"]
     models = [out / "models" / run_name(family, study.seeds[0]) for family, spec in study.families.items()
               if spec["kind"] in ("setdlm", "bd3lm")]
     print("study: decoding the speed-quality curve", flush=True)
-    rows = curve_rows(models, *load_judge(pathlib.Path(judge)), taus=c.get("taus", [0.9, 0.7, 0.5]),
-                      windows=c.get("windows", [None]), samples=c.get("samples", 8),
-                      new_tokens=c.get("new_tokens", 64), temperature=1.0, top_p=0.9)
+    with quiet(out, "curve"):
+        rows = curve_rows(models, *load_judge(pathlib.Path(judge)), taus=c.get("taus", [0.9, 0.7, 0.5]),
+                          windows=c.get("windows", [None]), samples=c.get("samples", 8),
+                          new_tokens=c.get("new_tokens", 64), temperature=1.0, top_p=0.9)
     write_curve(rows, out / "curve")
+    settings.write_text(json.dumps(c, indent=2))
     return read_curve_back(out)
 
 
@@ -193,9 +205,12 @@ def frontier_claim(rows: list[dict], kinds: dict[str, str]) -> str:
 
     set_wins, block_wins = dominated(points["setdlm"], points["bd3lm"]), dominated(points["bd3lm"], points["setdlm"])
     verdict = "agrees" if set_wins > block_wins else "does not agree" if set_wins < block_wins else "inconclusive"
-    return (f"{verdict}: SetDLM points dominate {set_wins} of {len(points['bd3lm'])} BD3-LM points (more tokens "
-            f"per forward at no higher generative perplexity); BD3-LM points dominate {block_wins} of "
-            f"{len(points['setdlm'])} SetDLM points")
+    speeds = sorted({t for pts in points.values() for t, _ in pts})
+    note = (f"; every point decoded {speeds[0]:.2f} tokens per forward, so this compares quality at equal speed "
+            "only" if len(speeds) == 1 else "")
+    return (f"{verdict}: SetDLM points dominate {set_wins} of {len(points['bd3lm'])} BD3-LM points (at least their "
+            f"tokens per forward at no higher generative perplexity, better in one); BD3-LM points dominate "
+            f"{block_wins} of {len(points['setdlm'])} SetDLM points{note}")
 
 
 def infilling(study: Study, out: pathlib.Path) -> dict[str, list[dict]]:
@@ -208,12 +223,14 @@ def infilling(study: Study, out: pathlib.Path) -> dict[str, list[dict]]:
             continue
         name = run_name(family, study.seeds[0])
         path = out / "eval" / f"{name}.infill.json"
-        if not path.is_file():
+        settings = {"spans": study.infill.get("spans", [4, 8, 16]), "sequences": study.infill.get("sequences", 16),
+                    "tau": study.infill.get("tau", 0.9), "orders": study.eval_orders}
+        if not path.is_file() or [r["span"] for r in read_json(path)] != settings["spans"] or any(
+                (r["tau"], r["orders"]) != (settings["tau"], settings["orders"]) for r in read_json(path)):
             print(f"study: infilling with {name}", flush=True)
-            path.write_text(json.dumps(infill_scores(
-                out / "models" / name, pathlib.Path(study.data), spans=study.infill.get("spans", [4, 8, 16]),
-                sequences=study.infill.get("sequences", 16), tau=study.infill.get("tau", 0.9),
-                orders=study.eval_orders), indent=2))
+            with quiet(out, f"{name}.infill"):
+                scores = infill_scores(out / "models" / name, pathlib.Path(study.data), **settings)
+            path.write_text(json.dumps(scores, indent=2))
         rows[name] = read_json(path)
     return rows
 
