@@ -17,10 +17,19 @@ def write(tmp_path, text: str) -> pathlib.Path:
     return path
 
 
-def test_every_recipe_loads():
-    assert {p.name for p in CONFIGS} >= {"demo_cpu.yaml", "small.yaml", "350m.yaml"}
+def test_every_recipe_loads(monkeypatch):
+    """Every run recipe; a study config (setdiff-study) with every run it would train."""
+    import yaml
+
+    from pretrain.study import load_study
+
+    assert {p.name for p in CONFIGS} >= {"demo_cpu.yaml", "small.yaml", "350m.yaml", "study_cpu.yaml"}
+    monkeypatch.chdir(CONFIGS[0].parent.parent)  # a study names its recipe from the repository root
     for path in CONFIGS:
-        assert isinstance(load_config(path), RunConfig), path
+        if "study" in yaml.safe_load(path.read_text()):
+            assert load_study(path).families, path
+        else:
+            assert isinstance(load_config(path), RunConfig), path
 
 
 def test_small_recipe_is_the_reference_setup():
