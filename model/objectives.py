@@ -111,6 +111,11 @@ def weighted_loss(token_ce: torch.Tensor, loss_weight: torch.Tensor, loss_normal
     return (token_ce * loss_weight).sum() / loss_normalizer
 
 
+def sequence_nll(batch: dict[str, torch.Tensor], token_ce: torch.Tensor) -> torch.Tensor:
+    """[B] float64: each sequence's weighted cross-entropy (its NLL, or NELBO, of the loss tokens)."""
+    return (token_ce.double() * batch["loss_weight"].double()).sum(dim=1)
+
+
 def loss_fn(batch: dict[str, torch.Tensor], logits: torch.Tensor):
     """(loss, per-token cross-entropy [B, L]); consumes ``logits`` (in-place kernel)."""
     token_ce = vocab_parallel_token_loss(logits, batch["targets"])

@@ -113,8 +113,8 @@ def train(study: Study, out: pathlib.Path, family: str, seed: int) -> bool:
     if (run_dir / "study_run.json").is_file() and read_json(run_dir / "study_run.json") != record:
         raise ValueError(f"{run_dir} was trained with other settings than {record['overrides']} "
                          f"(see its study_run.json): delete it to train it again")
-    result = run_dir / "result.json"
-    if result.is_file() and read_json(result).get("steps") == study.steps and not read_json(result).get("stopped"):
+    result = read_json(run_dir / "result.json") if (run_dir / "result.json").is_file() else {}
+    if result.get("steps") == study.steps and not result.get("stopped"):
         return False
     shutil.rmtree(out / "models" / name, ignore_errors=True)  # computed from the old run
     for stale in (out / "eval" / f"{name}.json", out / "eval" / f"{name}.infill.json", out / "curve.csv"):

@@ -33,7 +33,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from data_pipeline.collator import CollatorConfig, SetDiffusionCollator
-from model.objectives import evaluation_objective, forward_step
+from model.objectives import evaluation_objective, forward_step, sequence_nll
 from model.sampling import generate
 from pretrain.inference.sample import decode_config, load_model
 
@@ -159,7 +159,7 @@ class SetDiffusionLM(TemplateLM):
             if greedy is None:
                 greedy = ((logits.argmax(-1) == batch["targets"]) | (weight == 0)).all(dim=1).cpu()
             _, token_ce = loss_fn(logits)
-            nll += (token_ce.double() * weight.double()).sum(dim=1).cpu()
+            nll += sequence_nll(batch, token_ce).cpu()
         nll /= len(self.collate)
         return [(-float(nll[b]), bool(greedy[b])) for b in range(B)]
 

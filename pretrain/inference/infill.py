@@ -34,7 +34,7 @@ def infill_scores(model_dir: pathlib.Path, data: pathlib.Path, *, spans: list[in
     """One row per span length over the first ``sequences`` validation sequences of ``data``; the
     NLL averaged over ``orders`` sampled orders and noise draws."""
     from data_pipeline.collator import CollatorConfig, SetDiffusionCollator
-    from model.objectives import evaluation_objective, forward_step
+    from model.objectives import evaluation_objective, forward_step, sequence_nll
     from model.sampling import decode_canvases
     from pretrain.inference.corpora import corpus_sequences
     from pretrain.inference.judge import load_sampler
@@ -68,7 +68,7 @@ def infill_scores(model_dir: pathlib.Path, data: pathlib.Path, *, spans: list[in
             batch = collate(tokens, doc, step=0, context=~inside.expand(count, L))
             logits, loss_fn = forward_step(batch, model, True)
             _, token_ce = loss_fn(logits)
-            total += float((token_ce.double() * batch["loss_weight"].double()).sum())
+            total += float(sequence_nll(batch, token_ce).sum())
         nll = total / (len(collators) * count * span)
         rows.append({"span": span, "sequences": count, "accuracy": float((filled == tokens[:, start:start + span])
                                                                          .double().mean()),
