@@ -47,6 +47,8 @@ class SlurmCluster:
         r = self.root
         self.conf.write_text("\n".join([
             "ClusterName=setdifftest", f"SlurmctldHost={self.host}", "SlurmUser=root", "AuthType=auth/munge",
+            # a requeued job waits cred_expire seconds (default 120) before it may start again
+            "AuthInfo=cred_expire=10",
             "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "SelectType=select/cons_tres",
             "SelectTypeParameters=CR_Core", "ReturnToService=2", "MpiDefault=none", "JobRequeue=1",
             f"StateSaveLocation={r}/state", f"SlurmdSpoolDir={r}/spool",
