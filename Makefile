@@ -36,13 +36,21 @@ $(DEPS_ENV)/.complete:
 	    touch $(DEPS_ENV)/.complete; \
 	  fi'
 
-$(VENV)/.deps-$(DEPS_HASH): $(DEPS_ENV)/.complete setup.cfg
+$(VENV)/.deps-$(DEPS_HASH): $(DEPS_ENV)/.complete setup.cfg setup.py Makefile
 	rm -rf $(VENV)
 	$(PYTHON) -m venv --without-pip $(VENV)
 	$(DEPS_ENV)/bin/python -c "import site; print(site.getsitepackages()[0])" > $(VENV)/deps-site.txt
 	echo "import site; site.addsitedir('$$(cat $(VENV)/deps-site.txt)')" > \
 	  $$($(VPY) -c "import site; print(site.getsitepackages()[0])")/setdiff-deps.pth
 	$(VPY) -m pip install -q --no-deps --no-build-isolation --config-settings editable_mode=compat -e .
+	@# an editable install skips setup.py's start-up hook for `lm_eval --model setdiff`
+	@# (pretrain/inference/lm_eval_hook.py): write it here, and put lm_eval's commands in .venv/bin
+	echo "import pretrain.inference.lm_eval_hook" > \
+	  $$($(VPY) -c "import site; print(site.getsitepackages()[0])")/setdiff-lm-eval.pth
+	for cmd in lm_eval lm-eval; do \
+	  printf '#!/bin/sh\nexec "$$(dirname "$$0")/python" -m lm_eval "$$@"\n' > $(VENV)/bin/$$cmd; \
+	  chmod +x $(VENV)/bin/$$cmd; \
+	done
 	touch $@
 
 demo: env

@@ -1,11 +1,12 @@
 """A set diffusion model in EleutherAI's lm-evaluation-harness: the ``setdiff`` model.
 
-    setdiff-lm-eval --model setdiff --model_args pretrained=hf/demo_cpu,tau=0.9 --tasks hellaswag
+    lm_eval --model setdiff --model_args pretrained=hf/demo_cpu,tau=0.9 --tasks hellaswag
 
-``setdiff-lm-eval`` is lm_eval's own command line with this model registered (the harness has
-no plugin hook for models, so ``lm_eval --model setdiff`` works wherever this module is
-imported first: from Python, ``import pretrain.inference.harness`` then
-``lm_eval.simple_evaluate(model="setdiff", ...)``). It needs the ``eval`` extra.
+``lm_eval`` finds this class through the start-up hook the package installs
+(lm_eval_hook.py). ``setdiff-lm-eval`` is lm_eval's own command line with this model
+registered and expected failures printed as one line; from Python, ``import
+pretrain.inference.harness`` then ``lm_eval.simple_evaluate(model="setdiff", ...)``. It needs
+the ``eval`` extra.
 
 - ``loglikelihood``: the context is clean context (the first sets, never masked, no loss) and the
   continuation is scored by the model's bound under its order family: the exact log-likelihood
@@ -50,7 +51,6 @@ def _number(name: str, value, kind, low):
     return number
 
 
-@register_model("setdiff")
 class SetDiffusionLM(TemplateLM):
     """A setdiff-convert directory as an lm_eval model (module docstring)."""
 
@@ -187,6 +187,12 @@ class SetDiffusionLM(TemplateLM):
         return texts
 
 
+# Registered by the importable module only: under ``python -m`` this file also runs as __main__,
+# whose class is not the one lm_eval_hook's placeholder names.
+if __name__ != "__main__":
+    register_model("setdiff")(SetDiffusionLM)
+
+
 def main(argv=None) -> int:
     """lm_eval's command line with the ``setdiff`` model registered; an expected failure (a
     model arg, a model directory) is one line naming it, exit 2."""
@@ -204,4 +210,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pretrain.inference import harness
+
+    sys.exit(harness.main())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -99,11 +100,24 @@ def harness(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
-def test_the_harness_command_line_runs_local_tasks(ar_model, tmp_path):
+def lm_eval_command() -> str:
+    """The harness's own `lm_eval` beside this Python (make env puts one in .venv/bin; a wheel
+    install with the eval extra has lm_eval's)."""
+    command = pathlib.Path(sys.executable).parent / "lm_eval"
+    assert command.is_file(), f"no {command}: install the eval extra (make env does)"
+    return str(command)
+
+
+def test_lm_eval_itself_runs_local_tasks_on_our_model(ar_model, tmp_path):
+    """The literal `lm_eval --model setdiff`, started outside the repository so nothing but the
+    installed start-up hook can tell lm_eval where the model is."""
     write_tasks(tmp_path / "tasks")
-    proc = harness("--model", "setdiff", "--model_args", f"pretrained={ar_model},tau=0.9", "--tasks",
-                   "tiny_mc,tiny_gen", "--include_path", str(tmp_path / "tasks"), "--batch_size", "4",
-                   "--output_path", str(tmp_path / "out"))
+    env = fresh_env(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.pop("PYTHONPATH", None)
+    proc = subprocess.run([lm_eval_command(), "--model", "setdiff", "--model_args", f"pretrained={ar_model},tau=0.9",
+                           "--tasks", "tiny_mc,tiny_gen", "--include_path", str(tmp_path / "tasks"),
+                           "--batch_size", "4", "--output_path", str(tmp_path / "out")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (result,) = list((tmp_path / "out").rglob("results_*.json"))
     results = json.loads(result.read_text())["results"]
