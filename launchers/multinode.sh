@@ -5,6 +5,8 @@
 # Every node runs the same command; the rendezvous assigns node ranks. Resumes automatically
 # from the run's newest complete checkpoint. SETDIFF_DRY_RUN=1 prints the command instead.
 # On SIGUSR1/SIGTERM the trainers save after their current step; the script then exits 75.
+# Relative paths in CONFIG and the overrides are read from the repository root, or from
+# SETDIFF_WORKDIR when set (setdiff-study sets it to the directory it runs in).
 set -euo pipefail
 if [ "$#" -lt 1 ]; then
   echo "usage: $0 CONFIG [section.key=value ...]  (env: NNODES NPROC_PER_NODE RDZV_HOST RDZV_PORT RDZV_ID)" >&2
@@ -23,7 +25,7 @@ if [ "${SETDIFF_DRY_RUN:-0}" = 1 ]; then
   printf '%q ' "${cmd[@]}"; echo
   exit 0
 fi
-cd "$here"
+cd "${SETDIFF_WORKDIR:-$here}"
 # Slurm signals this script (srun's task). Hand the signal to the training processes themselves
 # (torchrun's children): they finish the step, save, and exit; then ask for a requeue.
 got_signal=0

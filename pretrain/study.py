@@ -12,6 +12,10 @@ text (pretrain/inference/infill.py). ``REPORT.md`` gathers the tables, the loss 
 (``loss_curves.png``, from each run's TensorBoard scalars) and one line per claim of the paper
 saying whether this run agrees, from its numbers.
 
+With a ``slurm`` section the runs are Slurm jobs submitted side by side through
+launchers/slurm.sbatch (pretrain/study_slurm.py); ``--no-wait`` submits and returns, and the same
+command run again waits for those jobs and goes on.
+
 Resumable at every stage: a run whose result.json has the study's steps is not trained again,
 a model or an evaluation already written is not redone, and a killed run continues from its
 last checkpoint. Deleting one run's folder redoes that run and what is computed from it. A run
@@ -58,6 +62,10 @@ class Study:
     infill: dict = dataclasses.field(default_factory=dict)
     """Infilling of the SetDLM and BD3-LM families (seed 0) on validation text: {spans: [4, 8, 16],
     sequences: N, tau: 0.9} (pretrain/inference/infill.py); empty: not measured."""
+    slurm: dict = dataclasses.field(default_factory=dict)
+    """Train the runs as Slurm jobs through launchers/slurm.sbatch: {sbatch: [extra sbatch arguments],
+    poll: seconds between squeue checks, script: another sbatch script} (pretrain/study_slurm.py);
+    empty: one after another on this machine."""
     curve: dict = dataclasses.field(default_factory=dict)
     """The speed-quality curve of the SetDLM and BD3-LM families (seed 0): {judge: a family whose converted
     model scores the samples (the AR baseline: a causal LM of the same data) or a transformers directory,
@@ -87,6 +95,10 @@ def load_study(path: pathlib.Path) -> Study:
                          f"{', '.join(sorted(study.curve))}")
     if set(study.infill) - {"spans", "sequences", "tau"}:
         raise ValueError(f"{path}: study.infill takes spans, sequences and tau; got {', '.join(sorted(study.infill))}")
+    if study.slurm:
+        from pretrain.study_slurm import check
+
+        check(study.slurm, str(path))
     for name, family in study.families.items():
         if not isinstance(family, dict) or family.get("kind") not in CLAIM_ORDER:
             raise ValueError(f"{path}: study.families.{name}.kind must be one of {', '.join(CLAIM_ORDER)}")
@@ -105,22 +117,33 @@ def run_overrides(study: Study, family: str, seed: int, out: pathlib.Path) -> li
             *study.families[family].get("overrides", [])]
 
 
-def train(study: Study, out: pathlib.Path, family: str, seed: int) -> bool:
-    """Train (or finish) one run; False when it was complete already."""
+def finished(study: Study, out: pathlib.Path, name: str) -> bool:
+    """The run's result.json has the study's steps and no stop before them."""
+    result = read_json(out / "runs" / name / "result.json") if (out / "runs" / name / "result.json").is_file() else {}
+    return result.get("steps") == study.steps and not result.get("stopped")
+
+
+def unfinished_run(study: Study, out: pathlib.Path, family: str, seed: int) -> list[str] | None:
+    """The overrides of a run still to train, its folder made ready (its settings recorded, what
+    was computed from an earlier state of it removed); None when it is finished."""
     name = run_name(family, seed)
     run_dir, overrides = out / "runs" / name, run_overrides(study, family, seed, out)
     record = {"recipe": study.recipe, "overrides": overrides}
     if (run_dir / "study_run.json").is_file() and read_json(run_dir / "study_run.json") != record:
         raise ValueError(f"{run_dir} was trained with other settings than {record['overrides']} "
                          f"(see its study_run.json): delete it to train it again")
-    result = read_json(run_dir / "result.json") if (run_dir / "result.json").is_file() else {}
-    if result.get("steps") == study.steps and not result.get("stopped"):
-        return False
+    if finished(study, out, name):
+        return None
     shutil.rmtree(out / "models" / name, ignore_errors=True)  # computed from the old run
     for stale in (out / "eval" / f"{name}.json", out / "eval" / f"{name}.infill.json", out / "curve.csv"):
         stale.unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "study_run.json").write_text(json.dumps(record, indent=2))
+    return overrides
+
+
+def train_here(study: Study, out: pathlib.Path, name: str, overrides: list[str]) -> None:
+    """Train (or finish) one run in a child process of this machine, its output in logs/<run>.log."""
     (out / "logs").mkdir(exist_ok=True)
     print(f"study: training {name}", flush=True)
     with open(out / "logs" / f"{name}.log", "a") as log:
@@ -128,6 +151,24 @@ def train(study: Study, out: pathlib.Path, family: str, seed: int) -> bool:
                                "--resume", "auto"], stdout=log, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
         raise RuntimeError(f"study: run {name} failed (exit {proc.returncode}); see {out / 'logs' / f'{name}.log'}")
+
+
+def train_runs(study: Study, out: pathlib.Path, wait: bool = True) -> bool:
+    """Every unfinished run trained, one after another here or side by side as Slurm jobs
+    (study.slurm); False when they were left to Slurm without waiting (``wait=False``)."""
+    runs = {}
+    for family in study.families:
+        for seed in study.seeds:
+            overrides = unfinished_run(study, out, family, seed)
+            if overrides is not None:
+                runs[run_name(family, seed)] = overrides
+    if runs and study.slurm:
+        from pretrain import study_slurm
+
+        study_slurm.train_all(study.slurm, out, study.recipe, runs, wait, lambda name: finished(study, out, name))
+        return wait
+    for name, overrides in runs.items():
+        train_here(study, out, name, overrides)
     return True
 
 
@@ -376,13 +417,15 @@ def write_report(study: Study, out: pathlib.Path, config_path: pathlib.Path, row
     return report
 
 
-def run_study(config_path: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
+def run_study(config_path: pathlib.Path, out: pathlib.Path, wait: bool = True) -> pathlib.Path | None:
+    """The whole study; None when its runs were left to Slurm without waiting (``wait=False``)."""
     study = load_study(config_path)
     out.mkdir(parents=True, exist_ok=True)
+    if not train_runs(study, out, wait):
+        return None
     evaluations, curves = {}, {}
     for family in study.families:
         for seed in study.seeds:
-            train(study, out, family, seed)
             name = run_name(family, seed)
             evaluations[name] = convert_and_evaluate(study, out, name)
             curves[name] = loss_curve(out / "runs" / name)
@@ -398,9 +441,12 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=pathlib.Path, required=True, help="a study config (configs/study_cpu.yaml)")
     parser.add_argument("--out", type=pathlib.Path, required=True, help="the study's directory")
+    parser.add_argument("--no-wait", action="store_true",
+                        help="with study.slurm: submit the runs still to train and return; the same command "
+                             "run again waits for them and goes on")
     args = parser.parse_args(argv)
     try:
-        run_study(args.config, args.out)
+        run_study(args.config, args.out, wait=not args.no_wait)
     except (*EXPECTED, RuntimeError) as err:
         print(error_line("setdiff-study", err), file=sys.stderr)
         return 2

@@ -101,3 +101,11 @@ def test_bad_study_configs_are_named(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pretrain.study", "--config", str(config), "--out",
                            str(tmp_path / "o")], cwd=ROOT, env=fresh_env(), capture_output=True, text=True)
     assert proc.returncode == 2 and "unknown study key familes" in proc.stderr, proc.stderr
+    for slurm, named in (({"sbach": []}, "study.slurm takes poll, sbatch, script; got sbach"),
+                         ({"sbatch": "--nodes=1"}, "study.slurm.sbatch must be a list of sbatch arguments"),
+                         ({"poll": 0}, "study.slurm.poll=0 must be a positive number of seconds")):
+        config.write_text(yaml.safe_dump({"study": {"recipe": str(ROOT / "configs/demo_cpu.yaml"), "data": "x",
+                                                    "steps": 2, "families": {"f": {"kind": "ar"}}, "slurm": slurm}}))
+        proc = subprocess.run([sys.executable, "-m", "pretrain.study", "--config", str(config), "--out",
+                               str(tmp_path / "o")], cwd=ROOT, env=fresh_env(), capture_output=True, text=True)
+        assert proc.returncode == 2 and named in proc.stderr, proc.stderr
