@@ -1,8 +1,8 @@
 """Makes ``lm_eval --model setdiff`` work without importing this project first.
 
 lm_eval 0.4.x finds models only in its registry and has no plugin entry point for them, so
-the package installs ``setdiff-lm-eval.pth`` beside itself in site-packages (setup.py; the
-Makefile's .venv gets it from the editable install). Python runs that file's one import line
+the package installs ``setdiff-lm-eval.pth`` beside itself in site-packages (setup.py, for a
+wheel; ``make env`` writes it into .venv, as an editable install leaves it out). Python runs that file's one import line
 at start-up, which lands here: a finder is put on ``sys.meta_path`` that does nothing until
 ``lm_eval.models`` is imported (the harness does that when its registry is first used), then
 registers ``setdiff`` as a lazy placeholder, as lm_eval registers its own models. Nothing
