@@ -14,6 +14,14 @@ megatron-core 0.16 calls CUDA directly in two ways that matter to us:
    ``initialize_rng_tracker`` is replaced by one that installs a tracker keeping one CPU
    generator state per name and swapping it into the default CPU generator inside ``fork()``.
 
+3. Not a CUDA call but a cost: importing megatron-core decorates its fused kernels
+   (``megatron.core.fusions``: bias-GeLU/SwiGLU/dropout, cross entropy; this project calls none
+   of them) with ``torch.compile``, which loads TorchDynamo and Inductor, about 2.5 of the ~4 s
+   the import takes on this CPU, in every process a run or a test starts. ``apply()`` imports the
+   package with ``torch.compile`` as the identity decorator (those functions stay eager; on a CPU
+   they could only compile with a C++ toolchain) and puts ``torch.compile`` back at once. If
+   megatron-core was imported before, nothing changes.
+
 ``apply()`` changes nothing when CUDA is present; it is idempotent, and
 ``pretrain.distributed.init_model_parallel`` calls it, before any megatron layer is built.
 """
@@ -90,6 +98,24 @@ def _make_cpu_tracker_class():
     return CpuRNGStatesTracker
 
 
+def _import_megatron_eagerly() -> None:
+    """megatron-core imported with ``torch.compile`` as the identity decorator (item 3 above)."""
+    import sys
+
+    if "megatron.core" in sys.modules:
+        return
+    compile_ = torch.compile
+
+    def identity(model=None, **options):
+        return model if model is not None else (lambda fn: fn)
+
+    torch.compile = identity
+    try:
+        importlib.import_module("megatron.core")
+    finally:
+        torch.compile = compile_
+
+
 def apply() -> bool:
     """Install the CPU replacements when CUDA is absent. Returns True if they are active."""
     global _APPLIED
@@ -97,6 +123,7 @@ def apply() -> bool:
         return False
     if _APPLIED:
         return True
+    _import_megatron_eagerly()
     from megatron.core.tensor_parallel import random as mp_random
 
     torch_view = _TorchForMegatron()

@@ -70,9 +70,9 @@ class Layout:
 def init_model_parallel(tensor: int, pipeline: int) -> Layout:
     """Split the world into tensor x pipeline x data groups (megatron's parallel_state)."""
     import torch.distributed as dist
-    from megatron.core import parallel_state
 
-    cpu_compat.apply()  # the one place: before any megatron layer is built
+    cpu_compat.apply()  # the one place: before megatron-core is imported and any layer is built
+    from megatron.core import parallel_state
     world = dist.get_world_size()
     if world % (tensor * pipeline):
         raise ValueError(f"parallel layout: world size {world} is not divisible by "

@@ -80,3 +80,29 @@ def test_buffers_megatron_allocates_land_on_cpu_and_torch_cuda_is_untouched(sing
     for name in cpu_compat.DEVICE_MODULES:
         view = importlib.import_module(name).torch
         assert view.cuda.current_device() == torch.device("cpu") and view.matmul is torch.matmul
+
+
+AFTER_APPLY = """
+import sys, time, torch
+compile_ = torch.compile
+from model import cpu_compat
+start = time.perf_counter()
+cpu_compat.apply()
+seconds = time.perf_counter() - start
+import megatron.core.jit as jit
+from megatron.core.fusions import fused_bias_swiglu
+fn = lambda x: x
+print(torch.compile is compile_, jit.jit_fuser(fn) is fn, "torch._inductor.compile_fx" in sys.modules,
+      hasattr(fused_bias_swiglu.swiglu, "_torchdynamo_orig_callable"), round(seconds, 2))
+"""
+
+
+@pytest.mark.slow  # a fresh interpreter importing megatron
+def test_megatron_is_imported_without_compiling_its_fused_kernels():
+    """Item 3: the fused kernels stay plain functions, Inductor is never loaded, torch.compile is
+    torch's own again for everyone else."""
+    proc = subprocess.run([sys.executable, "-c", AFTER_APPLY], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    same_compile, eager_fuser, inductor, compiled_swiglu, seconds = proc.stdout.split()
+    assert (same_compile, eager_fuser, inductor, compiled_swiglu) == ("True", "True", "False", "False"), proc.stdout
+    print(f"cpu_compat.apply() with megatron-core's import: {seconds} s")
