@@ -7,6 +7,7 @@ gets its process groups from the ``Layout``.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 from dataclasses import dataclass
@@ -46,6 +47,18 @@ def init_distributed() -> None:
     port = os.environ.get("MASTER_PORT") or str(free_port())
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, init_method=f"tcp://127.0.0.1:{port}",
                                rank=0, world_size=1)
+    atexit.register(leave_world_of_one)
+
+
+def leave_world_of_one() -> None:
+    """At exit, the lone process's group destroyed while the interpreter is still whole. Left to
+    interpreter finalization, gloo's threads can abort the exit ("terminate called without an
+    active exception", exit -6; pytorch/pytorch#190489) after a CLI printed its result. The
+    trainer destroys its group itself (pretrain.cli.shutdown); then this does nothing."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 @dataclass
