@@ -404,10 +404,12 @@ class Trainer:
                 if self.lock is not None:
                     self.lock.release()
                 os._exit(INTERRUPTED_EXIT_CODE)
+            # recorded before the message: a second Ctrl-C that arrives as soon as the message is out
+            # (Python runs the handler again inside this one) must find the first one counted
+            self._signal = number
             if number == signal.SIGINT:
                 _stderr("setdiff: Ctrl-C: saving at the next log or save interval (press Ctrl-C again to exit "
                         "at once)")
-            self._signal = number
 
         for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(signum, on_signal)
