@@ -54,11 +54,10 @@ def job_state(job: str) -> str:
 
 def submit(slurm: dict, out: pathlib.Path, name: str, recipe: str, overrides: list[str]) -> str:
     """sbatch one run (output appended to logs/<run>.slurm.out); its job id, also kept in runs/<run>/slurm_job."""
-    log = (out / "logs" / f"{name}.slurm.out").resolve()
+    log, here = (out / "logs" / f"{name}.slurm.out").resolve(), pathlib.Path.cwd()
     command = ["sbatch", "--parsable", f"--job-name=study-{name}", f"--output={log}", "--open-mode=append",
-               f"--chdir={pathlib.Path.cwd()}", *slurm.get("sbatch", []), str(slurm.get("script", LAUNCHER)), recipe,
-               *overrides]
-    env = {**os.environ, "PYTHON": sys.executable, "SETDIFF_HOME": str(HOME), "SETDIFF_WORKDIR": str(pathlib.Path.cwd())}
+               f"--chdir={here}", *slurm.get("sbatch", []), str(slurm.get("script", LAUNCHER)), recipe, *overrides]
+    env = {**os.environ, "PYTHON": sys.executable, "SETDIFF_HOME": str(HOME), "SETDIFF_WORKDIR": str(here)}
     proc = subprocess.run(command, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"study: sbatch refused run {name} (exit {proc.returncode}): {proc.stderr.strip()}")
