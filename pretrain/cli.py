@@ -63,12 +63,15 @@ def corpus_error_line(err: Exception) -> str:
 
 
 def shutdown() -> None:
-    """Leave the process group in order before exit (a torn-down world can abort at exit)."""
+    """Leave the process group in order before exit, every rank together (a group torn down
+    at interpreter exit can abort it: pretrain.distributed.leave_world)."""
     import torch.distributed as dist
+
+    from pretrain.distributed import leave_world
 
     if dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
+    leave_world()
 
 
 if __name__ == "__main__":

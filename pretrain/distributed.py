@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import os
 import socket
+import types
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,12 @@ def init_distributed() -> None:
 
     if dist.is_initialized():
         return
+    # imported while no group exists: its ten collectives take `group=group.WORLD` as a default
+    # argument, and imported later (megatron-core imports it) each would hold the world group for
+    # the interpreter's life, out of reach of destroy_process_group (see leave_world)
+    import torch.distributed.nn.functional  # noqa: F401
+
+    atexit.register(leave_world)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if "RANK" in os.environ:  # under a launcher: the world it describes
         if torch.cuda.is_available():
@@ -47,18 +54,59 @@ def init_distributed() -> None:
     port = os.environ.get("MASTER_PORT") or str(free_port())
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, init_method=f"tcp://127.0.0.1:{port}",
                                rank=0, world_size=1)
-    atexit.register(leave_world_of_one)
 
 
-def leave_world_of_one() -> None:
-    """At exit, the lone process's group destroyed while the interpreter is still whole. Left to
-    interpreter finalization, gloo's threads can abort the exit ("terminate called without an
-    active exception", exit -6; pytorch/pytorch#190489) after a CLI printed its result. The
-    trainer destroys its group itself (pretrain.cli.shutdown); then this does nothing."""
+def leave_world() -> None:
+    """Every process group destroyed and freed now, while the interpreter is whole; also run at
+    exit. destroy_process_group only forgets the groups: a group's threads (gloo: two workers
+    and a transport loop each; megatron makes about twenty groups) stop when its last Python
+    reference goes. Left to interpreter finalization, that teardown can abort the exit after a
+    CLI printed its result ("terminate called without an active exception", exit -6;
+    pytorch/pytorch#190489). So megatron's and DeepSpeed's module-level groups are dropped here
+    too, and the garbage collected; what still holds a group then is a live object (a model, a
+    Trainer: at exit, none)."""
+    import gc
+    import sys
+
     import torch.distributed as dist
 
+    parallel_state = sys.modules.get("megatron.core.parallel_state")
+    if parallel_state is not None:
+        parallel_state.destroy_model_parallel()
+        forget_groups(parallel_state)  # destroy_model_parallel leaves a few (megatron-core 0.16)
+    deepspeed_groups = sys.modules.get("deepspeed.utils.groups")
+    if deepspeed_groups is not None:
+        forget_groups(deepspeed_groups)  # the engine's mpu (our Layout) and DeepSpeed's own groups
     if dist.is_initialized():
         dist.destroy_process_group()
+    gc.collect()
+
+
+def forget_groups(module) -> None:
+    """Every module-level value of ``module`` that holds a process group, itself, as a dict or
+    list item or as an attribute (DeepSpeed's ``groups.mpu``), reset as the module starts:
+    dicts emptied, anything else None."""
+    for name, value in list(vars(module).items()):
+        if not name.startswith("__") and holds_group(value):
+            if isinstance(value, dict):
+                value.clear()
+            else:
+                setattr(module, name, None)
+
+
+def holds_group(value, depth: int = 3) -> bool:
+    """Whether ``value`` holds a process group within ``depth`` levels of items and attributes."""
+    if isinstance(value, torch.distributed.ProcessGroup):
+        return True
+    if depth == 0 or isinstance(value, (type, types.ModuleType, str, bytes, int, float)) or callable(value):
+        return False
+    if isinstance(value, dict):
+        items = value.values()
+    elif isinstance(value, (list, tuple)):
+        items = value
+    else:
+        items = getattr(value, "__dict__", {}).values()
+    return any(holds_group(item, depth - 1) for item in items)
 
 
 @dataclass

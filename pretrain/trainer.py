@@ -134,17 +134,22 @@ class Trainer:
     def train(self) -> dict:
         """Steps until train.steps. A signal is noticed at the next log or save interval (the
         stop check rides on the window's all-reduce), so a preempted run saves within
-        train.log_interval steps."""
-        self._install_signal_handlers()
-        first_step, guard, log, stopped = self.step, NonFiniteGuard(self.cfg.train.max_nonfinite_steps), [], None
-        self.window.reset()
-        while self.step < self.cfg.train.steps and not stopped:
-            self.train_step(self.step)
-            self.step += 1
-            stopped = self._check_in(guard, log)
-            if not stopped:
-                self._evaluate_and_save_on_schedule()
-        return self._finish(first_step, stopped, log)
+        train.log_interval steps. The signal handlers are the caller's again once it returns or raises."""
+        previous = self._install_signal_handlers()
+        try:
+            first_step, guard, log, stopped = self.step, NonFiniteGuard(self.cfg.train.max_nonfinite_steps), [], None
+            self.window.reset()
+            while self.step < self.cfg.train.steps and not stopped:
+                self.train_step(self.step)
+                self.step += 1
+                stopped = self._check_in(guard, log)
+                if not stopped:
+                    self._evaluate_and_save_on_schedule()
+            return self._finish(first_step, stopped, log)
+        finally:  # a handler left behind would keep this Trainer, its engine and process groups alive
+            for signum, handler in previous.items():
+                if handler is not None:  # None: a handler not set from Python, which cannot be put back
+                    signal.signal(signum, handler)
 
     def _check_in(self, guard: NonFiniteGuard, log: list[dict]) -> str | None:
         """After a step: the log window at its interval (it carries the stop check), else the stop
@@ -390,9 +395,10 @@ class Trainer:
 
     # -------------------------------------------------------------------------- signals
 
-    def _install_signal_handlers(self) -> None:
+    def _install_signal_handlers(self) -> dict:
         """SIGTERM, SIGUSR1 and a first SIGINT (Ctrl-C) ask for a save at the next log or save interval; a
-        second SIGINT exits at once. Data workers forked later inherit the handler and ignore it."""
+        second SIGINT exits at once. Data workers forked later inherit the handler and ignore it.
+        Returns the handlers replaced."""
         self._signal, owner = None, os.getpid()
 
         def on_signal(number, frame):
@@ -411,8 +417,7 @@ class Trainer:
                 _stderr("setdiff: Ctrl-C: saving at the next log or save interval (press Ctrl-C again to exit "
                         "at once)")
 
-        for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-            signal.signal(signum, on_signal)
+        return {signum: signal.signal(signum, on_signal) for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
 
     def _stop_requested(self) -> bool:
         """True on every rank once any rank got SIGTERM/SIGUSR1/SIGINT (a small all-reduce)."""
