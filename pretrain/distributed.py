@@ -38,6 +38,7 @@ def init_distributed() -> None:
     # the interpreter's life, out of reach of destroy_process_group (see leave_world)
     import torch.distributed.nn.functional  # noqa: F401
 
+    atexit.unregister(leave_world)  # once, however often a process (a test session) joins a world
     atexit.register(leave_world)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if "RANK" in os.environ:  # under a launcher: the world it describes
