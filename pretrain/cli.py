@@ -71,7 +71,7 @@ def shutdown() -> None:
 
     if dist.is_initialized():
         dist.barrier()
-    leave_world()
+    leave_world(collect=False)  # the Trainer still holds its groups here: the exit handler collects them
 
 
 if __name__ == "__main__":
