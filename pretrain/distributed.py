@@ -59,14 +59,14 @@ def init_distributed() -> None:
 
 def leave_world(collect: bool = True) -> None:
     """Every process group destroyed and freed now, while the interpreter is whole; also run at
-    exit. ``collect=False`` skips the garbage collection (0.2 s in a trainer process), for a
-    caller whose objects still hold groups and which exits after this anyway. destroy_process_group only forgets the groups: a group's threads (gloo: two workers
+    exit. destroy_process_group only forgets the groups: a group's threads (gloo: two workers
     and a transport loop each; megatron makes about twenty groups) stop when its last Python
     reference goes. Left to interpreter finalization, that teardown can abort the exit after a
     CLI printed its result ("terminate called without an active exception", exit -6;
     pytorch/pytorch#190489). So megatron's and DeepSpeed's module-level groups are dropped here
     too, and the garbage collected; what still holds a group then is a live object (a model, a
-    Trainer: at exit, none)."""
+    Trainer: at exit, none). ``collect=False`` skips the collection (0.2 s in a trainer
+    process), for a caller whose objects still hold groups and which exits after this anyway."""
     import gc
     import sys
 
