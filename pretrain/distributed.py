@@ -10,7 +10,6 @@ from __future__ import annotations
 import atexit
 import os
 import socket
-import types
 from dataclasses import dataclass
 
 import torch
@@ -78,7 +77,8 @@ def leave_world(collect: bool = True) -> None:
         forget_groups(parallel_state)  # destroy_model_parallel leaves a few (megatron-core 0.16)
     deepspeed_groups = sys.modules.get("deepspeed.utils.groups")
     if deepspeed_groups is not None:
-        forget_groups(deepspeed_groups)  # the engine's mpu (our Layout) and DeepSpeed's own groups
+        forget_groups(deepspeed_groups)
+        deepspeed_groups.mpu = None  # the engine's mpu: our Layout, holding its groups
     if dist.is_initialized():
         dist.destroy_process_group()
     if collect:
@@ -86,30 +86,14 @@ def leave_world(collect: bool = True) -> None:
 
 
 def forget_groups(module) -> None:
-    """Every module-level value of ``module`` that holds a process group, itself, as a dict or
-    list item or as an attribute (DeepSpeed's ``groups.mpu``), reset as the module starts:
-    dicts emptied, anything else None."""
+    """Every module-level process group of ``module`` set back to None, and every dict of them
+    emptied: the values both libraries start with."""
+    group = torch.distributed.ProcessGroup
     for name, value in list(vars(module).items()):
-        if not name.startswith("__") and holds_group(value):
-            if isinstance(value, dict):
-                value.clear()
-            else:
-                setattr(module, name, None)
-
-
-def holds_group(value, depth: int = 3) -> bool:
-    """Whether ``value`` holds a process group within ``depth`` levels of items and attributes."""
-    if isinstance(value, torch.distributed.ProcessGroup):
-        return True
-    if depth == 0 or isinstance(value, (type, types.ModuleType, str, bytes, int, float)) or callable(value):
-        return False
-    if isinstance(value, dict):
-        items = value.values()
-    elif isinstance(value, (list, tuple)):
-        items = value
-    else:
-        items = getattr(value, "__dict__", {}).values()
-    return any(holds_group(item, depth - 1) for item in items)
+        if isinstance(value, group):
+            setattr(module, name, None)
+        elif isinstance(value, dict) and any(isinstance(item, group) for item in value.values()):
+            value.clear()
 
 
 @dataclass
