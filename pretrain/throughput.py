@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from model.config import ModelConfig
 from model.objectives import attention_meta
-from pretrain.flops import StageShare, allowed_pairs_total, step_flops
+from pretrain.flops import CpuPeak, StageShare, allowed_pairs_total, step_flops
 
 # positions in the summed FLOP vector
 MODEL_MFU, MODEL_USEFUL, RANK_MFU, RANK_USEFUL, MFU, USEFUL_MFU = range(6)
@@ -68,6 +68,8 @@ class WindowReport:
     """Wall time of the window on this rank."""
     scalars: dict[str, float | None] = field(default_factory=dict)
     stop_requested: bool = False
+    peak_raised: float | None = None
+    """The CPU peak (FLOP/s) after this window ran faster than the previous one, else None."""
 
     @property
     def loss(self) -> float:
@@ -84,11 +86,17 @@ class WindowReport:
 class StepWindow:
     """Accumulates a logging window on the device; ``read`` (a collective) reduces it."""
 
-    def __init__(self, count_flops: FlopCounter, device: torch.device, peak_flops: float | None,
+    def __init__(self, count_flops: FlopCounter, device: torch.device, peak: float | CpuPeak | None,
                  dp_group, model_parallel_size: int):
-        self.count_flops, self.device, self.peak_flops = count_flops, device, peak_flops
+        """``peak``: FLOP/s per device (a GPU's table value or train.peak_flops), a CpuPeak
+        (measured again when a window beats it), or None (MFU unavailable)."""
+        self.count_flops, self.device, self.peak = count_flops, device, peak
         self.dp_group, self.model_parallel_size = dp_group, model_parallel_size
         self.reset()
+
+    @property
+    def peak_flops(self) -> float | None:
+        return self.peak.flops if isinstance(self.peak, CpuPeak) else self.peak
 
     def reset(self) -> None:
         self.losses: list[torch.Tensor] = []
@@ -114,6 +122,10 @@ class StepWindow:
         losses /= dist.get_world_size(self.dp_group)
         norms = torch.stack([torch.full((), math.nan, dtype=torch.float64, device=self.device) if n is None else n
                              for n in self.grad_norms])
+        raised = None
+        if isinstance(self.peak, CpuPeak):  # host memory: reading the window's FLOPs syncs nothing
+            if self.peak.observe(float(self.flops[2]) / elapsed):
+                raised = self.peak.flops
         peak = self.peak_flops or math.nan
         summed = torch.cat([self.flops[:2] / self.model_parallel_size, self.flops[2:],
                             self.flops[2:] / (elapsed * peak)])
@@ -133,7 +145,7 @@ class StepWindow:
             model_flops_per_step=summed_h[MODEL_MFU] / steps,
             useful_model_flops_per_step=summed_h[MODEL_USEFUL] / steps,
             rank_flops_per_step=local_h[0] / steps, useful_rank_flops_per_step=local_h[1] / steps,
-            seconds=elapsed, stop_requested=maxed_h[2] > 0)
+            seconds=elapsed, stop_requested=maxed_h[2] > 0, peak_raised=raised)
         report.scalars = {"train/mfu": mfu, "train/useful_mfu": useful, "train/data_wait_s": maxed_h[0],
                           "system/memory_mib_max_rank": maxed_h[1]}
         self.reset()

@@ -105,9 +105,9 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
             shutil.copyfile(self.data.tokenizer_path, self.run_dir / "tokenizer.json")
-        self.peak_flops, peak_source = device_peak(self.engine.device, use_bf16(t), t.peak_flops)
+        self.peak, peak_source = device_peak(self.engine.device, use_bf16(t), t.peak_flops)
         self.window = self._step_window()
-        peak = "" if self.peak_flops is None else f"{self.peak_flops / 1e9:.0f} GFLOP/s "
+        peak = "" if self.window.peak_flops is None else f"{self.window.peak_flops / 1e9:.0f} GFLOP/s "
         self.monitor.info(self.summary() + f" | MFU peak {peak}({peak_source})")
         if resume_from is not None:
             self.monitor.info(f"resumed from {resume_from} at step {self.step}"
@@ -220,7 +220,7 @@ class Trainer:
         else:
             share = StageShare(layers=self.cfg.model.num_layers, head=True, tensor_parallel=self.layout.tensor)
         counter = FlopCounter(self.cfg.model, share, self.set_mode)
-        return StepWindow(counter, self.engine.device, self.peak_flops, self.layout.dp_group,
+        return StepWindow(counter, self.engine.device, self.peak, self.layout.dp_group,
                           model_parallel_size=self.layout.tensor * self.layout.pipeline)
 
     def _forward_step(self, batch, model):
@@ -288,6 +288,9 @@ class Trainer:
         report = self.window.read(memory, stop_flag=bool(self._signal))
         first = self.step - report.steps + 1
         for i, (loss, norm) in enumerate(zip(report.losses, report.grad_norms)):
+        if report.peak_raised is not None:
+            self.monitor.info(f"step {self.step:>6} | a window ran faster than the CPU peak measured so far: "
+                              f"measured again, MFU peak now {report.peak_raised / 1e9:.0f} GFLOP/s")
             if guard.observe(first + i, loss, norm):
                 self.monitor.info(f"step {first + i:>6} | non-finite loss {loss} or grad norm {norm}: "
                                   f"update skipped ({guard.in_a_row} in a row, {guard.total} in all)")

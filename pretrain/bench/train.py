@@ -131,7 +131,7 @@ def measure_rows(steppers: list[BareStep], steps: int) -> list[dict]:
 def bench_train(args) -> dict:
     from model.attention import make_backend
     from pretrain.config import load_config
-    from pretrain.flops import device_peak
+    from pretrain.flops import CpuPeak, device_peak
     from pretrain.standalone import single_process_layout
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -179,9 +179,10 @@ def bench_train(args) -> dict:
             recipe = (d.order, d.mode, d.objective, make_backend(cfg.attention_backend).name)
             trainer = bench_trainer.compare(args, overrides, corpus, lambda layout: stepper(layout, *recipe),
                                             workdir)
-    if device.type == "cpu":  # the peak again after the work: keep the better of the two readings
-        later, _ = device_peak(device)
-        peak = max(peak, later)
+    if isinstance(peak, CpuPeak):  # measured again after the work, and never below a row's own rate
+        peak.flops = max(peak.flops, peak.measure())
+        peak.observe(max((r["flops_per_s"] for r in rows), default=0.0))
+        peak = peak.flops
     for r in rows:
         r["mfu"] = r["flops_per_s"] / peak
     ar_rows = [r for r in rows if r["family"] == "ar"]
