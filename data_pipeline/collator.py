@@ -28,17 +28,16 @@ mask is re-masked: a uniform count in 1..|set| of its tokens, chosen uniformly (
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
+from model.config import DiffusionConfig
 from model.dropout import dropout_keys
 from model.layout import two_copy_layout
 from model.masks import dense_mask, pack_bits, two_copy_meta
 from model.noise import NoiseSchedule, parse_schedule
-from model.objectives import OBJECTIVES, family_objective, normalizers, remask_empty_sets, token_weights
-from model.orders import parse_order_mixture, parse_order_schedule, phase_at, sample_set_rank, schedule_families
+from model.objectives import family_objective, normalizers, remask_empty_sets, token_weights
+from model.orders import phase_at, sample_set_rank
 
 
 def draw_generator(seed: int, step: int, slot: int) -> torch.Generator:
@@ -47,47 +46,18 @@ def draw_generator(seed: int, step: int, slot: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(mixed[0]) << 32 | int(mixed[1]))
 
 
-@dataclass
-class CollatorConfig:
-    order: str
-    """Order family spec (ar, mdlm, block:S, staggered:D, random) or a mixture 'a@0.9,b@0.1'."""
-    order_schedule: str = ""
-    """An order curriculum 'STEP:ORDER;...' used instead of ``order`` (model/orders.py)."""
-    objective: str = "ordered_ce"
-    """'ordered_ce', 'set_nelbo', 'masked_ce', or 'auto' (ordered_ce for singleton families, else set_nelbo)."""
-    mask_id: int = 0
-    """Id of [MASK]."""
-    schedule: str = "loglinear"
-    """Noise schedule for set_nelbo."""
-    t_min: float = 1e-3
-    """Lower clip of noise levels."""
-    t_max: float = 1.0
-    """Upper clip of noise levels."""
-    antithetic: bool = True
-    """Stratify noise levels: over the global batch, and evenly spaced over a sequence's sets."""
-    mode: str = "set"
-    """'set' or 'ar_baseline'."""
-    seed: int = 0
-    """Base seed of all draws."""
-    mask_bits: bool = False
-    """Also emit the dense set-causal mask bit-packed, 8 keys per byte (for the sdpa backend)."""
-    keep_clean_bos: bool = False
-    """Position 0 is a set of its own at rank 0, never masked, without loss (the reference's keep_clean_bos)."""
-
-
 class SetDiffusionCollator:
-    def __init__(self, cfg: CollatorConfig):
-        self.cfg = cfg
-        self.phases = (parse_order_schedule(cfg.order_schedule) if cfg.order_schedule
-                       else [(0, parse_order_mixture(cfg.order))])
-        self.families = schedule_families(self.phases)
+    """``diffusion``: the run's diffusion setup (model/config.py, validated here); ``mask_id``: the id
+    of [MASK]; ``seed``: the base seed of all draws (train.seed); ``mask_bits``: also emit the dense
+    set-causal mask bit-packed, 8 keys per byte (for the sdpa backend)."""
+
+    def __init__(self, diffusion: DiffusionConfig, mask_id: int, seed: int = 0, mask_bits: bool = False):
+        self.diffusion = diffusion.validate()
+        self.mask_id, self.seed, self.mask_bits = mask_id, seed, mask_bits
+        self.phases = diffusion.phases()
+        self.families = diffusion.families()
         """Every family the collator draws, once: a batch's family_id indexes this list."""
-        self.schedule: NoiseSchedule = parse_schedule(cfg.schedule)
-        if cfg.objective not in OBJECTIVES:
-            raise ValueError(f"collator: objective must be one of {', '.join(OBJECTIVES)}, got {cfg.objective!r}")
-        if cfg.objective == "ordered_ce" and cfg.mode == "set" and not all(f.singleton for f in self.families):
-            raise ValueError(f"objective 'ordered_ce' needs singleton sets; order {cfg.order_schedule or cfg.order!r} "
-                             "has larger sets")
+        self.schedule: NoiseSchedule = parse_schedule(diffusion.schedule)
 
     def __call__(self, tokens: torch.Tensor, doc_id: torch.Tensor, *, step: int, first_slot: int = 0,
                  global_batch: int | None = None, context: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -103,8 +73,8 @@ class SetDiffusionCollator:
                              f"got {context.dtype} {tuple(context.shape)}")
         B, L = tokens.shape
         global_batch = global_batch or B
-        keys = dropout_keys(self.cfg.seed, step, range(first_slot, first_slot + B))
-        if self.cfg.mode == "ar_baseline":
+        keys = dropout_keys(self.seed, step, range(first_slot, first_slot + B))
+        if self.diffusion.mode == "ar_baseline":
             return {**self._ar_batch(tokens, doc_id, context), "dropout_key": keys}
         set_rank = torch.empty_like(tokens)
         masked = torch.zeros(B, L, dtype=torch.bool)
@@ -112,24 +82,24 @@ class SetDiffusionCollator:
         real = doc_id >= 0
         loss_token = real.clone() if context is None else real & ~context  # positions that may carry loss
         # a corpus token that is the reused [MASK] id (model.mask_token) cannot be predicted: no loss
-        loss_token &= tokens != self.cfg.mask_id
-        if self.cfg.keep_clean_bos:
+        loss_token &= tokens != self.mask_id
+        if self.diffusion.keep_clean_bos:
             loss_token[:, 0] = False
         family_id = torch.zeros(B, dtype=torch.long)
         mixture = phase_at(self.phases, step)
         cumulative = np.cumsum([w for _, w in mixture])
         for b in range(B):
             slot = first_slot + b
-            g = draw_generator(self.cfg.seed, step, slot)
+            g = draw_generator(self.seed, step, slot)
             pick = 0
             if len(mixture) > 1:
                 u = float(torch.rand((), generator=g, dtype=torch.float64))
                 pick = min(int(np.searchsorted(cumulative, u, side="right")), len(mixture) - 1)
             family = mixture[pick][0]
             family_id[b] = self.families.index(family)
-            set_rank[b] = sample_set_rank(family, L, g, doc_id[b], keep_first=self.cfg.keep_clean_bos,
+            set_rank[b] = sample_set_rank(family, L, g, doc_id[b], keep_first=self.diffusion.keep_clean_bos,
                                           context=None if context is None else context[b])
-            objective, nelbo_weight = family_objective(self.cfg.objective, family.singleton), None
+            objective, nelbo_weight = family_objective(self.diffusion.objective, family.singleton), None
             if objective == "ordered_ce":
                 masked[b] = loss_token[b]
             else:
@@ -137,16 +107,16 @@ class SetDiffusionCollator:
             if objective == "masked_ce":
                 masked[b] = remask_empty_sets(masked[b], set_rank[b], loss_token[b], g)
             weight[b] = token_weights(objective, masked[b], nelbo_weight)
-        noisy = torch.where(masked | ~real, torch.full_like(tokens, self.cfg.mask_id), tokens)
+        noisy = torch.where(masked | ~real, torch.full_like(tokens, self.mask_id), tokens)
         batch = two_copy_layout(tokens, noisy, set_rank, doc_id)
         perm = batch.pop("perm")
         batch["targets"] = torch.gather(tokens, 1, perm)
         batch["loss_weight"] = torch.gather(weight, 1, perm).float()
         batch["loss_normalizer"], batch["sequence_normalizer"] = normalizers(
-            loss_token, per_sequence=self.cfg.objective == "masked_ce")
+            loss_token, per_sequence=self.diffusion.objective == "masked_ce")
         batch["family_id"] = family_id
         batch["dropout_key"] = keys
-        if self.cfg.mask_bits:
+        if self.mask_bits:
             batch["mask_bits"] = pack_bits(dense_mask(two_copy_meta(batch["set_rank"], batch["doc_id"])))
         return batch
 
@@ -161,13 +131,13 @@ class SetDiffusionCollator:
         """
         L = set_rank.numel()
         K = int(set_rank.max()) + 1
-        if self.cfg.antithetic:
+        if self.diffusion.antithetic:
             u = torch.rand((), generator=g, dtype=torch.float64)
             sigma = torch.randperm(K, generator=g).double()
             unit = torch.frac((slot + u) / global_batch + sigma / K)
         else:
             unit = torch.rand(K, generator=g, dtype=torch.float64)
-        t = self.cfg.t_min + (self.cfg.t_max - self.cfg.t_min) * unit
+        t = self.diffusion.t_min + (self.diffusion.t_max - self.diffusion.t_min) * unit
         prob, weight = self.schedule.mask_prob_and_weight(t[set_rank], torch.arange(L), L)
         masked = (torch.rand(L, generator=g, dtype=torch.float64) < prob) & real
         return masked, weight

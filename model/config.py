@@ -3,9 +3,15 @@
 Every field carries a one-line docstring (the string literal under it). The run configuration
 that holds them with the data, parallel and training settings, and loads them from YAML, is
 pretrain/config.py.
+
+``DiffusionConfig`` is the one description of the diffusion setup: it checks itself
+(``validate``), the collator takes it as it is, ``setdiff-convert`` stores it whole in
+config.json (``setdiff.diffusion``), and every tool that scores a converted model rebuilds the
+training collator from that (``from_dict``).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 
@@ -110,3 +116,97 @@ class DiffusionConfig:
     """Upper clip of sampled noise levels t (set_nelbo)."""
     antithetic: bool = True
     """Stratify the noise levels of a micro-batch over [t_min, t_max] (set_nelbo)."""
+
+    def validate(self) -> "DiffusionConfig":
+        """Raise ValueError naming the field (diffusion.NAME) for anything that cannot train; returns self."""
+        from model.noise import parse_schedule
+        from model.orders import parse_order_mixture
+
+        if self.mode not in MODES:
+            raise ValueError(f"diffusion.mode must be 'set' or 'ar_baseline', got {self.mode!r}")
+        try:
+            parse_order_mixture(self.order)
+        except ValueError as err:
+            raise ValueError(f"diffusion.order={self.order!r}: {err}") from None
+        if self.order_schedule:
+            try:
+                self.phases()
+            except ValueError as err:
+                raise ValueError(f"diffusion.order_schedule={self.order_schedule!r}: {err}") from None
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"diffusion.objective must be 'ordered_ce', 'set_nelbo', 'masked_ce' or 'auto', "
+                             f"got {self.objective!r}")
+        if self.mode == "set" and self.objective == "ordered_ce" and not all(f.singleton for f in self.families()):
+            which = (f"diffusion.order_schedule={self.order_schedule!r}" if self.order_schedule
+                     else f"diffusion.order={self.order!r}")
+            raise ValueError(f"diffusion.objective='ordered_ce' needs singleton sets, but {which} has larger sets; "
+                             "use objective='set_nelbo' or 'auto'")
+        try:
+            parse_schedule(self.schedule)
+        except ValueError:
+            raise ValueError(f"diffusion.schedule must be 'loglinear' or 'staggered:D', "
+                             f"got {self.schedule!r}") from None
+        if not 0.0 < self.t_min <= self.t_max <= 1.0:
+            raise ValueError(f"need 0 < diffusion.t_min <= diffusion.t_max <= 1, got t_min={self.t_min}, "
+                             f"t_max={self.t_max}")
+        return self
+
+    def phases(self) -> list:
+        """[(first step, [(OrderFamily, probability)])]: the order curriculum, or ``order`` from step 0."""
+        from model.orders import parse_order_mixture, parse_order_schedule
+
+        if self.order_schedule:
+            return parse_order_schedule(self.order_schedule)
+        return [(0, parse_order_mixture(self.order))]
+
+    def families(self) -> list:
+        """Every OrderFamily the collator draws, once, in order of first appearance (batches' family ids)."""
+        from model.orders import schedule_families
+
+        return schedule_families(self.phases())
+
+    def final_order(self) -> str:
+        """The order the model ends training with: ``order``, or the last phase of the curriculum."""
+        from model.orders import schedule_orders
+
+        return schedule_orders(self.order_schedule)[-1][1] if self.order_schedule else self.order
+
+    def for_evaluation(self) -> "DiffusionConfig":
+        """The setup validation and setdiff-eval score with: a likelihood bound whatever the training
+        loss. masked_ce is a surrogate (no NELBO weights), so its models are scored on the NELBO
+        ('auto': ordered_ce, exact, for singleton families and set_nelbo for the others)."""
+        return dataclasses.replace(self, objective="auto" if self.objective == "masked_ce" else self.objective)
+
+    def with_order(self, order: str) -> "DiffusionConfig":
+        """The same setup under another order family (or mixture), curriculum dropped."""
+        return dataclasses.replace(self, order=order, order_schedule="").validate()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, fields: dict, where: str = "diffusion") -> "DiffusionConfig":
+        """A DiffusionConfig from a dict of its fields (setdiff.diffusion of a converted config.json);
+        an unknown key or a field of the wrong type is an error naming ``where``."""
+        if not isinstance(fields, dict):
+            raise ValueError(f"{where} must be a mapping of the diffusion fields, got {type(fields).__name__}")
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(fields) - set(known))
+        if unknown:
+            raise ValueError(f"{where}: unknown field {unknown[0]!r} (known: {', '.join(known)})")
+        for name, value in fields.items():
+            default = getattr(cls(), name)
+            ok = (isinstance(value, bool) if isinstance(default, bool)
+                  else isinstance(value, (int, float)) and not isinstance(value, bool) if isinstance(default, float)
+                  else isinstance(value, type(default)))
+            if not ok:
+                raise ValueError(f"{where}.{name}={value!r} is not a {type(default).__name__}")
+        try:
+            return cls(**{k: float(v) if isinstance(getattr(cls(), k), float) else v
+                          for k, v in fields.items()}).validate()
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
+
+
+MODES = ("set", "ar_baseline")
+OBJECTIVES = ("ordered_ce", "set_nelbo", "masked_ce", "auto")

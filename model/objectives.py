@@ -26,16 +26,6 @@ import torch.distributed as dist
 from model.masks import AttentionMeta, causal_meta, two_copy_meta
 from model.transformer import vocab_parallel_token_loss
 
-OBJECTIVES = ("ordered_ce", "set_nelbo", "masked_ce", "auto")
-
-
-def evaluation_objective(objective: str) -> str:
-    """What validation and setdiff-eval report: a likelihood bound whatever the training loss.
-    masked_ce is a surrogate (no NELBO weights), so its models are evaluated on the NELBO
-    ('auto': ordered_ce, exact, for singleton families and set_nelbo for the others)."""
-    return "auto" if objective == "masked_ce" else objective
-
-
 def family_objective(objective: str, singleton: bool) -> str:
     """The objective a sequence of an order family trains on ('auto': ordered_ce for singleton
     sets, set_nelbo for larger ones)."""

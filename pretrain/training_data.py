@@ -6,13 +6,12 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 
-from data_pipeline.collator import CollatorConfig, SetDiffusionCollator
+from data_pipeline.collator import SetDiffusionCollator
 from data_pipeline.loader import (MicroBatches, ResumableLoader, check_tokenizer, fetch_corpus, open_sequences,
                                   read_manifest)
 from data_pipeline.sampler import StepSampler
 from data_pipeline.shard_cache import parse_size
 from model.attention import make_backend
-from model.objectives import evaluation_objective
 from pretrain.config import RunConfig
 from pretrain.distributed import Layout
 
@@ -53,17 +52,11 @@ def open_training_data(cfg: RunConfig, layout: Layout) -> TrainingData:
     if not -1 <= cfg.model.mask_token < cfg.model.vocab_size:
         raise ValueError(f"model.mask_token={cfg.model.mask_token} is not a token id below model.vocab_size="
                          f"{cfg.model.vocab_size} (or -1: a [MASK] row of its own)")
-    set_mode = d.mode == "set"
-    collator_cfg = CollatorConfig(
-        order=d.order, order_schedule=d.order_schedule, objective=d.objective, mask_id=cfg.model.mask_id(),
-        schedule=d.schedule, t_min=d.t_min, t_max=d.t_max, antithetic=d.antithetic, mode=d.mode, seed=t.seed,
-        keep_clean_bos=d.keep_clean_bos,
-        mask_bits=set_mode and make_backend(cfg.model.attention_backend).name == "sdpa"
-        and cfg.parallel.pipeline == 1)
-    collator = SetDiffusionCollator(collator_cfg)
+    mask_bits = (d.mode == "set" and make_backend(cfg.model.attention_backend).name == "sdpa"
+                 and cfg.parallel.pipeline == 1)
+    collator = SetDiffusionCollator(d, cfg.model.mask_id(), seed=t.seed, mask_bits=mask_bits)
     # validation reports a likelihood bound whatever the training loss (masked_ce: the NELBO)
-    val_collator = SetDiffusionCollator(dataclasses.replace(collator_cfg,
-                                                            objective=evaluation_objective(d.objective)))
+    val_collator = SetDiffusionCollator(d.for_evaluation(), cfg.model.mask_id(), seed=t.seed, mask_bits=mask_bits)
     opened = {split: open_sequences(data_path, split, data.format, cfg.model.seq_len, data.pack,
                                     data.remote, data.cache_dir,
                                     min_sequences=t.micro_batch_size * t.grad_accum * layout.data,

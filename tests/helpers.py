@@ -49,11 +49,11 @@ def both_logits(ours, hf, mask_id: int, seq_len: int, max_token: int):
     second holding two documents, staggered:4 sets."""
     import torch
 
-    from data_pipeline.collator import CollatorConfig, SetDiffusionCollator
+    from data_pipeline.collator import SetDiffusionCollator
+    from model.config import DiffusionConfig
     from model.masks import dense_mask, two_copy_meta
 
-    collate = SetDiffusionCollator(CollatorConfig(order="staggered:4", objective="ordered_ce", mask_id=mask_id,
-                                                  seed=1))
+    collate = SetDiffusionCollator(DiffusionConfig(order="staggered:4", objective="ordered_ce"), mask_id, seed=1)
     tokens = torch.randint(0, max_token, (2, seq_len), generator=torch.Generator().manual_seed(0))
     doc = torch.zeros(2, seq_len, dtype=torch.long)
     doc[1, seq_len * 5 // 8:] = 1

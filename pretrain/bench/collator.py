@@ -17,7 +17,8 @@ FAMILIES = [("ar", "ordered_ce"), ("mdlm", "set_nelbo"), ("block:8", "set_nelbo"
 
 def collator_rate(order: str, objective: str, seq_len: int, micro_batch: int, workers: int,
                   batches: int, vocab: int, mask_bits: bool) -> float:
-    from data_pipeline.collator import CollatorConfig, SetDiffusionCollator
+    from data_pipeline.collator import SetDiffusionCollator
+    from model.config import DiffusionConfig
     from data_pipeline.loader import MicroBatches, ResumableLoader
     from data_pipeline.packing import PackedSequences
     from data_pipeline.sampler import StepSampler
@@ -25,8 +26,8 @@ def collator_rate(order: str, objective: str, seq_len: int, micro_batch: int, wo
     docs = SyntheticDocuments(20_000, vocab)
     seqs = PackedSequences(docs, docs.lengths, seq_len, eos_id=0)
     sampler = StepSampler(len(seqs), micro_batch, 1, 1, seed=0)
-    collator = SetDiffusionCollator(CollatorConfig(order=order, objective=objective, mask_id=vocab, seed=0,
-                                                   mask_bits=mask_bits))
+    collator = SetDiffusionCollator(DiffusionConfig(order=order, objective=objective), vocab, seed=0,
+                                    mask_bits=mask_bits)
     loader = ResumableLoader(MicroBatches(seqs, sampler, collator, 0), num_workers=workers, prefetch=4)
     for _ in range(max(2, workers)):  # start the workers and fill their first batches
         next(loader)
@@ -42,7 +43,8 @@ def training_rate(config_path: str, seq_len: int, vocab: int, backend: str | Non
     """(sequences/s one fp32 optimizer step of the recipe consumes here, its shape, whether its
     attention backend takes the collator's bit-packed dense mask)."""
     from pretrain.config import load_config
-    from data_pipeline.collator import CollatorConfig, SetDiffusionCollator
+    from data_pipeline.collator import SetDiffusionCollator
+    from model.config import DiffusionConfig
     from model.attention import make_backend
     from pretrain.standalone import single_process_layout
 
@@ -52,8 +54,7 @@ def training_rate(config_path: str, seq_len: int, vocab: int, backend: str | Non
     backend_name = make_backend(cfg.model.attention_backend).name
     mask_bits = backend_name == "sdpa"
     d = cfg.diffusion
-    collator = SetDiffusionCollator(CollatorConfig(order=d.order, objective=d.objective, mode=d.mode,
-                                                   mask_id=vocab, seed=0, mask_bits=mask_bits))
+    collator = SetDiffusionCollator(d, vocab, seed=0, mask_bits=mask_bits)
     tokens = torch.randint(1, vocab, (1, seq_len))
     batch = collator(tokens, torch.zeros_like(tokens), step=0)
     # forward, loss, backward and the fused AdamW update, after a warm-up step

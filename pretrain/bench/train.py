@@ -53,10 +53,10 @@ class SyntheticDocuments:
 
 def packed_batch(sequences, order: str, mode: str, objective: str, vocab: int, micro_batch: int) -> dict:
     """The collated micro-batch of the first micro_batch packed sequences (document ids included)."""
-    from data_pipeline.collator import CollatorConfig, SetDiffusionCollator
+    from data_pipeline.collator import SetDiffusionCollator
+    from model.config import DiffusionConfig
 
-    collate = SetDiffusionCollator(CollatorConfig(order=order, objective=objective, mask_id=vocab, seed=0,
-                                                  mode=mode))
+    collate = SetDiffusionCollator(DiffusionConfig(order=order, objective=objective, mode=mode), vocab, seed=0)
     pairs = [sequences.sequence(i) for i in range(micro_batch)]
     tokens = torch.from_numpy(np.stack([p[0] for p in pairs]))
     return collate(tokens, torch.from_numpy(np.stack([p[1] for p in pairs])), step=0)

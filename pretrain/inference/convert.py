@@ -9,8 +9,10 @@ as configured), so conversion renames tensors and splits the fused [q; k; v] or 
 [gate; up] weights (pretrain/hf_weights.py). The vocabulary is the model's rows: [MASK] is the
 row after them (id = vocab_size - 1 of the converted model) or, with model.mask_token, the
 token it reuses, so the model keeps its source's vocabulary. ``config.json`` keeps the
-set-diffusion fields under ``setdiff``, among them ``mask_token_id``, the training ``order``
-spec, the family to decode with (``decode_order``, its ``set_size`` and ``window``; see
+set-diffusion fields under ``setdiff``, among them ``mask_token_id``, the whole diffusion setup
+of training (``diffusion``: model/config.py's DiffusionConfig, from which every tool rebuilds the
+training collator) and its ``seed`` (train.seed: setdiff-eval draws validation's orders and noise
+with it), the training ``order`` spec, the family to decode with (``decode_order``, its ``set_size`` and ``window``; see
 decoding_fields) and which weights were written (``weights``: the EMA of the weights by
 default when the run kept one, ``--weights raw`` the trained weights). End of text is the
 corpus's EOS; the tokenizer files (with a chat template, when the corpus tokenizer had one)
@@ -29,8 +31,8 @@ import tempfile
 
 import torch
 
-from model.config import ModelConfig
-from model.orders import parse_order_mixture, schedule_orders
+from model.config import DiffusionConfig, ModelConfig
+from model.orders import parse_order_mixture
 from pretrain.checkpoint import EMA_FILE, TOKENIZER_CONFIG
 from pretrain.cli_errors import EXPECTED, error_line, error_text, load_tokenizer, load_weights, read_json
 from pretrain.config import config_from_dict
@@ -51,6 +53,7 @@ def read_model_dir(model_dir: pathlib.Path) -> tuple[ModelConfig, dict, dict[str
     cfg.vocab_size = fields.get("vocab_size", fields["mask_token_id"])
     cfg.mask_token = -1 if fields["mask_token_id"] >= cfg.vocab_size else fields["mask_token_id"]
     cfg.attention_backend = "auto"
+    model_diffusion(fields, str(model_dir / "config.json"))  # a hand-edited diffusion section is named here
     return cfg, fields, full
 
 
@@ -73,18 +76,29 @@ def decoding_fields(mode: str, order: str, seq_len: int) -> dict:
     return {"decode_order": decode, "set_size": size, "window": size}
 
 
+def model_diffusion(fields: dict, where: str) -> DiffusionConfig:
+    """The diffusion setup a converted model is scored with: ``setdiff.diffusion`` as training
+    ran it (noise schedule, clipping, antithetic draws included), an order curriculum resolved to
+    the order it ended with. Directories converted before that section existed give their order,
+    objective and keep_clean_bos, under the default noise settings."""
+    if "diffusion" in fields:
+        d = DiffusionConfig.from_dict(fields["diffusion"], f"{where}: setdiff.diffusion")
+    else:
+        d = DiffusionConfig(mode=fields.get("mode", "set"), order=fields["order"], objective=fields["objective"],
+                            keep_clean_bos=bool(fields.get("keep_clean_bos", False)))
+    return d.with_order(d.final_order())
+
+
 def hf_config(run: dict, eos_id: int, weights: str = "raw") -> dict:
     resolved = config_from_dict(run)
-    cfg, d = resolved.model, run["diffusion"]
-    order = d["order"]
-    if d.get("order_schedule"):  # a curriculum: the model ends with its last order
-        order = schedule_orders(d["order_schedule"])[-1][1]
+    cfg, d = resolved.model, resolved.diffusion
+    order = d.final_order()  # a curriculum: the model ends with its last order
     return {
         **hf_architecture(cfg), "eos_token_id": eos_id, "bos_token_id": None, "pad_token_id": eos_id,
-        "setdiff": {"mask_token_id": cfg.mask_id(), "vocab_size": cfg.vocab_size, "mode": d["mode"], "order": order,
-                    "order_schedule": d.get("order_schedule", ""),
-                    **decoding_fields(d["mode"], order, cfg.seq_len), "objective": d["objective"],
-                    "keep_clean_bos": bool(d.get("keep_clean_bos", False)),
+        "setdiff": {"mask_token_id": cfg.mask_id(), "vocab_size": cfg.vocab_size, "mode": d.mode, "order": order,
+                    "order_schedule": d.order_schedule,
+                    **decoding_fields(d.mode, order, cfg.seq_len), "objective": d.objective,
+                    "keep_clean_bos": d.keep_clean_bos, "diffusion": d.to_dict(), "seed": resolved.train.seed,
                     "weights": weights, "ema_decay": resolved.train.ema if weights == "ema" else None,
                     "layout": "two copies in set order: [x0[perm]; xt[perm]], position_ids [perm; perm], "
                               "set-causal 4D mask; logits from the noisy half; [MASK] logit is -inf"},

@@ -40,6 +40,7 @@ answer against the whole completion.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import math
@@ -56,27 +57,32 @@ from pretrain.inference.quiet import default_debug_log, third_party_output_to
 @torch.no_grad()
 def evaluate(model_dir: pathlib.Path, data: list[pathlib.Path], *, order: str | None = None,
              objective: str | None = None, orders: int = 4, batches: int = 8, micro_batch: int = 4, fmt: str = "mds",
-             seed: int = 0) -> list[dict]:
+             seed: int | None = None) -> list[dict]:
     """The likelihood bound of the model on each corpus of ``data`` (one row each): at most
-    ``batches`` x ``micro_batch`` sequences of it, each scored under ``orders`` sampled orders."""
-    from data_pipeline.collator import CollatorConfig, SetDiffusionCollator
-    from model.objectives import evaluation_objective
-    from pretrain.inference.convert import read_model_dir
+    ``batches`` x ``micro_batch`` sequences of it, each scored under ``orders`` sampled orders.
+    The k-th order's draws are keyed by ``seed`` + k; ``seed`` defaults to the training seed, so
+    one order over the validation split's first micro-batches of training's size draws exactly
+    what training validation drew."""
+    from data_pipeline.collator import SetDiffusionCollator
+    from pretrain.inference.convert import model_diffusion, read_model_dir
     from pretrain.inference.corpora import corpus_kind, corpus_sequences
     from pretrain.standalone import single_process_model
 
     for path in data:  # every path named before the model loads
         corpus_kind(path)
     cfg, fields, full = read_model_dir(model_dir)
-    set_mode = fields.get("mode", "set") == "set"
-    model = single_process_model(cfg, set_mode=set_mode, weights=full).eval()
-    order = order or fields["order"]
+    diffusion = model_diffusion(fields, str(model_dir / "config.json"))  # the training collator's setup
+    if order:
+        diffusion = diffusion.with_order(order)
+    if objective:
+        diffusion = dataclasses.replace(diffusion, objective=objective).validate()
     # a likelihood bound whatever the training loss (masked_ce models report the NELBO)
-    objective = evaluation_objective(objective or fields["objective"])
-    keep_clean_bos = bool(fields.get("keep_clean_bos", False))
-    collators = [SetDiffusionCollator(CollatorConfig(order=order, objective=objective, mask_id=cfg.mask_id(),
-                                                     keep_clean_bos=keep_clean_bos, seed=seed + k,
-                                                     mode="set" if set_mode else "ar_baseline")) for k in range(orders)]
+    diffusion = diffusion.for_evaluation()
+    set_mode = diffusion.mode == "set"
+    model = single_process_model(cfg, set_mode=set_mode, weights=full).eval()
+    order, objective = diffusion.order, diffusion.objective
+    seed = fields.get("seed", 0) if seed is None else seed
+    collators = [SetDiffusionCollator(diffusion, cfg.mask_id(), seed=seed + k) for k in range(orders)]
     rows = []
     for path in data:
         kind, sequences = corpus_sequences(model_dir, path, cfg.seq_len, fmt, batches * micro_batch)

@@ -33,9 +33,10 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from data_pipeline.collator import CollatorConfig, SetDiffusionCollator
-from model.objectives import evaluation_objective, forward_step, sequence_nll
+from data_pipeline.collator import SetDiffusionCollator
+from model.objectives import forward_step, sequence_nll
 from model.sampling import generate
+from pretrain.inference.convert import model_diffusion
 from pretrain.inference.sample import decode_config, load_model
 
 MODEL_ARGS = ("pretrained", "tau", "window", "order", "orders", "seed", "device", "batch_size", "max_batch_size")
@@ -78,12 +79,13 @@ class SetDiffusionLM(TemplateLM):
         batch = args.get("batch_size", 8)
         self.batch_size = 8 if str(batch).startswith("auto") else _number("batch_size", batch, int, 1)
         self.set_mode = self.model.set_mode
-        objective = evaluation_objective(self.fields["objective"])
-        self.score_order = self.fields["order"] if self.order is None else self.order
-        self.collate = [SetDiffusionCollator(CollatorConfig(
-            order=self.score_order, objective=objective, mask_id=self.model.mask_id, seed=self.seed + k,
-            keep_clean_bos=bool(self.fields.get("keep_clean_bos", False)),
-            mode="set" if self.set_mode else "ar_baseline")) for k in range(self.orders)]
+        diffusion = model_diffusion(self.fields, str(self.model_dir / "config.json"))  # the training collator's
+        if self.order is not None:
+            diffusion = diffusion.with_order(self.order)
+        diffusion = diffusion.for_evaluation()
+        self.score_order = diffusion.order
+        self.collate = [SetDiffusionCollator(diffusion, self.model.mask_id, seed=self.seed + k)
+                        for k in range(self.orders)]
 
     # --- what TemplateLM asks of a model -------------------------------------------------------
 

@@ -33,9 +33,10 @@ def infill_scores(model_dir: pathlib.Path, data: pathlib.Path, *, spans: list[in
                   tau: float = 0.9, orders: int = 4, seed: int = 0) -> list[dict]:
     """One row per span length over the first ``sequences`` validation sequences of ``data``; the
     NLL averaged over ``orders`` sampled orders and noise draws."""
-    from data_pipeline.collator import CollatorConfig, SetDiffusionCollator
-    from model.objectives import evaluation_objective, forward_step, sequence_nll
+    from data_pipeline.collator import SetDiffusionCollator
+    from model.objectives import forward_step, sequence_nll
     from model.sampling import decode_canvases
+    from pretrain.inference.convert import model_diffusion
     from pretrain.inference.corpora import corpus_sequences
     from pretrain.inference.judge import load_sampler
     from pretrain.inference.sample import decode_config
@@ -48,9 +49,8 @@ def infill_scores(model_dir: pathlib.Path, data: pathlib.Path, *, spans: list[in
     if not len(tokens):
         raise ValueError(f"{data}: no validation window of {L} tokens inside one document to infill")
     count, doc = len(tokens), torch.zeros_like(tokens)
-    collators = [SetDiffusionCollator(CollatorConfig(
-        order=fields["order"], objective=evaluation_objective(fields["objective"]), mask_id=model.mask_id,
-        seed=seed + k, keep_clean_bos=bool(fields.get("keep_clean_bos", False)))) for k in range(orders)]
+    diffusion = model_diffusion(fields, str(model_dir / "config.json")).for_evaluation()
+    collators = [SetDiffusionCollator(diffusion, model.mask_id, seed=seed + k) for k in range(orders)]
     rows = []
     for span in spans:
         if not 1 <= span < L:

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from data_pipeline.collator import CollatorConfig, SetDiffusionCollator
+from data_pipeline.collator import SetDiffusionCollator
+from model.config import DiffusionConfig
 from model.objectives import share_step_normalizer
 from model.orders import set_order
 
@@ -12,7 +13,7 @@ MASK = 50
 
 
 def collate(order, objective, tokens, doc, **kw):
-    c = SetDiffusionCollator(CollatorConfig(order=order, objective=objective, mask_id=MASK, **kw))
+    c = SetDiffusionCollator(DiffusionConfig(order=order, objective=objective, **kw), MASK)
     return c(tokens, doc, step=0)
 
 
@@ -82,11 +83,11 @@ def test_staggered_schedule_masks_late_positions_first():
 
 def test_ordered_ce_refuses_larger_sets():
     with pytest.raises(ValueError, match="singleton"):
-        SetDiffusionCollator(CollatorConfig(order="block:4", objective="ordered_ce", mask_id=MASK))
+        SetDiffusionCollator(DiffusionConfig(order="block:4", objective="ordered_ce"), MASK)
 
 
 def test_shape_errors_are_clear():
-    c = SetDiffusionCollator(CollatorConfig(order="ar", objective="ordered_ce", mask_id=MASK))
+    c = SetDiffusionCollator(DiffusionConfig(order="ar", objective="ordered_ce"), MASK)
     with pytest.raises(ValueError, match=r"must both be \[B, L\]"):
         c(torch.zeros(2, 4, dtype=torch.long), torch.zeros(2, 5, dtype=torch.long), step=0)
 
@@ -110,8 +111,9 @@ def test_keep_clean_bos_puts_position_zero_first_clean_and_out_of_the_loss(order
 
 
 def test_objectives_are_checked():
-    with pytest.raises(ValueError, match="objective must be one of"):
-        SetDiffusionCollator(CollatorConfig(order="mdlm", objective="masked", mask_id=MASK))
+    with pytest.raises(ValueError, match="diffusion.objective must be .ordered_ce., .set_nelbo., .masked_ce. "
+                                         "or .auto., got .masked."):
+        SetDiffusionCollator(DiffusionConfig(order="mdlm", objective="masked"), MASK)
 
 
 @pytest.mark.parametrize("order, objective", [("staggered:4", "ordered_ce"), ("block:4", "set_nelbo"),
@@ -121,7 +123,7 @@ def test_shared_normalizer_makes_a_split_step_the_whole_batch_loss(single_proces
     by their number (as DeepSpeed does), give the loss of the whole batch collated at once."""
     tokens, doc = data(B=4, L=16)
     doc[0, 3:] = -1  # micro-batch 0 holds far fewer loss tokens than micro-batch 1
-    collator = SetDiffusionCollator(CollatorConfig(order=order, objective=objective, mask_id=MASK))
+    collator = SetDiffusionCollator(DiffusionConfig(order=order, objective=objective), MASK)
     whole = collator(tokens, doc, step=3)
     halves = [collator(tokens[i:i + 2], doc[i:i + 2], step=3, first_slot=i, global_batch=4) for i in (0, 2)]
     token_ce = torch.rand(4, 16, generator=torch.Generator().manual_seed(2))

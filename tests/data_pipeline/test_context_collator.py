@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from data_pipeline.collator import CollatorConfig, SetDiffusionCollator
+from data_pipeline.collator import SetDiffusionCollator
+from model.config import DiffusionConfig
 from model.config import ModelConfig
 from model.objectives import forward_step
 from model.orders import parse_order, sample_set_rank
@@ -59,7 +60,7 @@ def test_larger_sets_stay_aligned_as_decoding_cuts_them(spec):
 @pytest.mark.parametrize("mode", ["set", "ar_baseline"])
 def test_perturbing_a_context_token_never_changes_which_tokens_carry_loss(spec, mode):
     tokens, doc, context = packed()
-    collate = SetDiffusionCollator(CollatorConfig(order=spec, objective=OBJECTIVES[spec], mask_id=MASK, mode=mode))
+    collate = SetDiffusionCollator(DiffusionConfig(order=spec, objective=OBJECTIVES[spec], mode=mode), MASK)
     base = collate(tokens, doc, step=2, context=context)
     for seed in range(3):
         other = torch.where(context, torch.randint(1, MASK, tokens.shape, generator=torch.Generator().manual_seed(9 + seed)),
@@ -98,7 +99,7 @@ def test_the_loss_is_the_mean_over_response_tokens(single_process_layout, mode):
     set_mode = mode == "set"
     model = SetDiffusionTransformer(cfg, single_process_layout.parallel, set_mode=set_mode, init_seed=0).eval()
     tokens, doc, context = packed(L=L)
-    collate = SetDiffusionCollator(CollatorConfig(order="ar", objective="ordered_ce", mask_id=MASK, mode=mode))
+    collate = SetDiffusionCollator(DiffusionConfig(order="ar", objective="ordered_ce", mode=mode), MASK)
     with torch.no_grad():
         logits, loss_of = forward_step(collate(tokens, doc, step=0, context=context), model, set_mode)
         loss, _ = loss_of(logits)
@@ -118,7 +119,7 @@ def test_the_loss_is_the_mean_over_response_tokens(single_process_layout, mode):
 
 def test_a_context_of_the_wrong_shape_is_named():
     tokens, doc, context = packed()
-    collate = SetDiffusionCollator(CollatorConfig(order="ar", objective="ordered_ce", mask_id=MASK))
+    collate = SetDiffusionCollator(DiffusionConfig(order="ar", objective="ordered_ce"), MASK)
     with pytest.raises(ValueError, match="context must be a bool"):
         collate(tokens, doc, step=0, context=context[:, :-1])
     with pytest.raises(ValueError, match="context must be a bool"):
@@ -135,8 +136,8 @@ def test_a_corpus_token_that_is_the_reused_mask_id_carries_no_loss(spec):
     tokens[tokens == reused] = 8
     with_reused = tokens.clone()
     with_reused[:, [3, 9, 16]] = reused  # row 1's 16 is padding
-    collate = SetDiffusionCollator(CollatorConfig(order=spec, objective="ordered_ce" if spec in SINGLETON
-                                                  else "set_nelbo", mask_id=reused, seed=0))
+    collate = SetDiffusionCollator(DiffusionConfig(order=spec, objective="ordered_ce" if spec in SINGLETON
+                                                  else "set_nelbo"), reused, seed=0)
     plain, batch = collate(tokens, doc, step=0), collate(with_reused, doc, step=0)
     assert torch.equal(plain["set_rank"], batch["set_rank"])
     hit = batch["targets"] == reused

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline.collator import CollatorConfig, SetDiffusionCollator
+from data_pipeline.collator import SetDiffusionCollator
+from model.config import DiffusionConfig
 from data_pipeline.loader import MicroBatches, ResumableLoader, open_sequences, read_manifest
 from data_pipeline.sampler import StepSampler
 from model.masks import dense_mask, flex_block_mask, block_mask_to_dense, two_copy_meta, unpack_bits
@@ -23,8 +24,8 @@ def make_batches(corpus, fmt, dp_size=2, dp_rank=0, micro=4, gas=2, order="stagg
     vocab = read_manifest(corpus)["vocab_size"]
     sampler = StepSampler(len(seqs), micro, gas, dp_size, seed=7, blocks=seqs.shard_blocks(seqs.documents.shard_ranges()),
                           shuffle_block=shuffle_block)
-    collator = SetDiffusionCollator(CollatorConfig(order=order, objective=objective, mask_id=vocab, seed=7,
-                                                   mask_bits=mask_bits))
+    collator = SetDiffusionCollator(DiffusionConfig(order=order, objective=objective), vocab, seed=7,
+                                    mask_bits=mask_bits)
     return MicroBatches(seqs, sampler, collator, dp_rank)
 
 

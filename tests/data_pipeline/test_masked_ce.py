@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from data_pipeline.collator import CollatorConfig, SetDiffusionCollator
+from data_pipeline.collator import SetDiffusionCollator
+from model.config import DiffusionConfig
 from model.objectives import loss_fn
 
 MASK = 50
@@ -14,7 +15,7 @@ V = 64  # logits width (> MASK)
 
 
 def batch_of(order, tokens, doc, step=0, first_slot=0, global_batch=None, **kw):
-    collate = SetDiffusionCollator(CollatorConfig(order=order, objective="masked_ce", mask_id=MASK, seed=3, **kw))
+    collate = SetDiffusionCollator(DiffusionConfig(order=order, objective="masked_ce", **kw), MASK, seed=3)
     return collate(tokens, doc, step=step, first_slot=first_slot, global_batch=global_batch)
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from data_pipeline.collator import CollatorConfig, SetDiffusionCollator
+from data_pipeline.collator import SetDiffusionCollator
+from model.config import DiffusionConfig
 from model.orders import parse_order_schedule
 
 MASK = 50
@@ -27,12 +28,12 @@ def test_each_step_draws_exactly_what_its_phase_order_alone_draws():
     tokens = torch.randint(1, MASK, (6, 16), generator=torch.Generator().manual_seed(0))
     doc = torch.zeros(6, 16, dtype=torch.long)
     doc[2, 9:] = -1
-    scheduled = SetDiffusionCollator(CollatorConfig(order="mdlm", order_schedule=SCHEDULE, objective="auto", mask_id=MASK))
+    scheduled = SetDiffusionCollator(DiffusionConfig(order="mdlm", order_schedule=SCHEDULE, objective="auto"), MASK)
     assert [str(f) for f in scheduled.families] == ["ar", "staggered:4", "block:4", "mdlm"]
     drawn = set()
     for step in range(9):
         order = PHASES[max(start for start in PHASES if start <= step)]
-        plain = SetDiffusionCollator(CollatorConfig(order=order, objective="auto", mask_id=MASK))
+        plain = SetDiffusionCollator(DiffusionConfig(order=order, objective="auto"), MASK)
         ours, theirs = scheduled(tokens, doc, step=step), plain(tokens, doc, step=step)
         for key in ("set_rank", "input_ids", "position_ids", "loss_weight", "targets", "loss_normalizer"):
             assert torch.equal(ours[key], theirs[key]), (step, key)

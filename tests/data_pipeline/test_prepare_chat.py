@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline.collator import CollatorConfig, SetDiffusionCollator
+from data_pipeline.collator import SetDiffusionCollator
+from model.config import DiffusionConfig
 from data_pipeline.loader import MicroBatches, open_documents, open_sequences
 from data_pipeline.manifest import read_manifest
 from data_pipeline.prepare import main, prepare, train_tokenizer
@@ -65,7 +66,7 @@ def test_batches_keep_examples_whole_and_train_on_responses_only(chat_corpus):
     sequences = open_sequences(str(root / "corpus"), "train", "mds", 32, pack=True, cache_dir=str(root / "cache"))
     assert sequences.has_context
     eos = read_manifest(root / "corpus")["eos_id"]
-    collator = SetDiffusionCollator(CollatorConfig(order="staggered:4", objective="ordered_ce", mask_id=300))
+    collator = SetDiffusionCollator(DiffusionConfig(order="staggered:4", objective="ordered_ce"), 300)
     batches = MicroBatches(sequences, StepSampler(len(sequences), micro_batch=4, grad_accum=1, dp_size=1, seed=0),
                            collator, dp_rank=0)
     for k in range(6):

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline.collator import CollatorConfig, SetDiffusionCollator
+from data_pipeline.collator import SetDiffusionCollator
+from model.config import DiffusionConfig
 from data_pipeline.loader import MicroBatches, ResumableLoader, open_documents, open_sequences, read_manifest
 from data_pipeline.manifest import CorpusError
 from data_pipeline.sampler import StepSampler
@@ -117,7 +118,7 @@ def test_a_small_cache_limit_holds_while_reading_the_whole_corpus(corpus, tmp_pa
         seqs = open_sequences(str(corpus), "train", "mds", L, True, cache_dir=str(cache_dir), cache_limit=limit)
         sampler = StepSampler(len(seqs), 4, 2, 1, seed=3, blocks=seqs.shard_blocks(seqs.documents.shard_ranges()),
                               shuffle_block=len(seqs))
-        collator = SetDiffusionCollator(CollatorConfig(order="staggered:4", objective="ordered_ce", mask_id=300, seed=3))
+        collator = SetDiffusionCollator(DiffusionConfig(order="staggered:4", objective="ordered_ce"), 300, seed=3)
         return ResumableLoader(MicroBatches(seqs, sampler, collator, 0), num_workers=2)
 
     peaks, stop = [], threading.Event()
@@ -161,7 +162,7 @@ def test_a_remote_alone_gives_the_batches_of_the_local_corpus(corpus, tmp_path, 
         seqs = open_sequences(path, "train", "mds", L, True, remote=remote, cache_dir=str(cache_dir))
         sampler = StepSampler(len(seqs), 4, 1, 2, seed=5, blocks=seqs.shard_blocks(seqs.documents.shard_ranges()),
                               shuffle_block=64)
-        collator = SetDiffusionCollator(CollatorConfig(order="staggered:4", objective="ordered_ce", mask_id=300, seed=5))
+        collator = SetDiffusionCollator(DiffusionConfig(order="staggered:4", objective="ordered_ce"), 300, seed=5)
         return MicroBatches(seqs, sampler, collator, 1)
 
     local, remote = batches(str(corpus), "", tmp_path / "local"), batches("", str(corpus), cache)

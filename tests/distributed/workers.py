@@ -52,7 +52,8 @@ def model_step_under_tensor_parallel(model_options: dict, tensor: int) -> dict:
     import torch
     import torch.distributed as dist
 
-    from data_pipeline.collator import CollatorConfig, SetDiffusionCollator
+    from data_pipeline.collator import SetDiffusionCollator
+    from model.config import DiffusionConfig
     from model.config import ModelConfig
     from model.objectives import forward_step
     from model.transformer import SetDiffusionTransformer
@@ -65,7 +66,7 @@ def model_step_under_tensor_parallel(model_options: dict, tensor: int) -> dict:
     cfg = ModelConfig(num_layers=2, hidden_size=32, num_heads=4, vocab_size=50, seq_len=16,
                       attention_backend="tiled", init_std=0.2, **model_options)
     model = SetDiffusionTransformer(cfg, layout.parallel, init_seed=5)
-    collate = SetDiffusionCollator(CollatorConfig(order="block:4", objective="set_nelbo", mask_id=50, seed=1))
+    collate = SetDiffusionCollator(DiffusionConfig(order="block:4", objective="set_nelbo"), 50, seed=1)
     tokens = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(0))
     batch = collate(tokens, torch.zeros(2, 16, dtype=torch.long), step=0)
     logits, loss_fn = forward_step(batch, model, set_mode=True)

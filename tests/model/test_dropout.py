@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from data_pipeline.collator import CollatorConfig, SetDiffusionCollator
+from data_pipeline.collator import SetDiffusionCollator
+from model.config import DiffusionConfig
 from model.config import ModelConfig
 from model.dropout import ATTENTION, MLP, BranchDropout, dropout_keys
 from model.objectives import forward_step
@@ -20,7 +21,7 @@ def build(layout, dropout, checkpointing=False):
 
 
 def batch(step=0, B=3, L=12):
-    collate = SetDiffusionCollator(CollatorConfig(order="staggered:3", objective="ordered_ce", mask_id=V, seed=1))
+    collate = SetDiffusionCollator(DiffusionConfig(order="staggered:3", objective="ordered_ce"), V, seed=1)
     tokens = torch.randint(0, V, (B, L), generator=torch.Generator().manual_seed(0))
     return collate(tokens, torch.zeros(B, L, dtype=torch.long), step=step)
 

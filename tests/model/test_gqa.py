@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from data_pipeline.collator import CollatorConfig, SetDiffusionCollator
+from data_pipeline.collator import SetDiffusionCollator
+from model.config import DiffusionConfig
 from model.config import ModelConfig
 from model.masks import causal_meta, dense_mask, two_copy_meta
 from model.transformer import SetDiffusionTransformer
@@ -39,7 +40,7 @@ def build(layout, options, backend="sdpa", seed=0, set_mode=True):
 
 def batch(order="staggered:3", seed=0):
     objective = "ordered_ce" if order.startswith("staggered") else "set_nelbo"
-    collate = SetDiffusionCollator(CollatorConfig(order=order, objective=objective, mask_id=V, seed=seed))
+    collate = SetDiffusionCollator(DiffusionConfig(order=order, objective=objective), V, seed=seed)
     tokens = torch.randint(0, V, (2, L), generator=torch.Generator().manual_seed(seed))
     doc = torch.tensor([[0] * 7 + [1] * 5, [0] * L])
     return collate(tokens, doc, step=0)

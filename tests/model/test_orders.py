@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from data_pipeline.collator import CollatorConfig, SetDiffusionCollator, draw_generator
+from data_pipeline.collator import SetDiffusionCollator, draw_generator
+from model.config import DiffusionConfig
 from model.orders import (mean_abs_rank_minus_position, parse_order, sample_set_rank, set_order,
                           staggered_params)
 
@@ -83,7 +84,7 @@ def test_draws_are_keyed_by_seed_step_and_slot():
 
 @pytest.mark.parametrize("objective,order", [("ordered_ce", "staggered:4"), ("set_nelbo", "block:4")])
 def test_same_key_gives_the_same_batch(objective, order):
-    collate = SetDiffusionCollator(CollatorConfig(order=order, objective=objective, mask_id=99, seed=5))
+    collate = SetDiffusionCollator(DiffusionConfig(order=order, objective=objective), 99, seed=5)
     tokens = torch.randint(0, 99, (4, 32), generator=torch.Generator().manual_seed(0))
     doc = torch.zeros(4, 32, dtype=torch.long)
     a = collate(tokens, doc, step=10)
@@ -98,7 +99,7 @@ def test_same_key_gives_the_same_batch(objective, order):
                                              ("set_nelbo", "mdlm")])
 def test_draws_do_not_depend_on_how_the_batch_is_split(objective, order):
     """Two ranks (or micro-batches) of 3 draw exactly what one batch of 6 draws."""
-    collate = SetDiffusionCollator(CollatorConfig(order=order, objective=objective, mask_id=99, seed=5))
+    collate = SetDiffusionCollator(DiffusionConfig(order=order, objective=objective), 99, seed=5)
     tokens = torch.randint(0, 99, (6, 16), generator=torch.Generator().manual_seed(0))
     doc = torch.zeros(6, 16, dtype=torch.long)
     whole = collate(tokens, doc, step=4, first_slot=0, global_batch=6)

@@ -6,7 +6,8 @@ import itertools
 import pytest
 import torch
 
-from data_pipeline.collator import CollatorConfig, SetDiffusionCollator
+from data_pipeline.collator import SetDiffusionCollator
+from model.config import DiffusionConfig
 from model.config import ModelConfig
 from model.masks import two_copy_meta
 from model.objectives import attention_meta, forward_step
@@ -22,7 +23,7 @@ def build(layout, vocab=V, seq_len=12, backend="sdpa", seed=0, set_mode=True, la
 
 
 def set_batch(order, objective="ordered_ce", B=2, L=12, seed=0, doc=None):
-    collate = SetDiffusionCollator(CollatorConfig(order=order, objective=objective, mask_id=V, seed=seed))
+    collate = SetDiffusionCollator(DiffusionConfig(order=order, objective=objective), V, seed=seed)
     tokens = torch.randint(0, V, (B, L), generator=torch.Generator().manual_seed(seed))
     doc = torch.zeros(B, L, dtype=torch.long) if doc is None else doc
     return collate(tokens, doc, step=0)
@@ -145,8 +146,7 @@ def test_ar_order_in_set_mode_sees_only_the_prefix(single_process_layout):
 
 def test_ar_baseline_is_causal(single_process_layout):
     model = build(single_process_layout, set_mode=False)
-    collate = SetDiffusionCollator(CollatorConfig(order="ar", objective="ordered_ce", mask_id=V,
-                                                  mode="ar_baseline"))
+    collate = SetDiffusionCollator(DiffusionConfig(order="ar", objective="ordered_ce", mode="ar_baseline"), V)
     tokens = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(0))
     batch = collate(tokens, torch.zeros(2, 12, dtype=torch.long), step=0)
     assert torch.equal(batch["targets"][:, :-1], tokens[:, 1:])

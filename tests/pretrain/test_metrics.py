@@ -4,12 +4,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from data_pipeline.collator import CollatorConfig, SetDiffusionCollator
+from data_pipeline.collator import SetDiffusionCollator
+from model.config import DiffusionConfig
 from pretrain.metrics import LossBreakdown, Monitor
 
 def test_breakdown_by_family_and_set_size(single_process_layout):
     L = 16
-    collate = SetDiffusionCollator(CollatorConfig(order="ar@0.5,block:4@0.5", objective="auto", mask_id=99, seed=3))
+    collate = SetDiffusionCollator(DiffusionConfig(order="ar@0.5,block:4@0.5", objective="auto"), 99, seed=3)
     tokens = torch.randint(0, 99, (8, L), generator=torch.Generator().manual_seed(0))
     batch = collate(tokens, torch.zeros_like(tokens), step=0)
     assert set(batch["family_id"].tolist()) == {0, 1}  # both families drawn in this batch
@@ -37,8 +38,7 @@ def test_breakdown_by_family_and_set_size(single_process_layout):
 
 def test_overall_loss_is_the_normalizer_weighted_mean_of_the_families(single_process_layout):
     L = 12
-    collate = SetDiffusionCollator(CollatorConfig(order="staggered:2@0.5,mdlm@0.5", objective="auto", mask_id=50,
-                                                  seed=0))
+    collate = SetDiffusionCollator(DiffusionConfig(order="staggered:2@0.5,mdlm@0.5", objective="auto"), 50, seed=0)
     tokens = torch.randint(0, 50, (6, L), generator=torch.Generator().manual_seed(2))
     doc = torch.zeros(6, L, dtype=torch.long)
     doc[2, 9:] = -1

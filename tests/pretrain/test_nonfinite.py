@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from data_pipeline.collator import CollatorConfig, SetDiffusionCollator
+from data_pipeline.collator import SetDiffusionCollator
+from model.config import DiffusionConfig
 from model.objectives import forward_step
 from model.transformer import SetDiffusionTransformer
 from pretrain import engine as engine_module
@@ -39,7 +40,7 @@ def test_engine_skips_a_non_finite_update(single_process_layout, stage, monkeypa
     model = SetDiffusionTransformer(cfg.model, single_process_layout.parallel, init_seed=0)
     engine = Engine(model, cfg, single_process_layout)
     assert engine.zero_stage == stage
-    collate = SetDiffusionCollator(CollatorConfig(order="staggered:2", objective="ordered_ce", mask_id=20))
+    collate = SetDiffusionCollator(DiffusionConfig(order="staggered:2", objective="ordered_ce"), 20)
     tokens = torch.randint(0, 20, (2, 8), generator=torch.Generator().manual_seed(0))
     good = collate(tokens, torch.zeros_like(tokens), step=0)
     bad = {**good, "loss_weight": good["loss_weight"].clone()}
