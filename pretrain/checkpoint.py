@@ -9,6 +9,8 @@ Layout under ``<run>/checkpoints``:
         rank_00000.safetensors    per rank: RNG state (tensors only)
         model.safetensors         the whole model, unsharded (layout-independent weights)
         ema.safetensors           the EMA of the weights, unsharded the same way (train.ema > 0)
+        optimizer.safetensors     Adam's moments, unsharded the same way, and its update count
+                                  (metadata): what another layout continues from
         tokenizer.json
         tokenizer_config.json     when the corpus tokenizer has one (its chat template, EOS name)
         files.json                every file above and its size, written last
@@ -39,6 +41,8 @@ import torch
 
 TAG = re.compile(r"^step_(\d{7,})$")
 EMA_FILE = "ema.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+MOMENTS = ("exp_avg", "exp_avg_sq")  # Adam's state per parameter, as torch.optim.AdamW names it
 TOKENIZER_CONFIG = "tokenizer_config.json"  # beside a tokenizer.json, as transformers keeps it
 FILES = "files.json"  # every file of the checkpoint and its size, written last
 RANK_FILE = re.compile(r"^rank_\d{5}\.safetensors$")

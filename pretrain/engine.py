@@ -242,6 +242,72 @@ class Engine:
             raise ValueError(f"checkpoint: DeepSpeed found nothing to load in {directory}/{tag}")
         return client_state or {}
 
+    # ------------------------------------------------------- Adam's state, for another layout
+    # DeepSpeed's own checkpoint files load only into the layout that wrote them. To continue
+    # under another one, the moments are read per parameter, laid out like the parameter's local
+    # piece (its tensor-parallel shard, or under ZeRO-3 this rank's partition of it, as the EMA
+    # is), gathered unsharded into the checkpoint like the weights, and cut and set again here.
+
+    def _adam(self) -> torch.optim.Optimizer:
+        """The torch AdamW that holds the moments (DeepSpeed's ZeRO and bf16 optimizers wrap one)."""
+        return getattr(self.optimizer, "optimizer", self.optimizer)
+
+    def adam_steps(self) -> int:
+        """The update count of Adam's bias correction (0 before the first step)."""
+        steps = {int(state["step"]) for state in self._adam().state.values() if "step" in state}
+        assert len(steps) <= 1, f"Adam's parameters disagree on the step: {sorted(steps)}"
+        return steps.pop() if steps else 0
+
+    def moment_pieces(self, key: str) -> dict[str, torch.Tensor]:
+        """Adam's ``key`` ('exp_avg' or 'exp_avg_sq') of every trained parameter, laid out like its
+        local piece (zero before the first step). A collective under ZeRO-1/2 (over the data-parallel
+        group, which holds the shard in slices)."""
+        from deepspeed.utils import safe_get_full_optimizer_state, safe_get_local_optimizer_state
+
+        out, stepped = {}, self.adam_steps() > 0
+        for name, p in self.module.named_parameters():
+            if not p.requires_grad:
+                continue
+            if is_partitioned(p):  # ZeRO-3: this rank's partition, as local_piece
+                value = safe_get_local_optimizer_state(p, key) if stepped else None
+            elif hasattr(p, "_hp_mapping"):  # ZeRO-1/2 and bf16: the shard, assembled over DP
+                value = safe_get_full_optimizer_state(p, key) if stepped else None
+            else:
+                value = self._adam().state.get(p, {}).get(key)
+            out[name] = (torch.zeros_like(local_piece(p), dtype=torch.float32) if value is None
+                         else value.detach().float().reshape(local_piece(p).shape))
+        return out
+
+    @torch.no_grad()
+    def load_moments(self, moments: dict[str, dict[str, torch.Tensor]], steps: int) -> None:
+        """Set Adam's moments ({key: {name: piece laid out like local_piece}}) and its update count."""
+        from deepspeed.utils import safe_set_full_optimizer_state, safe_set_local_optimizer_state
+
+        adam = self._adam()
+        # AdamW creates its state at its first step: create it now. ZeRO-3 hands Adam its flat fp32
+        # partitions only while it steps (its param groups are empty in between)
+        held = [p for group in adam.param_groups for p in group["params"]]
+        for p in held or getattr(self.optimizer, "fp32_partitioned_groups_flat", []):
+            state = adam.state[p]
+            state.setdefault("step", torch.zeros((), dtype=torch.float32, device=p.device))
+            for key in moments:
+                state.setdefault(key, torch.zeros_like(p, memory_format=torch.preserve_format))
+            state["step"].fill_(float(steps))
+        link = getattr(self.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+        if link is not None:  # ZeRO-1/2 and bf16 link each parameter to its optimizer state once it exists
+            link()
+        for name, p in self.module.named_parameters():
+            if not p.requires_grad:
+                continue
+            for key, pieces in moments.items():
+                value = pieces[name].to(p.device)
+                if is_partitioned(p):
+                    safe_set_local_optimizer_state(p, value, key)
+                elif hasattr(p, "_hp_mapping"):
+                    safe_set_full_optimizer_state(p, value, key)
+                else:
+                    adam.state[p][key].copy_(value.view_as(p))
+
     def set_step(self, step: int) -> None:
         """Point the LR schedule at ``step`` (when only the weights were carried over)."""
         self.scheduler.last_epoch = step - 1

@@ -18,7 +18,7 @@ import torch
 
 from model.config import ModelConfig
 from model.pipeline import pipeline_name_to_flat
-from pretrain.checkpoint import EMA_FILE, read_trainer_state
+from pretrain.checkpoint import EMA_FILE, MOMENTS, OPTIMIZER_FILE, read_trainer_state
 from pretrain.config import RunConfig, config_to_dict
 from pretrain.distributed import Layout
 from pretrain.engine import zero_stage_run
@@ -153,3 +153,24 @@ def restore_ema(ema, module: torch.nn.Module, directory: pathlib.Path, saved: di
         why = "was trained without EMA" if trained_without else f"has no {EMA_FILE}"
         print(f"setdiff: warning: checkpoint {directory} {why}: the EMA (train.ema={cfg.train.ema}) "
               "starts from its weights", file=sys.stderr, flush=True)
+
+
+def restore_moments(engine, directory: pathlib.Path, cfg: RunConfig, layout: Layout) -> bool:
+    """Adam's moments and update count from the checkpoint's unsharded copy, cut for this layout
+    (a checkpoint of another layout). False when the checkpoint predates that file: the
+    optimizer then starts over."""
+    from safetensors import safe_open
+
+    path = directory / OPTIMIZER_FILE
+    if not path.is_file():
+        return False
+    with safe_open(str(path), "pt") as f:
+        steps = int(f.metadata()["adam_steps"])
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    names = [name for name, p in engine.module.named_parameters() if p.requires_grad]
+    moments = {}
+    for key in MOMENTS:
+        full = {name.split("/", 1)[1]: t for name, t in tensors.items() if name.startswith(key + "/")}
+        moments[key] = local_pieces(engine.module, full, layout.parallel.tp_group, names, flat_names(cfg))
+    engine.load_moments(moments, steps)
+    return True

@@ -22,8 +22,8 @@ import yaml
 from model.objectives import forward_step, share_step_normalizer
 from model.pipeline import BlockPipe, HeadPipe, build_pipeline_module, pipeline_vocab_parameter_rows
 from model.transformer import ModelParts, SetDiffusionTransformer
-from pretrain.checkpoint import (EMA_FILE, TOKENIZER_CONFIG, CheckpointWriter, free_bytes_at, load_rank_state,
-                                 read_trainer_state, save_rank_state, tag_of)
+from pretrain.checkpoint import (EMA_FILE, MOMENTS, OPTIMIZER_FILE, TOKENIZER_CONFIG, CheckpointWriter, free_bytes_at,
+                                 load_rank_state, read_trainer_state, save_rank_state, tag_of)
 from pretrain.config import RunConfig, config_to_dict, resolve_global_batch
 from pretrain.distributed import init_distributed, init_model_parallel
 from pretrain.ema import EMA
@@ -31,7 +31,7 @@ from pretrain.engine import Engine, use_bf16
 from pretrain.flops import StageShare, device_peak
 from pretrain.metrics import LossBreakdown, Monitor
 from pretrain.restore import (check_compatible, flat_names, init_weights_from, layout_record, load_checkpoint_weights,
-                              restore_ema, same_layout_record)
+                              restore_ema, restore_moments, same_layout_record)
 from pretrain.run_dir import RunDirError, claim
 from pretrain.state import full_state_dict
 from pretrain.throughput import FlopCounter, NonFiniteGuard, StepWindow, WindowReport, peak_rss_mib
@@ -71,7 +71,7 @@ class Trainer:
         self.breakdown = LossBreakdown(self.data.families if self.set_mode else ["ar_baseline"], cfg.model.seq_len)
         model, self.vocab_rows = self._build_model()
         self.num_params_local = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
-        self.step = 0
+        self.step, self.moments_carried = 0, False
         same_layout = resume_from is not None and same_layout_record(read_trainer_state(resume_from)["layout"],
                                                                      layout_record(cfg, self.layout))
         if resume_from is not None and not same_layout:  # weights only, before DeepSpeed copies them
@@ -110,8 +110,10 @@ class Trainer:
         peak = "" if self.window.peak_flops is None else f"{self.window.peak_flops / 1e9:.0f} GFLOP/s "
         self.monitor.info(self.summary() + f" | MFU peak {peak}({peak_source})")
         if resume_from is not None:
+            carried = "weights and Adam's moments carried over" if self.moments_carried else \
+                "weights carried over, optimizer restarted (the checkpoint has no optimizer.safetensors)"
             self.monitor.info(f"resumed from {resume_from} at step {self.step}"
-                              + ("" if same_layout else " (new layout: weights carried over, optimizer restarted)"))
+                              + ("" if same_layout else f" (new layout: {carried})"))
 
     def summary(self) -> str:
         lay, m, t = self.layout, self.cfg.model, self.cfg.train
@@ -286,11 +288,11 @@ class Trainer:
         """
         memory = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else peak_rss_mib()
         report = self.window.read(memory, stop_flag=bool(self._signal))
-        first = self.step - report.steps + 1
-        for i, (loss, norm) in enumerate(zip(report.losses, report.grad_norms)):
         if report.peak_raised is not None:
             self.monitor.info(f"step {self.step:>6} | a window ran faster than the CPU peak measured so far: "
                               f"measured again, MFU peak now {report.peak_raised / 1e9:.0f} GFLOP/s")
+        first = self.step - report.steps + 1
+        for i, (loss, norm) in enumerate(zip(report.losses, report.grad_norms)):
             if guard.observe(first + i, loss, norm):
                 self.monitor.info(f"step {first + i:>6} | non-finite loss {loss} or grad norm {norm}: "
                                   f"update skipped ({guard.in_a_row} in a row, {guard.total} in all)")
@@ -336,12 +338,16 @@ class Trainer:
         dist.all_gather_object(data_states, {"dp_rank": self.layout.dp_rank, **self.data.train_loader.state_dict()})
         weights = self.full_state()
         ema_weights = None if self.ema is None else self.full_state(self.ema.pieces())
+        moments = {f"{key}/{name}": tensor for key in MOMENTS
+                   for name, tensor in self.full_state(self.engine.moment_pieces(key)).items()}
+        adam_steps = self.engine.adam_steps()
         if self.is_main:
             from safetensors.torch import save_file
 
             save_file(weights, str(partial / "model.safetensors"))
             if ema_weights is not None:
                 save_file(ema_weights, str(partial / EMA_FILE))
+            save_file(moments, str(partial / OPTIMIZER_FILE), metadata={"adam_steps": str(adam_steps)})
             shutil.copyfile(self.data.tokenizer_path, partial / "tokenizer.json")
             tokenizer_config = self.data.tokenizer_path.with_name(TOKENIZER_CONFIG)
             if tokenizer_config.is_file():
@@ -392,6 +398,7 @@ class Trainer:
                         "the RNG continues from the seed")
         else:
             self.engine.set_step(self.step)
+            self.moments_carried = restore_moments(self.engine, directory, self.cfg, self.layout)
         if self.ema is not None:
             restore_ema(self.ema, self.engine.module, directory, saved, self.cfg, self.layout, self.is_main)
         self.data.train_loader.load_state_dict({"next_micro_batch": self.step * self.cfg.train.grad_accum})

@@ -1,7 +1,9 @@
 """Resume across processes and layouts on gloo ranks."""
 from __future__ import annotations
 
+import json
 import pathlib
+import shutil
 
 import pytest
 
@@ -9,6 +11,7 @@ from harness import run_distributed
 
 WORKER = str(pathlib.Path(__file__).with_name("workers.py")) + ":train_layout"
 STEPS = ["train.steps=6", "train.warmup_steps=1"]
+MOVE = ["train.lr=1e-2"]  # large steps: a restarted Adam leaves the straight run clearly
 
 
 def train(corpus, out_dir, world, overrides):
@@ -28,14 +31,40 @@ def test_stop_and_resume_is_bit_exact(tiny_corpus, tmp_path, world, layout):
     assert first["grad_norms"] + second["grad_norms"] == straight["grad_norms"]
 
 
-@pytest.mark.parametrize("layout", [["parallel.tensor=2"], ["parallel.zero_stage=3"]])
-def test_checkpoint_continues_under_one_process(tiny_corpus, tmp_path, layout):
-    """TP=2 (DP=1) or ZeRO-3 with DP=2, continued by TP=1, DP=1: the weights carry over."""
-    straight = train(tiny_corpus, tmp_path / "straight", 2, layout)
-    train(tiny_corpus, tmp_path / "moved", 2, layout + ["train.stop_at_step=3"])
-    one = [] if "tensor" in layout[0] else ["train.grad_accum=2"]  # keep the global batch of DP=2
-    continued = train(tiny_corpus, tmp_path / "moved", 1, one + ["train.resume=auto", "train.resume_override=false"])
-    assert continued["losses"][0] == pytest.approx(straight["losses"][3], rel=1e-5)
+# (world, overrides) of each layout; every one trains the same global batch of 4 sequences
+LAYOUTS = {
+    "one": (1, []),
+    "tp2": (2, ["parallel.tensor=2"]),
+    "zero3_dp2": (2, ["parallel.zero_stage=3", "train.micro_batch_size=2"]),
+    "pp2": (2, ["parallel.pipeline=2", "parallel.zero_stage=1", "train.micro_batch_size=2", "train.grad_accum=2"]),
+}
+
+
+@pytest.mark.parametrize("before,after", [("tp2", "one"), ("zero3_dp2", "one"), ("pp2", "one"), ("one", "tp2"),
+                                          ("one", "zero3_dp2")])
+def test_a_checkpoint_continues_under_another_layout_as_if_nothing_changed(tiny_corpus, tmp_path, before, after):
+    """Saved at step 3 under one layout, continued under another: the weights, the EMA and
+    Adam's moments and update count carry over (optimizer.safetensors), so steps 4-6 are the
+    uninterrupted run's to 1e-5. Restarting Adam instead matches step 4 only (its loss is of
+    the carried weights) and leaves the straight run from step 5 on (checked too)."""
+    world, layout = LAYOUTS[before]
+    layout = MOVE + layout
+    straight = train(tiny_corpus, tmp_path / "straight", world, layout)
+    train(tiny_corpus, tmp_path / "moved", world, layout + ["train.stop_at_step=3"])
+    shutil.copytree(tmp_path / "moved", tmp_path / "without_moments")
+    world_after, layout_after = LAYOUTS[after]
+    layout_after = MOVE + layout_after
+    continued = train(tiny_corpus, tmp_path / "moved", world_after, layout_after + ["train.resume=auto"])
+    assert continued["losses"] == pytest.approx(straight["losses"][3:], rel=1e-5)
+    if (before, after) == ("tp2", "one"):  # the same move without the moments restarts Adam
+        checkpoint = tmp_path / "without_moments" / "run" / "checkpoints" / "step_0000003"
+        (checkpoint / "optimizer.safetensors").unlink()
+        (checkpoint / "files.json").write_text(json.dumps(
+            {k: v for k, v in json.loads((checkpoint / "files.json").read_text()).items()
+             if k != "optimizer.safetensors"}))
+        restarted = train(tiny_corpus, tmp_path / "without_moments", world_after, layout_after + ["train.resume=auto"])
+        assert restarted["losses"][0] == pytest.approx(straight["losses"][3], rel=1e-5)
+        assert restarted["losses"][1] != pytest.approx(straight["losses"][4], rel=1e-3)
 
 
 @pytest.mark.parametrize("layout", [["parallel.tensor=2"], ["parallel.zero_stage=3"]])
