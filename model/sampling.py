@@ -35,14 +35,16 @@ rule, the default) is the chosen token's probability under that renormalized dis
 ``use_cache=False`` recomputes each step from scratch (model/sampling_reference.py): it
 gives the same logits, and is the slow side of ``setdiff-bench decode``.
 
-AR-baseline models (one-copy causal, logits at j predict j + 1) decode with
-``generate_ar``, the standard KV-cached loop with the same batching and stops.
+AR-baseline models (one-copy causal, logits at j predict j + 1) decode in the same loop with
+order ``ar``: each step's forward holds the new clean tokens only and the last one's logits
+predict the active position (the standard KV-cached loop, with the same batching and stops).
 
 The bookkeeping (canvases, windows, token choice) runs on the CPU; the cache and the
 forwards run on the model's device, and only each step's active logits come back.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections import Counter
@@ -52,7 +54,7 @@ from typing import Sequence
 import torch
 
 from model.kv_cache import KVCache, cached_forward
-from model.orders import parse_order, staggered_hitting_times
+from model.orders import parse_order, sample_set_rank
 from model.sampling_reference import ar_recompute_logits, pack_positions, recompute_logits
 from model.transformer import SetDiffusionTransformer
 
@@ -170,12 +172,41 @@ class DecodeResult:
 
 
 @dataclass
-class _Window:
+class _Family:
+    """What the decoding family decides, and nothing else: which positions a step may commit
+    (its active tokens) and which clean tokens enter the cache with it."""
+
     key_BL: torch.Tensor
     """Order key of each position (inf for given ones); the window is keyed on it."""
     width: float
+    """Keys below the smallest still-masked key + width are active (singleton sets)."""
     block_BL: torch.Tensor | None = None
     """Set families (block, mdlm): the set each position belongs to; None for singleton sets."""
+
+    @property
+    def shares_sets(self) -> bool:
+        return self.block_BL is not None
+
+    def step(self, state: "_Canvas", masked_BL: torch.Tensor, live_B: torch.Tensor,
+             pending_BL: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(active positions, clean positions entering the cache) of the next forward."""
+        first_key_B = self.key_BL.masked_fill(~masked_BL, float("inf")).min(dim=1).values
+        if self.shares_sets:  # the first block with a masked position is one set, given tokens included
+            active_BL = state.inside_BL & (self.key_BL == first_key_B[:, None]) & live_B[:, None]
+            pending_BL = (state.inside_BL & (self.key_BL < first_key_B[:, None]) & live_B[:, None]
+                          & (state.entry_rank_BL >= state.pos_L.numel()))
+            return active_BL, pending_BL
+        active_BL = masked_BL & (self.key_BL < first_key_B[:, None] + self.width)
+        return active_BL, pending_BL & live_B[:, None]
+
+    def decoded(self, pending_BL: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """The clean positions pending after a step decoded (rows, cols): a decoded singleton set
+        joins the cache in the next forward; a set joins once all of it is decoded (``step``)."""
+        if self.shares_sets:
+            return pending_BL
+        pending_BL = torch.zeros_like(pending_BL)
+        pending_BL[rows, cols] = True
+        return pending_BL
 
 
 def repetition_penalty(logits_BAV: torch.Tensor, seen_BV: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -214,12 +245,6 @@ def nucleus_probs(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return kept / kept.sum(dim=-1, keepdim=True)
 
 
-def sample_top_p(logits_BAV: torch.Tensor, temperature: float, top_p: float,
-                 generator: torch.Generator | None) -> torch.Tensor:
-    """Sample from softmax(logits / temperature) restricted to the top-p nucleus."""
-    return choose_tokens(logits_BAV, temperature, top_p, generator)[0]
-
-
 def unigram_entropy(tokens: Sequence[int]) -> float:
     """Entropy (nats) of a sample's token frequencies: the reference rejects samples < 4."""
     counts = Counter(tokens)
@@ -243,30 +268,27 @@ def _pad_canvases(canvases: Sequence[Sequence[int]], mask_id: int) -> tuple[torc
     return canvas_BL, lengths
 
 
-def _window(cfg: DecodeConfig, to_decode_BL: torch.Tensor, generator: torch.Generator | None) -> _Window:
+def decoding_family(cfg: DecodeConfig, to_decode_BL: torch.Tensor, generator: torch.Generator | None) -> _Family:
     family = parse_order(cfg.order)
     B, L = to_decode_BL.shape
     pos_BL = torch.arange(L).expand(B, L)
     if family.name in ("block", "mdlm"):
         block_BL = pos_BL // family.size if family.name == "block" else torch.zeros(B, L, dtype=torch.long)
-        return _Window(block_BL.double(), 1.0, block_BL)
+        return _Family(block_BL.double(), 1.0, block_BL)
     if family.name == "ar":
         key, width = pos_BL.double(), 1.0
     elif family.name == "block_random":  # one block a window; its tokens are singleton sets
         key, width = (pos_BL // family.size).double(), 1.0
-    elif cfg.any_order:
+    elif cfg.any_order:  # each row's masked positions in a staggered order of their own (model/orders.py)
         key = torch.zeros(B, L, dtype=torch.float64)
         for b in range(B):
             count = int(to_decode_BL[b].sum())
-            if count >= 2:  # later hitting time = earlier in the order (SET_DIFFUSION.md §1)
-                times = staggered_hitting_times(count, family.size, generator)
-                rank = torch.empty(count, dtype=torch.float64)
-                rank[torch.sort(-times, stable=True).indices] = torch.arange(count, dtype=torch.float64)
-                key[b, to_decode_BL[b]] = rank
+            if count >= 2:
+                key[b, to_decode_BL[b]] = sample_set_rank(family, count, generator).double()
         width = float(cfg.window or family.size)
     else:
         key, width = pos_BL.double(), float(cfg.window or family.size)
-    return _Window(key.masked_fill(~to_decode_BL, float("inf")), width)
+    return _Family(key.masked_fill(~to_decode_BL, float("inf")), width)
 
 
 class _Canvas:
@@ -329,21 +351,20 @@ class _Canvas:
 @torch.no_grad()
 def decode_canvases(model: SetDiffusionTransformer, canvases: Sequence[Sequence[int]], cfg: DecodeConfig,
                     generator: torch.Generator | None = None) -> DecodeResult:
-    """Decode every [MASK] (model.mask_id) of each row; given tokens never change."""
-    if not model.set_mode:
-        raise ValueError("decode_canvases needs a set-mode model; AR-baseline models use generate_ar")
+    """Decode every [MASK] (model.mask_id) of each row; given tokens never change. One loop for
+    every family and both model kinds: the family (``decoding_family``) decides which positions a
+    step may commit, the model kind how their logits are computed (``_step_logits``)."""
     cfg.validate()
+    if not model.set_mode:  # an AR-baseline model decodes left to right, one token a step, whatever the order
+        cfg = dataclasses.replace(cfg, order="ar", window=None, any_order=False)
     start = time.perf_counter()
     state = _Canvas(canvases, model.mask_id, model.cfg.seq_len)
     B, L = state.tokens_BL.shape
+    _check_canvases(model, cfg, state)
     given_tokens = state.tokens_BL[state.given_BL].clone()
-    window = _window(cfg, state.to_decode_BL, generator)
-    set_family = window.block_BL is not None
-    if set_family and parse_order(cfg.order).name == "mdlm" and int(state.row_len_B.max()) > state.max_len:
-        raise ValueError(f"mdlm decodes a canvas as one set: {int(state.row_len_B.max())} tokens exceed the "
-                         f"model's seq_len {state.max_len}")
+    family = decoding_family(cfg, state.to_decode_BL, generator)
     # clean tokens not yet in the cache: for singleton sets the given ones first (the prefill)
-    pending_BL = state.given_BL.clone() if not set_family else None
+    pending_BL = state.given_BL.clone() if not family.shares_sets else torch.zeros_like(state.given_BL)
     capacity = min(int(state.row_len_B.max()), state.max_len)
     cache = KVCache.for_model(model, B, capacity) if cfg.use_cache else None
     row_forwards_B = torch.zeros(B, dtype=torch.long)
@@ -353,29 +374,13 @@ def decode_canvases(model: SetDiffusionTransformer, canvases: Sequence[Sequence[
         live_B = masked_BL.any(dim=1)
         if not bool(live_B.any()):
             break
-        first_key_B = window.key_BL.masked_fill(~masked_BL, float("inf")).min(dim=1).values
-        if set_family:  # the first block with a masked position is one set, given tokens included
-            active_BL = state.inside_BL & (window.key_BL == first_key_B[:, None]) & live_B[:, None]
-            pending_BL = (state.inside_BL & (window.key_BL < first_key_B[:, None]) & live_B[:, None]
-                          & (state.entry_rank_BL >= L))
-        else:
-            active_BL = masked_BL & (window.key_BL < first_key_B[:, None] + window.width)
-            pending_BL &= live_B[:, None]
+        active_BL, pending_BL = family.step(state, masked_BL, live_B, pending_BL)
         active_pos_BA, active_count_B = pack_positions(active_BL)
-        drop_B = state.enter(pending_BL, active_count_B, window.block_BL)
-        active_ids_BA = state.tokens_BL.gather(1, active_pos_BA)
-        if cache is not None:
-            cache.crop_left(drop_B)
-            clean_pos_BN, clean_count_B = pack_positions(pending_BL)
-            hidden_BSH = cached_forward(model, cache, state.tokens_BL.gather(1, clean_pos_BN), clean_pos_BN,
-                                        clean_count_B, active_pos_BA, active_count_B, set_family,
-                                        clean_set_BN=state.clean_set_BL.gather(1, clean_pos_BN),
-                                        masked_ids_BA=active_ids_BA)
-            logits_BAV = model.logits(hidden_BSH[:, clean_pos_BN.shape[1]:]).float().cpu()
-        else:
-            logits_BAV = recompute_logits(model, state.tokens_BL, state.entry_rank_BL, state.clean_set_BL,
-                                          state.window_start_BL, state.window_start_B, active_pos_BA,
-                                          active_count_B, set_family)
+        # an AR-baseline forward holds the clean tokens only: its last one predicts the active position
+        step_tokens_B = active_count_B if model.set_mode else torch.zeros_like(active_count_B)
+        drop_B = state.enter(pending_BL, step_tokens_B, family.block_BL)
+        logits_BAV = _step_logits(model, cache, state, pending_BL, active_pos_BA, active_count_B, drop_B,
+                                  family.shares_sets)
         forwards += 1
         slot_A = torch.arange(active_pos_BA.shape[1])
         candidate_BA = (slot_A[None, :] < active_count_B[:, None]) & masked_BL.gather(1, active_pos_BA)
@@ -394,9 +399,7 @@ def decode_canvases(model: SetDiffusionTransformer, canvases: Sequence[Sequence[
         cols = active_pos_BA[rows, slots]
         state.tokens_BL[rows, cols] = tokens_BA[rows, slots]
         state.decoded_BL[rows, cols] = True
-        if not set_family:  # a decoded singleton set joins the cache in the next forward
-            pending_BL = torch.zeros_like(pending_BL)
-            pending_BL[rows, cols] = True
+        pending_BL = family.decoded(pending_BL, rows, cols)
         row_forwards_B += live_B
         if cfg.eos_id is not None:
             eos_BL = state.decoded_BL & (state.tokens_BL == cfg.eos_id)
@@ -414,68 +417,55 @@ def decode_canvases(model: SetDiffusionTransformer, canvases: Sequence[Sequence[
     return DecodeResult(sequences, generated, stats, trace)
 
 
+def _check_canvases(model: SetDiffusionTransformer, cfg: DecodeConfig, state: "_Canvas") -> None:
+    """What a model kind cannot decode, named before any forward."""
+    family = parse_order(cfg.order)
+    longest = int(state.row_len_B.max())
+    if not model.set_mode:
+        after_mask_BL = state.to_decode_BL.long().cumsum(dim=1) > 0
+        if bool((after_mask_BL & state.given_BL).any()):
+            raise ValueError("an AR-baseline model sees no right context: its masked positions must end each row "
+                             "(infilling needs a set-mode model)")
+        if longest > state.max_len:  # its cache is not cropped: it was trained on one window of seq_len
+            raise ValueError(f"AR-baseline decoding stays within the model's seq_len {state.max_len}: a row of "
+                             f"{longest} tokens (prompt + new) is longer")
+    elif family.name == "mdlm" and longest > state.max_len:
+        raise ValueError(f"mdlm decodes a canvas as one set: {longest} tokens exceed the model's seq_len "
+                         f"{state.max_len}")
+
+
+def _step_logits(model: SetDiffusionTransformer, cache: KVCache | None, state: "_Canvas", pending_BL: torch.Tensor,
+                 active_pos_BA: torch.Tensor, active_count_B: torch.Tensor, drop_B: torch.Tensor,
+                 shares_sets: bool) -> torch.Tensor:
+    """[B, A, V_padded] logits of a step's active positions: the active tokens in the noisy half
+    (set mode), or the last clean token's prediction of the next position (AR baseline); from the
+    KV cache, or recomputed from scratch (model/sampling_reference.py) without one."""
+    if cache is None:
+        if not model.set_mode:
+            return ar_recompute_logits(model, state.tokens_BL, state.entered_B)
+        return recompute_logits(model, state.tokens_BL, state.entry_rank_BL, state.clean_set_BL,
+                                state.window_start_BL, state.window_start_B, active_pos_BA, active_count_B,
+                                shares_sets)
+    cache.crop_left(drop_B)
+    clean_pos_BN, clean_count_B = pack_positions(pending_BL)
+    clean_ids_BN = state.tokens_BL.gather(1, clean_pos_BN)
+    if not model.set_mode:
+        none_BA = torch.zeros(active_pos_BA.shape[0], 0, dtype=torch.long)
+        hidden_BSH = cached_forward(model, cache, clean_ids_BN, clean_pos_BN, clean_count_B, none_BA,
+                                    0 * clean_count_B)
+        last_B = (clean_count_B - 1).clamp(min=0).to(hidden_BSH.device)
+        rows_B = torch.arange(hidden_BSH.shape[0], device=hidden_BSH.device)
+        return model.logits(hidden_BSH[rows_B, last_B][:, None]).float().cpu()
+    hidden_BSH = cached_forward(model, cache, clean_ids_BN, clean_pos_BN, clean_count_B, active_pos_BA,
+                                active_count_B, shares_sets, clean_set_BN=state.clean_set_BL.gather(1, clean_pos_BN),
+                                masked_ids_BA=state.tokens_BL.gather(1, active_pos_BA))
+    return model.logits(hidden_BSH[:, clean_pos_BN.shape[1]:]).float().cpu()
+
+
 def generate(model: SetDiffusionTransformer, prompts: Sequence[Sequence[int]], cfg: DecodeConfig,
              generator: torch.Generator | None = None) -> DecodeResult:
     """Continue each prompt by up to cfg.max_new_tokens tokens (set-mode or AR-baseline model)."""
-    if not model.set_mode:
-        return generate_ar(model, prompts, cfg, generator)
     for b, prompt in enumerate(prompts):
         if model.mask_id in prompt:
             raise ValueError(f"prompt {b} holds the [MASK] id {model.mask_id}: use infill for masked spans")
     return decode_canvases(model, prompt_canvases(prompts, cfg.max_new_tokens, model.mask_id), cfg, generator)
-
-
-@torch.no_grad()
-def generate_ar(model: SetDiffusionTransformer, prompts: Sequence[Sequence[int]], cfg: DecodeConfig,
-                generator: torch.Generator | None = None) -> DecodeResult:
-    """AR-baseline model (one copy, logits at j predict j + 1): one token per row and step.
-    Only temperature, top_p, max_new_tokens, eos_id, use_cache and record_logits apply."""
-    if model.set_mode:
-        raise ValueError("generate_ar needs an AR-baseline model (set_mode=False)")
-    cfg.validate()
-    start = time.perf_counter()
-    canvas_BL, row_len_B = _pad_canvases(prompt_canvases(prompts, cfg.max_new_tokens, model.mask_id),
-                                         model.mask_id)
-    if int(row_len_B.max()) > model.cfg.seq_len:
-        raise ValueError(f"AR-baseline decoding stays within the model's seq_len {model.cfg.seq_len}: a prompt "
-                         f"of {int(row_len_B.max()) - cfg.max_new_tokens} tokens + {cfg.max_new_tokens} new is longer")
-    B, L = canvas_BL.shape
-    known_B = row_len_B - cfg.max_new_tokens  # tokens of each row so far: the prompt
-    pos_L = torch.arange(L)
-    pending_BL = pos_L[None, :] < known_B[:, None]  # the prefill: the whole prompt
-    done_B = torch.zeros(B, dtype=torch.bool)
-    cache = KVCache.for_model(model, B, L) if cfg.use_cache else None
-    row_forwards_B = torch.zeros(B, dtype=torch.long)
-    forwards, trace = 0, []
-    while not bool(done_B.all()):
-        live_B = ~done_B
-        if cache is not None:
-            clean_pos_BN, clean_count_B = pack_positions(pending_BL & live_B[:, None])
-            none_BA = torch.zeros(B, 0, dtype=torch.long)
-            hidden_BSH = cached_forward(model, cache, canvas_BL.gather(1, clean_pos_BN), clean_pos_BN,
-                                        clean_count_B, none_BA, torch.zeros(B, dtype=torch.long))
-            last_B = (clean_count_B - 1).clamp(min=0).to(hidden_BSH.device)
-            rows_B = torch.arange(B, device=hidden_BSH.device)
-            logits_BAV = model.logits(hidden_BSH[rows_B, last_B][:, None]).float().cpu()
-        else:
-            logits_BAV = ar_recompute_logits(model, canvas_BL, known_B)
-        forwards += 1
-        row_forwards_B += live_B
-        if cfg.record_logits:
-            trace.append(StepTrace(known_B[:, None].clone(), live_B[:, None].clone(), logits_BAV.clone()))
-        tokens_B = choose_tokens(logits_BAV, cfg.temperature, cfg.top_p, generator)[0][:, 0]
-        rows = live_B.nonzero(as_tuple=True)[0]
-        canvas_BL[rows, known_B[rows]] = tokens_B[rows]
-        pending_BL = torch.zeros_like(pending_BL)
-        pending_BL[rows, known_B[rows]] = True
-        known_B = known_B + live_B
-        stop_B = known_B >= row_len_B
-        if cfg.eos_id is not None:
-            stop_B |= tokens_B == cfg.eos_id
-        done_B |= live_B & stop_B
-
-    sequences = [canvas_BL[b, :int(known_B[b])].tolist() for b in range(B)]
-    generated = [seq[len(p):] for seq, p in zip(sequences, prompts)]
-    stats = DecodeStats(forwards, row_forwards_B.tolist(), [len(g) for g in generated],
-                        time.perf_counter() - start)
-    return DecodeResult(sequences, generated, stats, trace)

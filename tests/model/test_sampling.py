@@ -8,7 +8,7 @@ from model.config import ModelConfig
 from model.layout import two_copy_layout
 from model.masks import causal_meta, two_copy_meta
 from model.orders import parse_order, sample_set_rank
-from model.sampling import DecodeConfig, decode_canvases, generate, sample_top_p
+from model.sampling import DecodeConfig, choose_tokens, decode_canvases, generate
 from model.transformer import SetDiffusionTransformer
 
 pytestmark = pytest.mark.slow  # decodes every step of several orders, cached and recomputed
@@ -208,10 +208,10 @@ def test_ar_baseline_eos_stop(ar_model):
 def test_top_p_samples_only_inside_the_nucleus_and_is_reproducible():
     probs = torch.tensor([0.05, 0.5, 0.15, 0.3])
     logits = probs.log().expand(1, 4000, 4)
-    draws = sample_top_p(logits, 1.0, 0.7, torch.Generator().manual_seed(1))
+    draws = choose_tokens(logits, 1.0, 0.7, torch.Generator().manual_seed(1))[0]
     assert set(draws.unique().tolist()) == {1, 3}  # 0.5 + 0.3 reaches 0.7; 0.15 and 0.05 are outside
-    assert torch.equal(draws, sample_top_p(logits, 1.0, 0.7, torch.Generator().manual_seed(1)))
-    only_top = sample_top_p(logits, 1.0, 0.4, torch.Generator().manual_seed(2))
+    assert torch.equal(draws, choose_tokens(logits, 1.0, 0.7, torch.Generator().manual_seed(1))[0])
+    only_top = choose_tokens(logits, 1.0, 0.4, torch.Generator().manual_seed(2))[0]
     assert set(only_top.unique().tolist()) == {1}
 
 
@@ -466,3 +466,34 @@ def test_singleton_families_decode_as_the_training_forward(peaked, order, tau):
                 torch.testing.assert_close(got[:V], expected[:V], atol=1e-4, rtol=1e-4)
     if tau < 1.0:
         assert result.stats.tokens_per_forward > 1.5
+
+
+def test_ar_baseline_records_each_steps_logits_as_a_full_causal_forward_gives_them(ar_model):
+    """record_logits on an AR-baseline model (it used to raise TypeError): step k's logits of a row
+    are those a plain causal forward over the row's first tokens gives at its last token."""
+    result = run(ar_model, max_new_tokens=5, record_logits=True)
+    assert len(result.trace) == result.stats.forwards == 5
+    for step in result.trace:
+        assert step.logits.shape[:2] == step.positions.shape == (len(PROMPTS), 1)
+        for b in range(len(PROMPTS)):
+            position = int(step.positions[b, 0])
+            ids = step.canvas[b:b + 1, :position]
+            with torch.no_grad():
+                full = ar_model(ids, torch.arange(position)[None], causal_meta(torch.zeros_like(ids)))
+            torch.testing.assert_close(step.logits[b, 0], full[0, -1].float(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("order", ["block_random:4", "staggered:4"])
+def test_singleton_windows_record_the_recompute_logits_and_decode_several_tokens_a_step(peaked, order):
+    cached = run(peaked, order=order, tau=0.3, record_logits=True)
+    fresh = run(peaked, order=order, tau=0.3, record_logits=True, use_cache=False)
+    assert cached.generated == fresh.generated and len(cached.trace) == len(fresh.trace) == cached.stats.forwards
+    for step_c, step_f in zip(cached.trace, fresh.trace):
+        assert torch.equal(step_c.positions, step_f.positions)
+        torch.testing.assert_close(step_c.logits[step_c.valid], step_f.logits[step_f.valid], rtol=1e-4, atol=1e-4)
+    assert cached.stats.tokens_per_forward > 1.0
+
+
+def test_an_ar_baseline_model_refuses_to_infill(ar_model):
+    with pytest.raises(ValueError, match="no right context"):
+        decode_canvases(ar_model, [[5, ar_model.mask_id, 7]], DecodeConfig(order="ar"))
