@@ -273,13 +273,9 @@ class Block(nn.Module):
     def forward(self, x_SBH, cos, sin, backend, mask, dropout: BranchDropout | None = None):
         """``dropout``: the micro-batch's keyed residual-branch dropout (training only), or None."""
         attn_SBH = self.attn(self.attn_norm(x_SBH), cos, sin, backend, mask)
-        if dropout is not None:
-            attn_SBH = dropout.apply(attn_SBH, self.layer_index, ATTENTION)
-        x_SBH = x_SBH + attn_SBH
+        x_SBH = x_SBH + attn_SBH if dropout is None else dropout.add(x_SBH, attn_SBH, self.layer_index, ATTENTION)
         mlp_SBH = self.mlp(self.mlp_norm(x_SBH))
-        if dropout is not None:
-            mlp_SBH = dropout.apply(mlp_SBH, self.layer_index, MLP)
-        return x_SBH + mlp_SBH
+        return x_SBH + mlp_SBH if dropout is None else dropout.add(x_SBH, mlp_SBH, self.layer_index, MLP)
 
 
 class Embedding(nn.Module):

@@ -6,6 +6,7 @@
                                                                   (pretrain/bench/train.py, trainer.py)
     setdiff-bench decode [--new-tokens 512] [--batches 1 8] [--json OUT]          (pretrain/bench/decode.py)
     setdiff-bench prepare [--size-mb 500] [--workers 2] [--json OUT]              (pretrain/bench/prepare.py)
+    setdiff-bench dropout [--config configs/demo_cpu.yaml] [--p 0.1] [--steps 20]  (pretrain/bench/dropout.py)
 
 collator: sequences/s of the data path for each order family against how fast one training
 step of the recipe consumes sequences. train, decode, prepare: see their modules.
@@ -17,14 +18,14 @@ import argparse
 import json
 import sys
 
-from pretrain.bench import collator, decode, prepare, report, train
+from pretrain.bench import collator, decode, dropout, prepare, report, train
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="setdiff-bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for bench in (collator, train, decode, prepare):
+    for bench in (collator, train, decode, prepare, dropout):
         bench.add_parser(sub)
     args = parser.parse_args(argv)
     before = report.machine()

@@ -61,11 +61,12 @@ def test_the_counter_sees_each_kind_of_read_back():
 
 
 @pytest.mark.slow  # a real Trainer
-@pytest.mark.parametrize("backend", ["sdpa"])
-def test_no_read_back_inside_the_micro_batch_loop(tiny_corpus, tmp_path, backend):
+@pytest.mark.parametrize("backend,dropout", [("sdpa", 0.0), ("sdpa", 0.1)])
+def test_no_read_back_inside_the_micro_batch_loop(tiny_corpus, tmp_path, backend, dropout):
+    """With dropout 0.1 too: its keyed masks are computed on the device from the batch's keys."""
     cfg = load_config(None, [
         f"data.path={tiny_corpus}", f"out_dir={tmp_path}", "name=run",
-        *tiny_run(f"model.attention_backend={backend}", "train.precision=fp32", "train.grad_accum=4", "train.steps=2",
+        *tiny_run(f"model.attention_backend={backend}", f"model.dropout={dropout}", "train.precision=fp32", "train.grad_accum=4", "train.steps=2",
                   "data.num_workers=0", "parallel.zero_stage=1", seq_len=32, micro_batch_size=2, log_interval=2)])
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
     counter = ReadBackCounter()
