@@ -233,17 +233,17 @@ def validate(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
-def resolve_global_batch(train: "TrainConfig", data_parallel: int) -> None:
-    """Derive train.grad_accum from train.global_batch_size for this data-parallel size, so a
-    recipe's global batch stays the same on any number of GPUs."""
+def resolve_global_batch(train: "TrainConfig", data_parallel: int) -> "TrainConfig":
+    """``train`` with grad_accum derived from train.global_batch_size for this data-parallel size,
+    so a recipe's global batch stays the same on any number of GPUs (a new object)."""
     if not train.global_batch_size:
-        return
+        return train
     per_step = train.micro_batch_size * data_parallel
     if train.global_batch_size % per_step:
         raise ValueError(f"config: train.global_batch_size={train.global_batch_size} is not a multiple of "
                          f"train.micro_batch_size={train.micro_batch_size} x {data_parallel} data-parallel "
                          f"ranks = {per_step}; change the micro-batch or the number of ranks")
-    train.grad_accum = train.global_batch_size // per_step
+    return dataclasses.replace(train, grad_accum=train.global_batch_size // per_step)
 
 
 # ----------------------------------------------------------------------------- loading

@@ -6,6 +6,7 @@ pretrain/restore.py) -> DeepSpeed engine -> EMA -> checkpoint restore -> monitor
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -51,22 +52,23 @@ class Preempted(Exception):
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, free_bytes=free_bytes_at, after_write=None):
-        """``free_bytes(path)``: the free space a save checks (tests simulate a full disk with it).
-        ``after_write(step, partial_dir)``: called on rank 0 once a checkpoint's files are written,
-        before they are published (tests pause there to kill a save midway)."""
-        self.cfg, self.after_write = cfg, after_write
+    def __init__(self, cfg: RunConfig, free_bytes=free_bytes_at, callbacks=()):
+        """``cfg`` is left as it is: the trainer's own ``self.cfg`` resolves it (the accumulation of
+        train.global_batch_size, the corpus's vocabulary). ``free_bytes(path)``: the free space a save
+        checks (tests simulate a full disk with it). ``callbacks``: pretrain.callbacks.Callback instances."""
+        self.callbacks = list(callbacks)
         init_distributed()
         self.layout = init_model_parallel(cfg.parallel.tensor, cfg.parallel.pipeline)
-        resolve_global_batch(cfg.train, self.layout.data)
+        self.cfg = dataclasses.replace(cfg, train=resolve_global_batch(cfg.train, self.layout.data))
         self.is_main = dist.get_rank() == 0
-        self.run_dir, self.lock = cfg.run_dir, None
-        resume_from = self._claim_run_dir()
+        self.run_dir = self.cfg.run_dir
+        self.lock, resume_from = self._claim_run_dir()
         self.writer = CheckpointWriter(self.run_dir / "checkpoints", cfg.train.keep_last, free_bytes,
                                        is_main=self.is_main, barrier=dist.barrier, agree=self._from_rank0)
         torch.manual_seed(cfg.train.seed)
 
-        self.data = open_training_data(cfg, self.layout)  # sets cfg.model.vocab_size from the corpus
+        self.data = open_training_data(self.cfg, self.layout)
+        self.cfg = cfg = dataclasses.replace(self.cfg, model=self.data.model)  # the corpus's vocabulary
         self.set_mode = cfg.diffusion.mode == "set"
         self.breakdown = LossBreakdown(self.data.families if self.set_mode else ["ar_baseline"], cfg.model.seq_len)
         model, self.vocab_rows = self._build_model()
@@ -83,7 +85,11 @@ class Trainer:
         self.ema = EMA(self.engine.module, cfg.train.ema) if cfg.train.ema > 0 else None
         if resume_from is not None:
             self._resume(resume_from, same_layout)
-        self._start_monitoring(resume_from, same_layout)
+        self._signal: int | None = None
+        """The stop signal received (SIGTERM, SIGUSR1, SIGINT) while train() runs, else None."""
+        self.last_window: WindowReport | None = None
+        """The last logging window read back."""
+        self.monitor, self.peak, self.window = self._start_monitoring(resume_from, same_layout)
 
     def _build_model(self) -> tuple[torch.nn.Module, dict[str, int]]:
         """(this rank's model: the flat one, or its stages of a PipelineModule under PP; the
@@ -97,23 +103,25 @@ class Trainer:
                                         activation_checkpointing=t.activation_checkpointing)
         return model, model.vocab_parameter_rows()
 
-    def _start_monitoring(self, resume_from: pathlib.Path | None, same_layout: bool) -> None:
-        """TensorBoard and the console from this step on; rank 0 writes the run's config and tokenizer."""
+    def _start_monitoring(self, resume_from: pathlib.Path | None, same_layout: bool):
+        """(monitor, MFU peak, step window): TensorBoard and the console from this step on; rank 0
+        writes the run's config and tokenizer."""
         t = self.cfg.train
-        self.monitor = Monitor(self.run_dir / "tensorboard", self.is_main, t.steps, first_step=self.step)
+        monitor = Monitor(self.run_dir / "tensorboard", self.is_main, t.steps, first_step=self.step)
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
             shutil.copyfile(self.data.tokenizer_path, self.run_dir / "tokenizer.json")
-        self.peak, peak_source = device_peak(self.engine.device, use_bf16(t), t.peak_flops)
-        self.window = self._step_window()
-        peak = "" if self.window.peak_flops is None else f"{self.window.peak_flops / 1e9:.0f} GFLOP/s "
-        self.monitor.info(self.summary() + f" | MFU peak {peak}({peak_source})")
+        peak, peak_source = device_peak(self.engine.device, use_bf16(t), t.peak_flops)
+        window = self._step_window(peak)
+        shown = "" if window.peak_flops is None else f"{window.peak_flops / 1e9:.0f} GFLOP/s "
+        monitor.info(self.summary() + f" | MFU peak {shown}({peak_source})")
         if resume_from is not None:
             carried = "weights and Adam's moments carried over" if self.moments_carried else \
                 "weights carried over, optimizer restarted (the checkpoint has no optimizer.safetensors)"
-            self.monitor.info(f"resumed from {resume_from} at step {self.step}"
-                              + ("" if same_layout else f" (new layout: {carried})"))
+            monitor.info(f"resumed from {resume_from} at step {self.step}"
+                         + ("" if same_layout else f" (new layout: {carried})"))
+        return monitor, peak, window
 
     def summary(self) -> str:
         lay, m, t = self.layout, self.cfg.model, self.cfg.train
@@ -142,8 +150,12 @@ class Trainer:
             first_step, guard, log, stopped = self.step, NonFiniteGuard(self.cfg.train.max_nonfinite_steps), [], None
             self.window.reset()
             while self.step < self.cfg.train.steps and not stopped:
+                for callback in self.callbacks:
+                    callback.pre_step(self)
                 self.train_step(self.step)
                 self.step += 1
+                for callback in self.callbacks:
+                    callback.post_step(self)
                 stopped = self._check_in(guard, log)
                 if not stopped:
                     self._evaluate_and_save_on_schedule()
@@ -212,7 +224,7 @@ class Trainer:
         dist.all_reduce(tensor, group=self.layout.dp_group)
         return float(tensor) / self.layout.data
 
-    def _step_window(self) -> StepWindow:
+    def _step_window(self, peak) -> StepWindow:
         """The logging window's accounting; FLOPs counted for this rank's share of the model."""
         module = self.engine.module
         if self.engine.pipelined:
@@ -222,7 +234,7 @@ class Trainer:
         else:
             share = StageShare(layers=self.cfg.model.num_layers, head=True, tensor_parallel=self.layout.tensor)
         counter = FlopCounter(self.cfg.model, share, self.set_mode)
-        return StepWindow(counter, self.engine.device, self.peak, self.layout.dp_group,
+        return StepWindow(counter, self.engine.device, peak, self.layout.dp_group,
                           model_parallel_size=self.layout.tensor * self.layout.pipeline)
 
     def _forward_step(self, batch, model):
@@ -358,8 +370,8 @@ class Trainer:
                              "fingerprints": self.data.fingerprints, "eos_id": self.data.eos_id,
                              "data_state": data_states}
             (partial / "trainer.json").write_text(json.dumps(trainer_state, indent=2))
-            if self.after_write is not None:
-                self.after_write(self.step, partial)
+            for callback in self.callbacks:
+                callback.on_save(self, partial)
 
     def _from_rank0(self, value):
         """Rank 0's ``value`` on every rank."""
@@ -367,12 +379,13 @@ class Trainer:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    def _claim_run_dir(self) -> pathlib.Path | None:
-        """Rank 0 claims the run directory (``run_dir.claim``); every rank gets the verdict."""
-        verdict = {}
+    def _claim_run_dir(self):
+        """(the run directory's lock on rank 0, else None; the checkpoint to resume or None): rank 0
+        claims the run directory (``run_dir.claim``), every rank gets the verdict."""
+        verdict, lock = {}, None
         if self.is_main:
             try:
-                self.lock, resume_from = claim(self.run_dir, self.cfg.train, layout_record(self.cfg, self.layout),
+                lock, resume_from = claim(self.run_dir, self.cfg.train, layout_record(self.cfg, self.layout),
                                                say=_stderr)
                 verdict = {"resume": None if resume_from is None else str(resume_from)}
             except (ValueError, FileNotFoundError) as err:
@@ -380,7 +393,7 @@ class Trainer:
         verdict = self._from_rank0(verdict)
         if "error" in verdict:
             raise RunDirError(verdict["error"])
-        return None if verdict["resume"] is None else pathlib.Path(verdict["resume"])
+        return lock, None if verdict["resume"] is None else pathlib.Path(verdict["resume"])
 
     def _resume(self, directory: pathlib.Path, same_layout: bool) -> None:
         """The step, the data position, the EMA and, in the same layout, DeepSpeed's whole state

@@ -12,6 +12,7 @@ from data_pipeline.loader import (MicroBatches, ResumableLoader, check_tokenizer
 from data_pipeline.sampler import StepSampler
 from data_pipeline.shard_cache import parse_size
 from model.attention import make_backend
+from model.config import ModelConfig
 from pretrain.config import RunConfig
 from pretrain.distributed import Layout
 
@@ -32,11 +33,13 @@ class TrainingData:
     """This rank's validation micro-batches: fixed order, the training micro-batch layout."""
     families: list[str]
     """Every order family the training collator draws (a batch's family_id indexes it)."""
+    model: ModelConfig
+    """The run's model config with the corpus's vocabulary (model.vocab_size 0 takes it)."""
 
 
 def open_training_data(cfg: RunConfig, layout: Layout) -> TrainingData:
-    """The data of ``cfg`` for this rank. Sets ``cfg.model.vocab_size`` from the corpus (a
-    recipe naming another one is an error)."""
+    """The data of ``cfg`` for this rank, and the model config with the corpus's vocabulary (a
+    recipe naming a smaller one is an error); ``cfg`` is not changed."""
     data, t, d = cfg.data, cfg.train, cfg.diffusion
     data_path = data.path or str(fetch_corpus(data.remote, data.cache_dir))  # remote-only: fetched metadata
     manifest = read_manifest(data_path)
@@ -48,16 +51,16 @@ def open_training_data(cfg: RunConfig, layout: Layout) -> TrainingData:
     if cfg.model.vocab_size and cfg.model.vocab_size < vocab:
         raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the corpus "
                          f"vocabulary {vocab} in {pathlib.Path(data_path) / 'manifest.json'}")
-    cfg.model.vocab_size = cfg.model.vocab_size or vocab  # larger: a pretrained model's padded table
-    if not -1 <= cfg.model.mask_token < cfg.model.vocab_size:
-        raise ValueError(f"model.mask_token={cfg.model.mask_token} is not a token id below model.vocab_size="
-                         f"{cfg.model.vocab_size} (or -1: a [MASK] row of its own)")
-    mask_bits = (d.mode == "set" and make_backend(cfg.model.attention_backend).name == "sdpa"
+    model = dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size or vocab)  # larger: a padded table
+    if not -1 <= model.mask_token < model.vocab_size:
+        raise ValueError(f"model.mask_token={model.mask_token} is not a token id below model.vocab_size="
+                         f"{model.vocab_size} (or -1: a [MASK] row of its own)")
+    mask_bits = (d.mode == "set" and make_backend(model.attention_backend).name == "sdpa"
                  and cfg.parallel.pipeline == 1)
-    collator = SetDiffusionCollator(d, cfg.model.mask_id(), seed=t.seed, mask_bits=mask_bits)
+    collator = SetDiffusionCollator(d, model.mask_id(), seed=t.seed, mask_bits=mask_bits)
     # validation reports a likelihood bound whatever the training loss (masked_ce: the NELBO)
-    val_collator = SetDiffusionCollator(d.for_evaluation(), cfg.model.mask_id(), seed=t.seed, mask_bits=mask_bits)
-    opened = {split: open_sequences(data_path, split, data.format, cfg.model.seq_len, data.pack,
+    val_collator = SetDiffusionCollator(d.for_evaluation(), model.mask_id(), seed=t.seed, mask_bits=mask_bits)
+    opened = {split: open_sequences(data_path, split, data.format, model.seq_len, data.pack,
                                     data.remote, data.cache_dir,
                                     min_sequences=t.micro_batch_size * t.grad_accum * layout.data,
                                     cache_limit=parse_size(data.cache_limit))
@@ -75,4 +78,4 @@ def open_training_data(cfg: RunConfig, layout: Layout) -> TrainingData:
                         fingerprints={"data": manifest["fingerprint"], "tokenizer": manifest["tokenizer_sha256"]},
                         eos_id=int(manifest["eos_id"]),
                         sampler=sampler, train_loader=train_loader, val_batches=val_batches,
-                        families=[str(f) for f in collator.families])
+                        families=[str(f) for f in collator.families], model=model)

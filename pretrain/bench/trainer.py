@@ -22,6 +22,8 @@ import pathlib
 import statistics
 import time
 
+from pretrain.callbacks import Callback
+
 TRAINER_OVERRIDES = ["train.grad_accum=1", "train.log_interval=1", "train.eval_interval=0",
                      "train.save_interval=0", "train.eval_batches=1", "train.keep_last=1",
                      "train.warmup_steps=0", "parallel.zero_stage=1", "name=bench_trainer"]
@@ -49,6 +51,19 @@ def corpus_sequences(corpus: pathlib.Path, data_cfg, seq_len: int, micro_batch: 
                           min_sequences=micro_batch), vocab
 
 
+class TakeTurns(Callback):
+    """Before each trainer step after the first: one bare step, timed on its own (the first one
+    warms up); then the trainer step's start time."""
+
+    def __init__(self):
+        self.bare, self.starts, self.bare_times = None, [], []
+
+    def pre_step(self, trainer) -> None:
+        if trainer.step:  # between trainer steps step - 1 and step
+            self.bare_times.append(self.bare())
+        self.starts.append(time.perf_counter())
+
+
 def compare(args, overrides: list[str], corpus: pathlib.Path, make_bare, workdir: pathlib.Path) -> dict:
     """Trainer steps and bare steps (``make_bare(layout)`` builds the bare side), taking turns."""
     from pretrain.config import load_config
@@ -58,21 +73,13 @@ def compare(args, overrides: list[str], corpus: pathlib.Path, make_bare, workdir
     cfg = load_config(args.config, overrides + TRAINER_OVERRIDES + [
         f"data.path={corpus}", f"out_dir={workdir}", f"train.steps={steps + 2}",
         f"train.micro_batch_size={args.micro_batch}", f"train.global_batch_size={args.micro_batch}"])
+    turns = TakeTurns()
     with open(workdir / "trainer.log", "w") as log, contextlib.redirect_stdout(log):
-        trainer = Trainer(cfg)
-    bare = make_bare(trainer.layout)
+        trainer = Trainer(cfg, callbacks=[turns])
+    bare = turns.bare = make_bare(trainer.layout)
     print(f"  trainer      {bare.order:<12} {bare.backend:<6} ({steps} steps after a warm-up, each after a bare step)",
           flush=True)
-    starts, bare_times = [], []
-    real_step = trainer.train_step
-
-    def train_step(step: int) -> None:
-        if step:  # between trainer steps step - 1 and step: the bare step (the first one warms up)
-            bare_times.append(bare())
-        starts.append(time.perf_counter())
-        real_step(step)
-
-    trainer.train_step = train_step
+    starts, bare_times = turns.starts, turns.bare_times
     with open(workdir / "trainer.log", "a") as log, contextlib.redirect_stdout(log):
         result = trainer.train()
     if result["steps"] != steps + 2:

@@ -9,15 +9,17 @@ import sys
 import time
 
 from pretrain.cli import main
+from pretrain.callbacks import Callback
 
 
-def pause_at(step: int, seconds: float):
-    def after_write(saved_step: int, partial_dir) -> None:
-        if saved_step == step:
-            time.sleep(seconds)
+class PauseAt(Callback):
+    def __init__(self, step: int, seconds: float):
+        self.step, self.seconds = step, seconds
 
-    return after_write
+    def on_save(self, trainer, partial_dir) -> None:
+        if trainer.step == self.step:
+            time.sleep(self.seconds)
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[3:], trainer_options={"after_write": pause_at(int(sys.argv[1]), float(sys.argv[2]))}))
+    sys.exit(main(sys.argv[3:], trainer_options={"callbacks": [PauseAt(int(sys.argv[1]), float(sys.argv[2]))]}))

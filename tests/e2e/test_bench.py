@@ -26,6 +26,17 @@ def test_bench_collator_prints_every_family(tmp_path):
     assert "x training" in proc.stdout and "staggered:8" in proc.stdout
 
 
+def test_bench_dropout_times_the_step_with_and_without(tmp_path):
+    out = tmp_path / "dropout.json"
+    proc = subprocess.run([sys.executable, "-m", "pretrain.bench", "dropout", "--steps", "1", "--json", str(out)],
+                          cwd=ROOT, env=fresh_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert [r["dropout"] for r in result["rows"]] == [0.0, 0.1] and all(r["tokens_per_s"] > 0 for r in result["rows"])
+    assert result["ratio"] == pytest.approx(result["rows"][1]["tokens_per_s"] / result["rows"][0]["tokens_per_s"])
+    assert "tokens/s with dropout 0.1 over without" in proc.stdout
+
+
 def test_bench_train_times_every_family_and_the_trainer(tiny_corpus, tmp_path):
     out = tmp_path / "train.json"
     proc = subprocess.run([sys.executable, "-m", "pretrain.bench", "train", "--config", "configs/demo_cpu.yaml",

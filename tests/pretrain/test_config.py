@@ -126,16 +126,16 @@ def test_global_batch_size_derives_the_accumulation_for_any_data_parallel_size()
 
     for dp, accum in [(1, 8), (2, 4), (4, 2), (8, 1)]:
         cfg = load_config(None, ["train.global_batch_size=64", "train.micro_batch_size=8"])
-        resolve_global_batch(cfg.train, dp)
-        assert cfg.train.grad_accum == accum and cfg.train.micro_batch_size * accum * dp == 64
+        train = resolve_global_batch(cfg.train, dp)
+        assert train.grad_accum == accum and train.micro_batch_size * accum * dp == 64
+        assert cfg.train.grad_accum == 1, "the loaded config is not changed"
     cfg = load_config(None, ["train.global_batch_size=64", "train.micro_batch_size=8"])
     with pytest.raises(ValueError, match=r"global_batch_size=64 is not a multiple of .* x 16 data-parallel"):
         resolve_global_batch(cfg.train, 16)
     with pytest.raises(ValueError, match="train.global_batch_size=20 is not a multiple of train.micro_batch_size=8"):
         load_config(None, ["train.global_batch_size=20", "train.micro_batch_size=8"])
     untouched = load_config(None, ["train.grad_accum=3"])
-    resolve_global_batch(untouched.train, 4)
-    assert untouched.train.grad_accum == 3
+    assert resolve_global_batch(untouched.train, 4).grad_accum == 3
 
 
 REFERENCE_OWT = {  # SET_DIFFUSION.md §6, the reference's OWT scripts
