@@ -7,8 +7,9 @@ engine were only correct with ZeRO-1 through a fragile call pattern, hang under 
 and allocate on ``device="cuda"`` literally (see ../shared/STACK_NOTES.md). DeepSpeed
 refuses ZeRO-2/3 with pipeline parallelism; config validation says so up front.
 
-Between stages travels one tuple: (hidden [T, B, H], position_ids [B, T], set_rank [B, L],
-doc_id [B, L], dropout_key [B]). The first block of a stage builds the rotary tables and the
+Between stages travels one tuple, model/batch.py's StageTuple (hidden states, position ids, set
+ranks, doc ids, dropout keys; the first stage gets the input ids in the hidden states' place), and
+the last stage's loss reads model/batch.py's Labels: both named once there. The first block of a stage builds the rotary tables and the
 attention mask from it and the stage's other blocks reuse them (StageInputs): once per
 micro-batch and stage, as the flat model builds them once per batch. The dropout keys make
 each block draw the masks the flat model draws (model/dropout.py).
@@ -25,6 +26,7 @@ from functools import partial
 import torch
 
 from model.attention import make_backend
+from model.batch import Labels, StageTuple
 from model.masks import causal_meta, two_copy_meta
 from model.objectives import loss_fn
 from model.transformer import Block, Embedding, Head, ModelParts, branch_dropout, rotary_cos_sin
@@ -34,8 +36,8 @@ class EmbeddingPipe(Embedding):
     """Pipeline layer 0: the embedding, passing the micro-batch's other inputs on."""
 
     def forward(self, inputs):
-        input_ids, position_ids, set_rank, doc_id, dropout_key = inputs
-        return super().forward(input_ids), position_ids, set_rank, doc_id, dropout_key
+        inputs = StageTuple(*inputs)
+        return inputs._replace(x=super().forward(inputs.x))
 
 
 class StageInputs:
@@ -72,13 +74,13 @@ class BlockPipe(Block):
         return self.backend.prepare(meta), rotary_cos_sin(position_ids, self.cfg, dtype)
 
     def forward(self, inputs):
-        x_SBH, position_ids, set_rank, doc_id, dropout_key = inputs
+        inputs = StageTuple(*inputs)
+        x_SBH = inputs.x
         mask, (cos, sin) = self.stage_inputs.get(
-            (position_ids, set_rank, doc_id, x_SBH.dtype),
-            lambda: self._mask_and_rotary(position_ids, set_rank, doc_id, x_SBH.dtype))
-        dropout = branch_dropout(self.cfg, self.training, dropout_key)
-        x_SBH = super().forward(x_SBH, cos, sin, self.backend, mask, dropout)
-        return x_SBH, position_ids, set_rank, doc_id, dropout_key
+            (inputs.position_ids, inputs.set_rank, inputs.doc_id, x_SBH.dtype),
+            lambda: self._mask_and_rotary(inputs.position_ids, inputs.set_rank, inputs.doc_id, x_SBH.dtype))
+        dropout = branch_dropout(self.cfg, self.training, inputs.dropout_key)
+        return inputs._replace(x=super().forward(x_SBH, cos, sin, self.backend, mask, dropout))
 
 
 class HeadPipe(Head):
@@ -103,14 +105,12 @@ def pass_output_weight(embedding: EmbeddingPipe, inputs):
 
 
 def pipeline_loss(logits: torch.Tensor, labels, recorder=None) -> torch.Tensor:
-    """The flat model's ``loss_fn`` on the labels the pipeline engine passes: (targets, loss_weight,
-    loss_normalizer, set_rank, family_id, sequence_normalizer); ``recorder`` gets the per-token
-    cross-entropy for the loss breakdown (last stage only)."""
-    targets, loss_weight, loss_normalizer, set_rank, family_id, sequence_normalizer = labels
-    loss, token_ce = loss_fn({"targets": targets, "loss_weight": loss_weight, "loss_normalizer": loss_normalizer},
-                             logits)
+    """The flat model's ``loss_fn`` on the labels the pipeline engine passes (model/batch.py's
+    Labels); ``recorder`` gets the per-token cross-entropy for the loss breakdown (last stage only)."""
+    labels = Labels(*labels)
+    loss, token_ce = loss_fn(labels._asdict(), logits)
     if recorder is not None:
-        recorder(token_ce, loss_weight, set_rank, family_id, sequence_normalizer)
+        recorder(token_ce, labels.loss_weight, labels.set_rank, labels.family_id, labels.sequence_normalizer)
     return loss
 
 

@@ -12,6 +12,7 @@ import math
 
 import torch
 
+from model.batch import pipeline_tuples
 from pretrain.config import RunConfig, TrainConfig
 from pretrain.distributed import Layout
 
@@ -171,17 +172,11 @@ class Engine:
     def __call__(self, *args, **kwargs):
         return self.engine(*args, **kwargs)
 
-    @staticmethod
-    def _pipe_tuple(batch: dict) -> tuple:
-        return ((batch["input_ids"], batch["position_ids"], batch["set_rank"], batch["doc_id"], batch["dropout_key"]),
-                (batch["targets"], batch["loss_weight"], batch["loss_normalizer"], batch["set_rank"],
-                 batch["family_id"], batch["sequence_normalizer"]))
-
     def train_batch(self, micro_batches: list[dict], forward_step) -> torch.Tensor:
         """One optimizer step over the micro-batches; returns their mean loss as a device scalar
         (reading it back would sync the host with the device every micro-batch)."""
         if self.pipelined:
-            return self.engine.train_batch(iter([self._pipe_tuple(b) for b in micro_batches])).detach()
+            return self.engine.train_batch(iter([pipeline_tuples(b) for b in micro_batches])).detach()
         losses = []
         for batch in micro_batches:
             output, loss_fn = forward_step(batch, self.engine)
@@ -194,7 +189,7 @@ class Engine:
     @torch.no_grad()
     def eval_batch(self, micro_batches: list[dict], forward_step) -> float:
         if self.pipelined:
-            data = iter([self._pipe_tuple(b) for b in micro_batches])
+            data = iter([pipeline_tuples(b) for b in micro_batches])
             return float(self.engine.eval_batch(data, num_micro_batches=len(micro_batches)))
         self.engine.module.eval()
         losses = []
