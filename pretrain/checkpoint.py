@@ -6,7 +6,6 @@ Layout under ``<run>/checkpoints``:
         <DeepSpeed files>         model, optimizer and ZeRO partitions, LR scheduler
         trainer.json              step, tokens seen, resolved config, layout, tokenizer and data
                                   fingerprints, the data reader state of every rank
-        rank_00000.safetensors    per rank: RNG state (tensors only)
         model.safetensors         the whole model, unsharded (layout-independent weights)
         ema.safetensors           the EMA of the weights, unsharded the same way (train.ema > 0)
         optimizer.safetensors     Adam's moments, unsharded the same way, and its update count
@@ -45,7 +44,7 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 MOMENTS = ("exp_avg", "exp_avg_sq")  # Adam's state per parameter, as torch.optim.AdamW names it
 TOKENIZER_CONFIG = "tokenizer_config.json"  # beside a tokenizer.json, as transformers keeps it
 FILES = "files.json"  # every file of the checkpoint and its size, written last
-RANK_FILE = re.compile(r"^rank_\d{5}\.safetensors$")
+RANK_FILE = re.compile(r"^rank_\d{5}\.safetensors$")  # per-rank RNG states older checkpoints wrote
 
 
 def _fsync_dir(directory: pathlib.Path) -> None:
@@ -154,8 +153,9 @@ def _torch_zip_problem(path: pathlib.Path, size: int) -> str | None:
 def unloadable_files(directory: pathlib.Path) -> list[str]:
     """Why a checkpoint cannot be loaded, file by file (empty when every file looks whole): the
     files ``files.json`` lists are present with their sizes, and every torch archive, safetensors
-    file and JSON file has readable headers. A missing EMA or RNG file is not a reason here: the
-    resume stops on it (``required_state_problems``) rather than quietly going back further."""
+    file and JSON file has readable headers. A missing EMA file is not a reason here: the resume
+    stops on it (``required_state_problems``) rather than quietly going back further; nor is a
+    missing per-rank RNG file of an older checkpoint (``RANK_FILE``: nothing reads them now)."""
     problems = []
     listed = {}
     if (directory / FILES).is_file():
@@ -194,30 +194,13 @@ def unloadable_files(directory: pathlib.Path) -> list[str]:
     return problems
 
 
-def required_state_problems(directory: pathlib.Path, saved: dict, ranks: int, ema_now: bool) -> list[str]:
-    """The EMA and per-rank RNG files a resume needs and the checkpoint lacks."""
-    missing = [str(rank_file(directory, rank)) for rank in range(ranks) if not rank_file(directory, rank).is_file()]
+def required_state_problems(directory: pathlib.Path, saved: dict, ema_now: bool) -> list[str]:
+    """The EMA file a resume needs and the checkpoint lacks."""
+    missing = []
     trained_with_ema = float(saved["config"]["train"].get("ema", 0.0)) > 0
     if ema_now and trained_with_ema and not (directory / EMA_FILE).is_file():
         missing.append(str(directory / EMA_FILE))
     return missing
-
-
-def rank_file(directory: pathlib.Path, rank: int) -> pathlib.Path:
-    return directory / f"rank_{rank:05d}.safetensors"
-
-
-def save_rank_state(directory: pathlib.Path, rank: int, tensors: dict[str, torch.Tensor]) -> None:
-    from safetensors.torch import save_file
-
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(rank_file(directory, rank)))
-
-
-def load_rank_state(directory: pathlib.Path, rank: int) -> dict[str, torch.Tensor] | None:
-    from safetensors.torch import load_file
-
-    path = rank_file(directory, rank)
-    return load_file(str(path)) if path.is_file() else None
 
 
 def publish(partial_dir: pathlib.Path, root: pathlib.Path, keep_last: int, warn=_stderr) -> pathlib.Path:

@@ -165,9 +165,9 @@ def choose_resume(root: pathlib.Path, resume: str, say=print) -> pathlib.Path | 
     return path
 
 
-def claim(run_dir: pathlib.Path, train, layout: dict, say=print) -> tuple[RunLock, pathlib.Path | None]:
+def claim(run_dir: pathlib.Path, train, say=print) -> tuple[RunLock, pathlib.Path | None]:
     """Rank 0's part of starting a run: own the directory, refuse to train over a run unless asked,
-    clear killed saves, and pick the checkpoint to resume (with the EMA and RNG files it needs)."""
+    clear killed saves, and pick the checkpoint to resume (with the EMA file it needs)."""
     lock = RunLock(run_dir, say=say).acquire()
     check_fresh_start(run_dir, train.resume, train.overwrite, say=say)
     root = pathlib.Path(run_dir) / "checkpoints"
@@ -175,10 +175,9 @@ def claim(run_dir: pathlib.Path, train, layout: dict, say=print) -> tuple[RunLoc
     resume_from = choose_resume(root, train.resume, say=say)
     if resume_from is not None and not train.resume_override:
         saved = read_trainer_state(resume_from)
-        ranks = saved["world_size"] if saved["layout"] == layout else 0  # another layout restarts the RNG
-        missing = required_state_problems(resume_from, saved, ranks, train.ema > 0)
+        missing = required_state_problems(resume_from, saved, train.ema > 0)
         if missing:
-            raise RunDirError(f"checkpoint {resume_from}: {', '.join(missing)} not found (the EMA or RNG state it "
-                              "was saved with). Set train.resume_override=true to resume anyway: the EMA restarts "
-                              "from the weights, the RNG from the seed.")
+            raise RunDirError(f"checkpoint {resume_from}: {', '.join(missing)} not found (the EMA it was saved "
+                              "with). Set train.resume_override=true to resume anyway: the EMA restarts from the "
+                              "weights.")
     return lock, resume_from

@@ -24,7 +24,7 @@ from model.objectives import forward_step, share_step_normalizer
 from model.pipeline import BlockPipe, HeadPipe, build_pipeline_module, pipeline_vocab_parameter_rows
 from model.transformer import ModelParts, SetDiffusionTransformer
 from pretrain.checkpoint import (EMA_FILE, MOMENTS, OPTIMIZER_FILE, TOKENIZER_CONFIG, CheckpointWriter, free_bytes_at,
-                                 load_rank_state, read_trainer_state, save_rank_state, tag_of)
+                                 read_trainer_state, tag_of)
 from pretrain.config import RunConfig, config_to_dict, resolve_global_batch
 from pretrain.distributed import init_distributed, init_model_parallel
 from pretrain.ema import EMA
@@ -345,9 +345,6 @@ class Trainer:
     def _write_checkpoint(self, partial: pathlib.Path) -> None:
         self.engine.save(str(partial.parent), partial.name,
                          {"step": self.step, "universal_checkpoint_info": {"universal_checkpoint_version": 0.2}})
-        save_rank_state(partial, dist.get_rank(), {"rng_cpu": torch.get_rng_state()})
-        data_states = [None] * dist.get_world_size()
-        dist.all_gather_object(data_states, {"dp_rank": self.layout.dp_rank, **self.data.train_loader.state_dict()})
         weights = self.full_state()
         ema_weights = None if self.ema is None else self.full_state(self.ema.pieces())
         moments = {f"{key}/{name}": tensor for key in MOMENTS
@@ -367,8 +364,7 @@ class Trainer:
             tokens_seen = self.step * self.data.sampler.global_batch * self.cfg.model.seq_len
             trainer_state = {"step": self.step, "tokens_seen": tokens_seen, "config": config_to_dict(self.cfg),
                              "layout": layout_record(self.cfg, self.layout), "world_size": dist.get_world_size(),
-                             "fingerprints": self.data.fingerprints, "eos_id": self.data.eos_id,
-                             "data_state": data_states}
+                             "fingerprints": self.data.fingerprints, "eos_id": self.data.eos_id}
             (partial / "trainer.json").write_text(json.dumps(trainer_state, indent=2))
             for callback in self.callbacks:
                 callback.on_save(self, partial)
@@ -385,8 +381,7 @@ class Trainer:
         verdict, lock = {}, None
         if self.is_main:
             try:
-                lock, resume_from = claim(self.run_dir, self.cfg.train, layout_record(self.cfg, self.layout),
-                                               say=_stderr)
+                lock, resume_from = claim(self.run_dir, self.cfg.train, say=_stderr)
                 verdict = {"resume": None if resume_from is None else str(resume_from)}
             except (ValueError, FileNotFoundError) as err:
                 verdict = {"error": str(err)}
@@ -396,19 +391,15 @@ class Trainer:
         return lock, None if verdict["resume"] is None else pathlib.Path(verdict["resume"])
 
     def _resume(self, directory: pathlib.Path, same_layout: bool) -> None:
-        """The step, the data position, the EMA and, in the same layout, DeepSpeed's whole state
-        and this rank's RNG (the weights of another layout are in the model already)."""
+        """The step, the data position (a function of the step), the EMA and, in the same layout,
+        DeepSpeed's whole state; in another one, Adam's moments (its weights are in the model
+        already). Nothing random is drawn from a global generator (partitions, noise and dropout
+        are keyed by seed, step and slot), so no RNG state is kept."""
         saved = read_trainer_state(directory)
         check_compatible(self.cfg, saved, directory, self.data.fingerprints)
         self.step = int(saved["step"])
         if same_layout:
             self.engine.load(str(directory.parent), directory.name)
-            rank_state = load_rank_state(directory, dist.get_rank())
-            if rank_state is not None:
-                torch.set_rng_state(rank_state["rng_cpu"])
-            else:  # only with train.resume_override=true (checked in _claim_run_dir)
-                _stderr(f"setdiff: warning: rank {dist.get_rank()}: no RNG state in {directory}; "
-                        "the RNG continues from the seed")
         else:
             self.engine.set_step(self.step)
             self.moments_carried = restore_moments(self.engine, directory, self.cfg, self.layout)
