@@ -140,3 +140,51 @@ def test_ema_errors_and_a_checkpoint_trained_without_ema(tiny_corpus, tmp_path):
     missing = pretrain(tiny_corpus, tmp_path, f"train.ema={DECAY}", "train.steps=4", "--resume", "auto")
     assert missing.returncode == 2 and f"{step3 / 'ema.safetensors'} not found" in missing.stderr
     assert "train.resume_override=true" in missing.stderr
+
+
+def test_a_converted_mixture_uses_its_clean_context_as_our_forward_does(mixture_run, tmp_path, single_process_layout):
+    """Issue 26, item 0: a converted mixture model scored NLL equal with and without its clean
+    context. The export keeps the context: in stock transformers, under a set-causal mask written
+    out here (AR order, every noisy token [MASK]), the continuation's NLL changes when the clean
+    prefix is dropped, by exactly what our own forward gives. (A 150-step demo model shows only a
+    small change because it is still near the unigram plateau, mixture or not: the issue's note.)"""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from pretrain.checkpoint import read_trainer_state
+    from pretrain.config import config_from_dict
+    from pretrain.standalone import single_process_model
+
+    checkpoint, out = mixture_run / "checkpoints" / "step_0000003", tmp_path / "hf"
+    assert cli("pretrain.inference.convert", str(checkpoint), str(out), "--weights", "raw").returncode == 0
+    hf = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager", torch_dtype=torch.float32).eval()
+    cfg = config_from_dict(read_trainer_state(checkpoint)["config"]).model
+    ours = single_process_model(cfg, set_mode=True, weights=load_file(str(checkpoint / "model.safetensors"))).eval()
+    mask_id = json.loads((out / "config.json").read_text())["setdiff"]["mask_token_id"]
+    text = torch.randint(0, cfg.vocab_size, (24,), generator=torch.Generator().manual_seed(5))
+
+    def continuation_nll(model, tokens: torch.Tensor, scored: int) -> float:
+        L = tokens.numel()
+        rank = torch.arange(L)
+        noisy = torch.arange(2 * L) >= L
+        r = torch.cat([rank, rank])
+        allowed = torch.where(noisy[:, None], torch.where(noisy[None, :], r[None, :] == r[:, None],
+                                                          r[None, :] < r[:, None]),
+                              ~noisy[None, :] & (r[None, :] <= r[:, None]))
+        ids = torch.cat([tokens, torch.full((L,), mask_id)])[None]
+        positions = torch.cat([rank, rank])[None]
+        with torch.no_grad():
+            if model is hf:
+                logits = hf(input_ids=ids, position_ids=positions, attention_mask=torch.where(
+                    allowed, 0.0, torch.finfo(torch.float32).min)[None, None]).logits[0, L:]
+            else:
+                from model.masks import two_copy_meta
+                logits = ours(ids, positions, two_copy_meta(rank[None], torch.zeros(1, L, dtype=torch.long)))[0]
+        logp = torch.log_softmax(logits[:, :cfg.vocab_size].float(), dim=-1)[torch.arange(L), tokens]
+        return -float(logp[-scored:].mean())
+
+    for model in (hf, ours):
+        with_context, without = continuation_nll(model, text, 8), continuation_nll(model, text[-8:], 8)
+        assert abs(with_context - without) > 1e-3, "the clean prefix must change the continuation's NLL"
+    assert continuation_nll(hf, text, 8) == pytest.approx(continuation_nll(ours, text, 8), rel=1e-4)
+    assert continuation_nll(hf, text[-8:], 8) == pytest.approx(continuation_nll(ours, text[-8:], 8), rel=1e-4)
