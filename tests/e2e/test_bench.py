@@ -27,8 +27,11 @@ def test_bench_collator_prints_every_family(tmp_path):
 
 
 def test_bench_dropout_times_the_step_with_and_without(tmp_path):
-    out = tmp_path / "dropout.json"
-    proc = subprocess.run([sys.executable, "-m", "pretrain.bench", "dropout", "--steps", "1", "--json", str(out)],
+    out, recipe = tmp_path / "dropout.json", tmp_path / "tiny.yaml"
+    recipe.write_text("model: {num_layers: 2, hidden_size: 64, num_heads: 4, seq_len: 32}\n"
+                      "diffusion: {order: 'staggered:4', objective: ordered_ce}\ntrain: {micro_batch_size: 4}\n")
+    proc = subprocess.run([sys.executable, "-m", "pretrain.bench", "dropout", "--config", str(recipe), "--steps", "1",
+                           "--vocab", "300", "--json", str(out)],
                           cwd=ROOT, env=fresh_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
