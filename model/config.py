@@ -14,6 +14,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from model.noise import parse_schedule
+from model.orders import parse_order_mixture, parse_order_schedule, schedule_families, schedule_orders
+
 
 @dataclass
 class ModelConfig:
@@ -119,9 +122,6 @@ class DiffusionConfig:
 
     def validate(self) -> "DiffusionConfig":
         """Raise ValueError naming the field (diffusion.NAME) for anything that cannot train; returns self."""
-        from model.noise import parse_schedule
-        from model.orders import parse_order_mixture
-
         if self.mode not in MODES:
             raise ValueError(f"diffusion.mode must be 'set' or 'ar_baseline', got {self.mode!r}")
         try:
@@ -153,22 +153,16 @@ class DiffusionConfig:
 
     def phases(self) -> list:
         """[(first step, [(OrderFamily, probability)])]: the order curriculum, or ``order`` from step 0."""
-        from model.orders import parse_order_mixture, parse_order_schedule
-
         if self.order_schedule:
             return parse_order_schedule(self.order_schedule)
         return [(0, parse_order_mixture(self.order))]
 
     def families(self) -> list:
         """Every OrderFamily the collator draws, once, in order of first appearance (batches' family ids)."""
-        from model.orders import schedule_families
-
         return schedule_families(self.phases())
 
     def final_order(self) -> str:
         """The order the model ends training with: ``order``, or the last phase of the curriculum."""
-        from model.orders import schedule_orders
-
         return schedule_orders(self.order_schedule)[-1][1] if self.order_schedule else self.order
 
     def for_evaluation(self) -> "DiffusionConfig":
