@@ -41,11 +41,14 @@ def main():  # a CLI's shape: the layout, and a model holding its groups, are lo
 main()
 """
 
+# the handlers this interpreter started with: Python's default_int_handler for SIGINT, or SIG_IGN when
+# it was started with SIGINT ignored (under a non-interactive shell's "&", as a background CI run is)
 TRAINER = AT_THE_END + """
 from pretrain.cli import main
+sigint, sigterm = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
 code = main(sys.argv[1:])
-print(json.dumps({"code": code, "sigint_restored": signal.getsignal(signal.SIGINT) is signal.default_int_handler,
-                  "sigterm_restored": signal.getsignal(signal.SIGTERM) == signal.SIG_DFL}), flush=True)
+print(json.dumps({"code": code, "sigint_restored": signal.getsignal(signal.SIGINT) is sigint,
+                  "sigterm_restored": signal.getsignal(signal.SIGTERM) == sigterm}), flush=True)
 sys.exit(code)
 """
 
