@@ -36,12 +36,13 @@ LAYOUTS = {
     "one": (1, []),
     "tp2": (2, ["parallel.tensor=2"]),
     "zero3_dp2": (2, ["parallel.zero_stage=3", "train.micro_batch_size=2"]),
+    "zero2_dp2": (2, ["parallel.zero_stage=2", "train.micro_batch_size=2"]),
     "pp2": (2, ["parallel.pipeline=2", "parallel.zero_stage=1", "train.micro_batch_size=2", "train.grad_accum=2"]),
 }
 
 
 @pytest.mark.parametrize("before,after", [("tp2", "one"), ("zero3_dp2", "one"), ("pp2", "one"), ("one", "tp2"),
-                                          ("one", "zero3_dp2")])
+                                          ("one", "zero3_dp2"), ("tp2", "zero2_dp2")])
 def test_a_checkpoint_continues_under_another_layout_as_if_nothing_changed(tiny_corpus, tmp_path, before, after):
     """Saved at step 3 under one layout, continued under another: the weights, the EMA and
     Adam's moments and update count carry over (optimizer.safetensors), so steps 4-6 are the
