@@ -188,15 +188,16 @@ class DiffusionConfig:
         unknown = sorted(set(fields) - set(known))
         if unknown:
             raise ValueError(f"{where}: unknown field {unknown[0]!r} (known: {', '.join(known)})")
+        defaults = cls()
         for name, value in fields.items():
-            default = getattr(cls(), name)
+            default = getattr(defaults, name)
             ok = (isinstance(value, bool) if isinstance(default, bool)
                   else isinstance(value, (int, float)) and not isinstance(value, bool) if isinstance(default, float)
                   else isinstance(value, type(default)))
             if not ok:
                 raise ValueError(f"{where}.{name}={value!r} is not a {type(default).__name__}")
         try:
-            return cls(**{k: float(v) if isinstance(getattr(cls(), k), float) else v
+            return cls(**{k: float(v) if isinstance(getattr(defaults, k), float) else v
                           for k, v in fields.items()}).validate()
         except ValueError as err:
             raise ValueError(f"{where}: {err}") from None
