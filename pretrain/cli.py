@@ -23,7 +23,7 @@ def main(argv=None, trainer_options: dict | None = None) -> int:
         print(f"setdiff-pretrain: error: {err}", file=sys.stderr)
         return 2
     from data_pipeline.manifest import CorpusError
-    from pretrain.checkpoint import NoSpaceError
+    from pretrain.checkpointing import NoSpaceError
     from pretrain.trainer import INTERRUPTED_EXIT_CODE, REQUEUE_EXIT_CODE, NonFiniteError, Preempted, Trainer
 
     try:

@@ -237,6 +237,29 @@ class Engine:
             raise ValueError(f"checkpoint: DeepSpeed found nothing to load in {directory}/{tag}")
         return client_state or {}
 
+    @torch.no_grad()
+    def load_weights(self, shards: dict[str, torch.Tensor]) -> None:
+        """Set every parameter to ``shards[name]``, its whole tensor-parallel shard (a checkpoint of
+        another layout): the module's weights and, where DeepSpeed keeps one, the optimizer's fp32
+        master copy (ZeRO-1/2 and bf16: this rank's fragment; ZeRO-3: this rank's partition), so
+        the engine continues as if it had been built on them."""
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_local_fp32_param
+
+        partitioned = []
+        for name, p in self.module.named_parameters():
+            shard = shards[name]
+            if is_partitioned(p):
+                piece = partition_of(shard, p)
+                local_piece(p).copy_(piece)
+                if p.requires_grad:
+                    safe_set_local_fp32_param(p, piece.float())
+                partitioned.append(p)
+            else:
+                p.data.copy_(shard)
+                if hasattr(p, "_hp_mapping"):
+                    safe_set_full_fp32_param(p, shard.float())
+        refresh_gathered(partitioned)
+
     # ------------------------------------------------------- Adam's state, for another layout
     # DeepSpeed's own checkpoint files load only into the layout that wrote them. To continue
     # under another one, the moments are read per parameter, laid out like the parameter's local

@@ -7,7 +7,7 @@ import torch
 from model.config import ModelConfig
 from model.transformer import SetDiffusionTransformer
 from pretrain.distributed import Layout, init_distributed, init_model_parallel
-from pretrain.state import load_full_state
+from pretrain.checkpointing.sharding import load_full_state
 
 
 def single_process_layout() -> Layout:

@@ -1,8 +1,8 @@
 """The pretraining loop. ``Trainer(cfg)`` builds in a straight line, then ``train()`` runs the steps:
 
-init distributed -> parallel layout -> run directory -> seed -> data (pretrain/training_data.py)
--> model -> (weights of a checkpoint from another layout, or of train.init_from:
-pretrain/restore.py) -> DeepSpeed engine -> EMA -> checkpoint restore -> monitoring -> train.
+init distributed -> parallel layout -> run directory (and the checkpoint to resume) -> seed -> data
+(pretrain/training_data.py) -> model (-> train.init_from's weights: pretrain/init_from.py) ->
+DeepSpeed engine -> EMA -> checkpoints (pretrain/checkpointing: save and resume) -> monitoring -> train.
 """
 from __future__ import annotations
 
@@ -23,18 +23,14 @@ import yaml
 from model.objectives import forward_step, share_step_normalizer
 from model.pipeline import BlockPipe, HeadPipe, build_pipeline_module, pipeline_vocab_parameter_rows
 from model.transformer import ModelParts, SetDiffusionTransformer
-from pretrain.checkpoint import (EMA_FILE, MOMENTS, OPTIMIZER_FILE, TOKENIZER_CONFIG, CheckpointWriter, free_bytes_at,
-                                 read_trainer_state, tag_of)
+from pretrain.checkpointing import CheckpointManager, RunDirError, claim, free_bytes_at
 from pretrain.config import RunConfig, config_to_dict, resolve_global_batch
 from pretrain.distributed import init_distributed, init_model_parallel
 from pretrain.ema import EMA
 from pretrain.engine import Engine, use_bf16
 from pretrain.flops import StageShare, device_peak
 from pretrain.metrics import LossBreakdown, Monitor
-from pretrain.restore import (check_compatible, flat_names, init_weights_from, layout_record, load_checkpoint_weights,
-                              restore_ema, restore_moments, same_layout_record)
-from pretrain.run_dir import RunDirError, claim
-from pretrain.state import full_state_dict
+from pretrain.init_from import init_weights_from
 from pretrain.throughput import FlopCounter, NonFiniteGuard, StepWindow, WindowReport, peak_rss_mib
 from pretrain.throughput import NonFiniteError  # noqa: F401 (the CLI catches it from here)
 from pretrain.training_data import open_training_data
@@ -63,33 +59,29 @@ class Trainer:
         self.is_main = dist.get_rank() == 0
         self.run_dir = self.cfg.run_dir
         self.lock, resume_from = self._claim_run_dir()
-        self.writer = CheckpointWriter(self.run_dir / "checkpoints", cfg.train.keep_last, free_bytes,
-                                       is_main=self.is_main, barrier=dist.barrier, agree=self._from_rank0)
         torch.manual_seed(cfg.train.seed)
 
         self.data = open_training_data(self.cfg, self.layout)
         self.cfg = cfg = dataclasses.replace(self.cfg, model=self.data.model)  # the corpus's vocabulary
         self.set_mode = cfg.diffusion.mode == "set"
         self.breakdown = LossBreakdown(self.data.families if self.set_mode else ["ar_baseline"], cfg.model.seq_len)
-        model, self.vocab_rows = self._build_model()
+        model, vocab_rows = self._build_model()
         self.num_params_local = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
-        self.step, self.moments_carried = 0, False
-        same_layout = resume_from is not None and same_layout_record(read_trainer_state(resume_from)["layout"],
-                                                                     layout_record(cfg, self.layout))
-        if resume_from is not None and not same_layout:  # weights only, before DeepSpeed copies them
-            load_checkpoint_weights(model, resume_from, cfg, self.layout, self.data.fingerprints)
-        elif resume_from is None and cfg.train.init_from:
+        if resume_from is None and cfg.train.init_from:
             init_weights_from(model, pathlib.Path(cfg.train.init_from), cfg, self.layout, self.data.tokenizer_path,
                               self.is_main)
         self.engine = Engine(model, cfg, self.layout)
         self.ema = EMA(self.engine.module, cfg.train.ema) if cfg.train.ema > 0 else None
-        if resume_from is not None:
-            self._resume(resume_from, same_layout)
+        self.checkpoints = CheckpointManager(self.run_dir, cfg, self.layout, self.engine, self.ema, self.data,
+                                             vocab_rows, free_bytes, agree=self._from_rank0,
+                                             on_written=self._on_written)
+        self.resumed = None if resume_from is None else self.checkpoints.resume(resume_from)
+        self.step = 0 if self.resumed is None else self.resumed.step
         self._signal: int | None = None
         """The stop signal received (SIGTERM, SIGUSR1, SIGINT) while train() runs, else None."""
         self.last_window: WindowReport | None = None
         """The last logging window read back."""
-        self.monitor, self.peak, self.window = self._start_monitoring(resume_from, same_layout)
+        self.monitor, self.peak, self.window = self._start_monitoring()
 
     def _build_model(self) -> tuple[torch.nn.Module, dict[str, int]]:
         """(this rank's model: the flat one, or its stages of a PipelineModule under PP; the
@@ -103,7 +95,7 @@ class Trainer:
                                         activation_checkpointing=t.activation_checkpointing)
         return model, model.vocab_parameter_rows()
 
-    def _start_monitoring(self, resume_from: pathlib.Path | None, same_layout: bool):
+    def _start_monitoring(self):
         """(monitor, MFU peak, step window): TensorBoard and the console from this step on; rank 0
         writes the run's config and tokenizer."""
         t = self.cfg.train
@@ -116,11 +108,8 @@ class Trainer:
         window = self._step_window(peak)
         shown = "" if window.peak_flops is None else f"{window.peak_flops / 1e9:.0f} GFLOP/s "
         monitor.info(self.summary() + f" | MFU peak {shown}({peak_source})")
-        if resume_from is not None:
-            carried = "weights and Adam's moments carried over" if self.moments_carried else \
-                "weights carried over, optimizer restarted (the checkpoint has no optimizer.safetensors)"
-            monitor.info(f"resumed from {resume_from} at step {self.step}"
-                         + ("" if same_layout else f" (new layout: {carried})"))
+        if self.resumed is not None:
+            monitor.info(self.resumed.describe())
         return monitor, peak, window
 
     def summary(self) -> str:
@@ -278,17 +267,6 @@ class Trainer:
             losses.append(self.engine.eval_batch(micro_batches, self._forward_step))
         return self._dp_mean(sum(losses) / len(losses))
 
-    def full_state(self, pieces: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """The whole model's weights (or, given ``pieces``, tensors laid out like them: the EMA)
-        under the flat model's names, on every rank."""
-        local = full_state_dict(self.engine.module, self.layout.parallel.tp_group, self.vocab_rows, pieces)
-        if not self.engine.pipelined:
-            return local
-        flat_name = flat_names(self.cfg)
-        stages = [None] * self.layout.pipeline
-        dist.all_gather_object(stages, {flat_name(k): v for k, v in local.items()}, group=self.layout.pp_group)
-        return {k: v for stage in stages for k, v in stage.items()}
-
     # -------------------------------------------------------------------------- logging
 
     def _log_window(self, guard: NonFiniteGuard, log: list[dict]) -> WindowReport:
@@ -336,38 +314,12 @@ class Trainer:
     # -------------------------------------------------------------------------- checkpoints
 
     def save(self) -> pathlib.Path:
-        """All ranks: checked for space, written into checkpoints/.partial/<tag>, published atomically
-        by rank 0; a failed save leaves no .partial and the previous checkpoint the newest."""
-        weights_bytes = 4 * self.num_params_local * self.cfg.parallel.tensor * self.cfg.parallel.pipeline
-        copies = 4 + (self.ema is not None) + (self.engine.device.type != "cpu")  # +EMA, +fp32 master of bf16
-        return self.writer.save(tag_of(self.step), self._write_checkpoint, copies * weights_bytes)
+        """A checkpoint of this step (pretrain/checkpointing: all ranks, published atomically)."""
+        return self.checkpoints.save(self.step)
 
-    def _write_checkpoint(self, partial: pathlib.Path) -> None:
-        self.engine.save(str(partial.parent), partial.name,
-                         {"step": self.step, "universal_checkpoint_info": {"universal_checkpoint_version": 0.2}})
-        weights = self.full_state()
-        ema_weights = None if self.ema is None else self.full_state(self.ema.pieces())
-        moments = {f"{key}/{name}": tensor for key in MOMENTS
-                   for name, tensor in self.full_state(self.engine.moment_pieces(key)).items()}
-        adam_steps = self.engine.adam_steps()
-        if self.is_main:
-            from safetensors.torch import save_file
-
-            save_file(weights, str(partial / "model.safetensors"))
-            if ema_weights is not None:
-                save_file(ema_weights, str(partial / EMA_FILE))
-            save_file(moments, str(partial / OPTIMIZER_FILE), metadata={"adam_steps": str(adam_steps)})
-            shutil.copyfile(self.data.tokenizer_path, partial / "tokenizer.json")
-            tokenizer_config = self.data.tokenizer_path.with_name(TOKENIZER_CONFIG)
-            if tokenizer_config.is_file():
-                shutil.copyfile(tokenizer_config, partial / TOKENIZER_CONFIG)
-            tokens_seen = self.step * self.data.sampler.global_batch * self.cfg.model.seq_len
-            trainer_state = {"step": self.step, "tokens_seen": tokens_seen, "config": config_to_dict(self.cfg),
-                             "layout": layout_record(self.cfg, self.layout), "world_size": dist.get_world_size(),
-                             "fingerprints": self.data.fingerprints, "eos_id": self.data.eos_id}
-            (partial / "trainer.json").write_text(json.dumps(trainer_state, indent=2))
-            for callback in self.callbacks:
-                callback.on_save(self, partial)
+    def _on_written(self, directory: pathlib.Path) -> None:
+        for callback in self.callbacks:
+            callback.on_save(self, directory)
 
     def _from_rank0(self, value):
         """Rank 0's ``value`` on every rank."""
@@ -389,23 +341,6 @@ class Trainer:
         if "error" in verdict:
             raise RunDirError(verdict["error"])
         return lock, None if verdict["resume"] is None else pathlib.Path(verdict["resume"])
-
-    def _resume(self, directory: pathlib.Path, same_layout: bool) -> None:
-        """The step, the data position (a function of the step), the EMA and, in the same layout,
-        DeepSpeed's whole state; in another one, Adam's moments (its weights are in the model
-        already). Nothing random is drawn from a global generator (partitions, noise and dropout
-        are keyed by seed, step and slot), so no RNG state is kept."""
-        saved = read_trainer_state(directory)
-        check_compatible(self.cfg, saved, directory, self.data.fingerprints)
-        self.step = int(saved["step"])
-        if same_layout:
-            self.engine.load(str(directory.parent), directory.name)
-        else:
-            self.engine.set_step(self.step)
-            self.moments_carried = restore_moments(self.engine, directory, self.cfg, self.layout)
-        if self.ema is not None:
-            restore_ema(self.ema, self.engine.module, directory, saved, self.cfg, self.layout, self.is_main)
-        self.data.train_loader.load_state_dict({"next_micro_batch": self.step * self.cfg.train.grad_accum})
 
     # -------------------------------------------------------------------------- signals
 

@@ -33,7 +33,7 @@ import torch
 
 from model.config import DiffusionConfig, ModelConfig
 from model.orders import parse_order_mixture
-from pretrain.checkpoint import EMA_FILE, TOKENIZER_CONFIG
+from pretrain.checkpointing.files import EMA_FILE, TOKENIZER_CONFIG
 from pretrain.cli_errors import EXPECTED, error_line, error_text, load_tokenizer, load_weights, read_json
 from pretrain.config import config_from_dict
 from pretrain.hf_weights import hf_architecture, hf_state_dict, read_hf_dir

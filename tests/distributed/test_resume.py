@@ -42,7 +42,7 @@ LAYOUTS = {
 
 
 @pytest.mark.parametrize("before,after", [("tp2", "one"), ("zero3_dp2", "one"), ("pp2", "one"), ("one", "tp2"),
-                                          ("one", "zero3_dp2"), ("tp2", "zero2_dp2")])
+                                          ("one", "zero3_dp2"), ("tp2", "zero2_dp2"), ("one", "pp2")])
 def test_a_checkpoint_continues_under_another_layout_as_if_nothing_changed(tiny_corpus, tmp_path, before, after):
     """Saved at step 3 under one layout, continued under another: the weights, the EMA and
     Adam's moments and update count carry over (optimizer.safetensors), so steps 4-6 are the

@@ -33,8 +33,8 @@ def train_layout(data_path: str, out_dir: str, overrides: list[str]) -> dict:
     cfg = load_config(None, base + overrides)
     trainer = Trainer(cfg)
     result = trainer.train()
-    state = trainer.full_state()
-    ema = trainer.full_state(trainer.ema.pieces()) if trainer.ema is not None else None
+    state = trainer.checkpoints.gather()
+    ema = trainer.checkpoints.gather(trainer.ema.pieces()) if trainer.ema is not None else None
     # train.log_interval=1: each logged window is one step
     return {"losses": [e["loss"] for e in result["log"]], "grad_norms": [e["grad_norm"] for e in result["log"]],
             "val_loss": result["val_loss"],
@@ -58,7 +58,7 @@ def model_step_under_tensor_parallel(model_options: dict, tensor: int) -> dict:
     from model.objectives import forward_step
     from model.transformer import SetDiffusionTransformer
     from pretrain.distributed import init_distributed, init_model_parallel
-    from pretrain.state import full_state_dict, load_full_state
+    from pretrain.checkpointing.sharding import full_state_dict, load_full_state
 
     init_distributed()
     layout = init_model_parallel(tensor, 1)

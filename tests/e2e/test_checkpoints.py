@@ -116,6 +116,9 @@ def test_mismatched_config_stops_unless_overridden(tiny_corpus, tmp_path):
     proc = run(tiny_corpus, tmp_path, "--resume", "auto", "model.rope_theta=5000", expect=2)
     assert "model config differs" in proc.stderr and "rope_theta" in proc.stderr
     assert "train.resume_override=true" in proc.stderr
+    # the data position is the step's: another global batch would repeat or skip sequences
+    proc = run(tiny_corpus, tmp_path, "--resume", "auto", "train.micro_batch_size=4", expect=2)
+    assert "global batch was 8 sequences, this run's is 4" in proc.stderr, proc.stderr[-2000:]
     run(tiny_corpus, tmp_path, "--resume", "auto", "model.rope_theta=5000", "train.resume_override=true")
     assert result(tmp_path)["first_step"] == 2
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from model.transformer import SetDiffusionTransformer
-from pretrain.checkpoint import read_trainer_state
+from pretrain.checkpointing import read_trainer_state
 from pretrain.config import config_from_dict
 from pretrain.inference.convert import main as convert_main
-from pretrain.state import load_full_state
+from pretrain.checkpointing.sharding import load_full_state
 
 from helpers import both_logits, fresh_env, tiny_run
 

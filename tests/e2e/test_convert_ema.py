@@ -47,8 +47,8 @@ def initial_weights(run: pathlib.Path, layout) -> dict[str, torch.Tensor]:
     """The weights before step 1: the recipe's initialization, built again from its seed."""
     from pretrain.config import config_from_dict
     from model.transformer import SetDiffusionTransformer
-    from pretrain.checkpoint import read_trainer_state
-    from pretrain.state import full_state_dict
+    from pretrain.checkpointing import read_trainer_state
+    from pretrain.checkpointing.sharding import full_state_dict
 
     run_cfg = config_from_dict(read_trainer_state(run / "checkpoints" / "step_0000001")["config"])
     model = SetDiffusionTransformer(run_cfg.model, layout.parallel, init_seed=run_cfg.train.seed)
@@ -100,7 +100,7 @@ def test_a_mixture_converts_loads_in_transformers_and_samples(mixture_run, tmp_p
     from transformers import AutoModelForCausalLM
 
     from pretrain.config import config_from_dict
-    from pretrain.checkpoint import read_trainer_state
+    from pretrain.checkpointing import read_trainer_state
     from pretrain.hf_weights import hf_state_dict
 
     checkpoint, out = mixture_run / "checkpoints" / "step_0000003", tmp_path / "hf"
@@ -151,7 +151,7 @@ def test_a_converted_mixture_uses_its_clean_context_as_our_forward_does(mixture_
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from pretrain.checkpoint import read_trainer_state
+    from pretrain.checkpointing import read_trainer_state
     from pretrain.config import config_from_dict
     from pretrain.standalone import single_process_model
 

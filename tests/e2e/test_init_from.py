@@ -91,9 +91,9 @@ def hf_parity(checkpoint: pathlib.Path, converted: pathlib.Path, layout) -> obje
 
     from helpers import both_logits
     from model.transformer import SetDiffusionTransformer
-    from pretrain.checkpoint import read_trainer_state
+    from pretrain.checkpointing import read_trainer_state
     from pretrain.config import config_from_dict
-    from pretrain.state import load_full_state
+    from pretrain.checkpointing.sharding import load_full_state
 
     os.environ["HF_HUB_OFFLINE"] = "1"
     hf = AutoModelForCausalLM.from_pretrained(converted, attn_implementation="eager", torch_dtype=torch.float32).eval()

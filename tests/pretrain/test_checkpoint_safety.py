@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pretrain.checkpoint import (CheckpointWriter, NoSpaceError, find_resume_checkpoint, tag_of,
+from pretrain.checkpointing.files import (CheckpointWriter, NoSpaceError, find_resume_checkpoint, tag_of,
                                  unloadable_files)
 
 

@@ -14,7 +14,7 @@ from helpers import both_logits
 from model.config import ModelConfig
 from model.transformer import SetDiffusionTransformer
 from pretrain.hf_weights import INDEX, hf_architecture, hf_state_dict, model_config_from_hf, read_hf_dir
-from pretrain.state import full_state_dict
+from pretrain.checkpointing.sharding import full_state_dict
 
 BASE = dict(num_layers=2, hidden_size=64, num_heads=4, vocab_size=96, seq_len=16, ffn_hidden_size=96)
 VARIANTS = {

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from pretrain.checkpoint import CheckpointWriter, tag_of
-from pretrain.run_dir import RunDirError, RunLock, check_fresh_start
+from pretrain.checkpointing.files import CheckpointWriter, tag_of
+from pretrain.checkpointing.run_dir import RunDirError, RunLock, check_fresh_start
 from test_checkpoint_safety import digest, write_fake
 
 

@@ -9,7 +9,7 @@ import signal
 import pytest
 
 from helpers import tiny_run
-from pretrain.checkpoint import NoSpaceError
+from pretrain.checkpointing import NoSpaceError
 from pretrain.config import load_config
 from pretrain.trainer import Trainer
 from test_checkpoint_safety import digest, size_of

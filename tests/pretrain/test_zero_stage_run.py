@@ -11,7 +11,7 @@ import torch
 from pretrain.config import load_config
 from pretrain import engine as engine_module
 from pretrain.engine import zero_stage_run
-from pretrain.restore import same_layout_record
+from pretrain.checkpointing.manager import same_layout_record
 from pretrain.trainer import Trainer
 
 

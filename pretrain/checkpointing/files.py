@@ -1,11 +1,12 @@
-"""Checkpoints a crash cannot corrupt, found again automatically.
+"""Checkpoints a crash cannot corrupt, found again automatically: the files on disk (what each
+part writes is in manager.py).
 
 Layout under ``<run>/checkpoints``:
 
     step_0000100/                 one complete checkpoint
         <DeepSpeed files>         model, optimizer and ZeRO partitions, LR scheduler
         trainer.json              step, tokens seen, resolved config, layout, tokenizer and data
-                                  fingerprints, the data reader state of every rank
+                                  fingerprints, EOS id (the data position is a function of the step)
         model.safetensors         the whole model, unsharded (layout-independent weights)
         ema.safetensors           the EMA of the weights, unsharded the same way (train.ema > 0)
         optimizer.safetensors     Adam's moments, unsharded the same way, and its update count

@@ -1,16 +1,26 @@
-"""Full (unsharded) weights from a tensor-parallel, possibly ZeRO-3-partitioned module.
-
-Used to compare layouts in tests and, later, to export checkpoints. megatron's parallel
-layers tag each sharded parameter with ``tensor_model_parallel``, ``partition_dim`` and
+"""Full (unsharded) weights from a tensor-parallel, possibly ZeRO-3-partitioned or pipelined
+module, and back: what makes a checkpoint independent of the layout that wrote it (and what the
+CLIs load a converted model with). megatron's parallel layers tag each sharded parameter with ``tensor_model_parallel``, ``partition_dim`` and
 ``partition_stride``; a strided parameter (fused [q; k; v] or [gate; up]) holds ``stride``
 chunks per rank, interleaved as chunk j of rank r = global chunk j * world + r.
 """
 from __future__ import annotations
 
+from functools import partial
+from typing import Callable
+
 import torch
 import torch.distributed as dist
 
+from model.pipeline import pipeline_name_to_flat
 from pretrain.engine import gather_partitions, is_partitioned, local_piece, partition_of, shard_shape
+
+
+def flat_names(cfg) -> Callable[[str], str]:
+    """name -> the flat model's name, for the parameters of the run ``cfg``'s module (pipeline or flat)."""
+    if cfg.parallel.pipeline > 1:
+        return partial(pipeline_name_to_flat, num_layers=cfg.model.num_layers)
+    return lambda name: name
 
 
 def gather_tensor_parallel(local: torch.Tensor, dim: int, stride: int, tp_group) -> torch.Tensor:
@@ -47,6 +57,19 @@ def full_state_dict(module: torch.nn.Module, tp_group, trim_rows: dict[str, int]
             tensor = tensor[: trim_rows[name]]
         out[name] = tensor.float().cpu().clone()
     return out
+
+
+def gather_full_state(module: torch.nn.Module, cfg, layout, trim_rows: dict[str, int],
+                      pieces: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """full_state_dict of a run's module under the flat model's names, its pipeline stages
+    gathered too: the whole model on every rank (a collective over TP, ZeRO-3 and PP)."""
+    local = full_state_dict(module, layout.parallel.tp_group, trim_rows, pieces)
+    if cfg.parallel.pipeline == 1:
+        return local
+    flat_name = flat_names(cfg)
+    stages = [None] * layout.pipeline
+    dist.all_gather_object(stages, {flat_name(k): v for k, v in local.items()}, group=layout.pp_group)
+    return {k: v for stage in stages for k, v in stage.items()}
 
 
 def _tensor_parallel_shard(key: str, tensor: torch.Tensor, p, tp_group) -> torch.Tensor:
@@ -87,14 +110,20 @@ def load_full_state(module: torch.nn.Module, full: dict[str, torch.Tensor], tp_g
 
 
 @torch.no_grad()
+def tensor_parallel_shards(module: torch.nn.Module, full: dict[str, torch.Tensor], tp_group, names: list[str],
+                           rename=lambda name: name) -> dict[str, torch.Tensor]:
+    """This TP rank's shard (fp32) of each full tensor, for the named parameters of the (possibly
+    DeepSpeed-wrapped) module, whole even where ZeRO-3 partitions the parameter."""
+    params = dict(module.named_parameters())
+    return {name: _tensor_parallel_shard(rename(name), _full_tensor(full, rename(name)).float(), params[name],
+                                         tp_group) for name in names}
+
+
+@torch.no_grad()
 def local_pieces(module: torch.nn.Module, full: dict[str, torch.Tensor], tp_group, names: list[str],
                  rename=lambda name: name) -> dict[str, torch.Tensor]:
     """Inverse of full_state_dict(pieces=...): this rank's piece (fp32) of each full tensor,
     laid out like local_piece of the named parameters of the (possibly DeepSpeed-wrapped) module."""
     params = dict(module.named_parameters())
-    out = {}
-    for name in names:
-        p, key = params[name], rename(name)
-        shard = _tensor_parallel_shard(key, _full_tensor(full, key).float(), p, tp_group)
-        out[name] = partition_of(shard, p) if is_partitioned(p) else shard
-    return out
+    return {name: partition_of(shard, params[name]) if is_partitioned(params[name]) else shard
+            for name, shard in tensor_parallel_shards(module, full, tp_group, names, rename).items()}

@@ -21,8 +21,8 @@ import pathlib
 import socket
 import time
 
-from pretrain.checkpoint import (clear_partial, complete_checkpoints, find_resume_checkpoint, read_trainer_state,
-                                 required_state_problems, unloadable_files)
+from pretrain.checkpointing.files import (clear_partial, complete_checkpoints, find_resume_checkpoint,
+                                          read_trainer_state, required_state_problems, unloadable_files)
 
 LOCK_FILE = ".lock"
 
