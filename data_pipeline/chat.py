@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import json
 import pathlib
+import signal
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -44,6 +46,13 @@ class ChatFormat:
     """The tokenizer's chat template (None: prompt/response records only)."""
     max_tokens: int = 0
     """Longest example kept, in tokens without its EOS (--seq-len - 1); 0: no limit."""
+
+
+RENDER_SECONDS = 10.0
+
+
+class TemplateTimeout(BadInput):
+    """A chat template that does not finish: wrong for every example, so never skipped as one."""
 
 
 class ChatTemplate:
@@ -77,7 +86,23 @@ class ChatTemplate:
             raise BadInput(f"{config_path}: the chat_template does not compile ({err})") from None
 
     def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
-        return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt, **self.tokens)
+        """The rendered conversation; a render that runs past RENDER_SECONDS (a template looping
+        without end: the sandbox bounds each range(), not loops nested in one another) raises
+        TemplateTimeout. The limit is a timer signal, so it holds on a process's main thread."""
+        if threading.current_thread() is not threading.main_thread():
+            return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt, **self.tokens)
+
+        def expired(signum, frame):
+            raise TemplateTimeout(f"the chat template of {self.path} did not finish rendering one conversation in "
+                                  f"{RENDER_SECONDS:g} s (a loop without end?); fix its chat_template")
+
+        previous = signal.signal(signal.SIGALRM, expired)
+        signal.setitimer(signal.ITIMER_REAL, RENDER_SECONDS)
+        try:
+            return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt, **self.tokens)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
 
 
 def _token_text(value) -> str | None:
@@ -134,6 +159,8 @@ def example_of(record, where: str, template: ChatTemplate | None, line: int) -> 
     try:
         prompt = template.render(messages[:-1], add_generation_prompt=True)
         whole = template.render(messages, add_generation_prompt=False)
+    except TemplateTimeout:
+        raise
     except template._errors as err:
         raise BadInput(f"{where}: the chat template of {template.path} cannot render this conversation "
                        f"({type(err).__name__}: {err})") from None
@@ -153,6 +180,8 @@ def iter_examples(path: pathlib.Path, template: ChatTemplate | None, skip_bad: b
     for number, start, raw in jsonl_lines(path, kind):
         try:
             yield example_of(json_record(path, number, start, raw), f"{path}:{number}", template, number)
+        except TemplateTimeout:
+            raise
         except BadInput:
             if not skip_bad:
                 raise

@@ -34,6 +34,16 @@ def _is_count(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+def _check_inside(path, where: pathlib.Path, field: str) -> None:
+    """A file the manifest names lies inside the corpus directory: a relative path without '..'
+    (a manifest from elsewhere must not make the reader open /etc/passwd or ../x)."""
+    _check(isinstance(path, str), where, f"{field} must be a path")
+    parts = pathlib.PurePosixPath(path).parts
+    _check(bool(parts) and not path.startswith(("/", "\\")) and ".." not in parts and "\\" not in path
+           and ":" not in parts[0], where, f"{field}={path!r} must be a file inside the corpus directory "
+           "(a relative path without '..')")
+
+
 def validate_manifest(manifest, where: pathlib.Path) -> dict:
     """Structure, types and internal counts of a loaded manifest; returns it."""
     _check(isinstance(manifest, dict), where, "not a JSON object")
@@ -59,6 +69,9 @@ def validate_manifest(manifest, where: pathlib.Path) -> dict:
         for key in ("mds", "lengths"):
             _check(isinstance(split.get(key), str), where, f"{field}.{key} is missing")
         _check(isinstance(split.get("mds_index"), dict), where, f"{field}.mds_index is missing")
+        for key in ("mds", "lengths"):
+            _check_inside(split[key], where, f"{field}.{key}")
+        _check_inside(split["mds_index"].get("file"), where, f"{field}.mds_index.file")
         for table in ("mds_shards", "wds_shards"):
             rows = split.get(table)
             _check(isinstance(rows, list), where, f"{field}.{table} is missing")
@@ -67,6 +80,7 @@ def validate_manifest(manifest, where: pathlib.Path) -> dict:
                 ok = (isinstance(row, dict) and isinstance(row.get("file"), str) and _is_count(row.get("bytes"))
                       and _is_count(row.get("documents")) and row.get("first") == first)
                 _check(ok, where, f"{field}.{table}[{i}] is not a shard entry starting at document {first}")
+                _check_inside(row["file"], where, f"{field}.{table}[{i}].file")
                 first += row["documents"]
             _check(first == split["documents"], where,
                    f"{field}.{table} hold {first} documents, {field}.documents says {split['documents']}")

@@ -43,7 +43,6 @@ import os
 import pathlib
 import shutil
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -52,12 +51,14 @@ from data_pipeline.chat import ChatFormat, iter_examples, load_chat_template
 from data_pipeline.embedded_corpus import EOS, locate_corpus, read_articles
 from data_pipeline.manifest import (FORMAT_VERSION, TOKENIZER_CONFIG, eos_token, missing_or_truncated,
                                    validate_manifest)
+from data_pipeline.out_dir import claim_out_dir
 from data_pipeline.readers import BadInput, iter_documents, list_inputs, sha256_file, tokenizer_sample
 from data_pipeline.shard_writer import (_start_encoder, encode_slice, merge, rank_done_file, read_rank_records,
                                         world_dir, write_json_atomic)
 
 __all__ = ["BadInput", "main", "prepare", "merge_ranks", "sha256_file"]
 SKIP_HINT = " (pass --skip-bad to skip such inputs and count them)"
+PROGRESS_SECONDS = 10.0  # the longest a prepare goes without a line while it waits for a slice
 
 
 def train_tokenizer(texts, vocab_size: int):
@@ -87,18 +88,6 @@ def load_tokenizer(path: pathlib.Path):
         raise BadInput(f"{path}: the tokenizer has no {eos} token to end documents with"
                        + (f" (the eos_token of {path.with_name(TOKENIZER_CONFIG)})" if eos != EOS else ""))
     return tok
-
-
-def check_out_dir(out: pathlib.Path) -> None:
-    """--out must be (or become) a writable directory; found before any work is done."""
-    if out.exists() and not out.is_dir():
-        raise BadInput(f"--out {out}: exists and is not a directory")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=out, prefix=".setdiff-write-test.")
-        probe.close()
-    except OSError as err:
-        raise BadInput(f"--out {out}: cannot write there ({err.strerror or err})") from None
 
 
 def up_to_date(out: pathlib.Path, fingerprint: str) -> tuple[dict | None, str]:
@@ -194,7 +183,14 @@ def tokenize_rank(out: pathlib.Path, sources, rank: int, world: int, fingerprint
     paths = dict(sources)
     max_tokens = chat.max_tokens if chat is not None else 0
 
+    started = time.monotonic()
+
     def finish(job, owners, lines) -> None:
+        while not job.ready():  # a slice that takes long (a very long document): say so at least every 10 s
+            job.wait(PROGRESS_SECONDS)
+            if not job.ready():
+                print(f"prepare: rank {rank}: still tokenizing ({finished} slices of {slice_docs} documents done, "
+                      f"{time.monotonic() - started:.0f} s)", flush=True)
         _, long = job.get()
         if long and not skip_bad:
             (i, n), more = long[0], len(long) - 1
@@ -237,8 +233,17 @@ def tokenize_rank(out: pathlib.Path, sources, rank: int, world: int, fingerprint
 
 
 def merge_ranks(out: pathlib.Path, world: int, val_percent: int, docs_per_shard: int, seed: int,
-                workers: int) -> dict:
+                workers: int, force: bool = False) -> dict:
     """Pass 2: index the parts of all ranks into shards and one manifest (or find it up to date)."""
+    lock = claim_out_dir(out, force, "merge")
+    try:
+        return _merge_claimed(out, world, val_percent, docs_per_shard, seed, workers)
+    finally:
+        os.close(lock)
+
+
+def _merge_claimed(out: pathlib.Path, world: int, val_percent: int, docs_per_shard: int, seed: int,
+                   workers: int) -> dict:
     records = read_rank_records(out, world)
     fingerprint = merge_fingerprint([r["fingerprint"] for r in records], val_percent, docs_per_shard, seed)
     old, damage = up_to_date(out, fingerprint)
@@ -284,7 +289,8 @@ def prepare(out: pathlib.Path, inputs: list[pathlib.Path], *, embedded: bool = F
             tokenizer: pathlib.Path | None = None, vocab_size: int = 4096, val_percent: int = 2,
             docs_per_shard: int = 2048, skip_bad: bool = False, workers: int = 2, text_field: str = "text",
             tokenizer_sample_mb: float = 256, rank: int = 0, world: int = 1, slice_docs: int = 4096,
-            seed: int = 0, fmt: str = "text", seq_len: int = 0, after_slice=None) -> dict | None:
+            seed: int = 0, fmt: str = "text", seq_len: int = 0, after_slice=None, force: bool = False,
+            follow_links: bool = False) -> dict | None:
     """Build (or find up to date) the prepared corpus in ``out``; returns the manifest, or None
     for one rank of several (``merge_ranks`` writes the manifest once all are done).
     ``after_slice``: see tokenize_rank."""
@@ -297,10 +303,26 @@ def prepare(out: pathlib.Path, inputs: list[pathlib.Path], *, embedded: bool = F
     if world > 1 and tokenizer is None:
         raise BadInput("--world > 1 needs --tokenizer: every rank must encode with the same tokenizer")
     chat = _chat_format(fmt, embedded, tokenizer, seq_len)
-    files = list_inputs(inputs) if inputs else []
+    left_out: list[str] = []
+    files = list_inputs(inputs, follow_links, left_out) if inputs else []
+    for reason in left_out:
+        print(f"prepare: skipped {reason}")
+    if left_out:
+        print(f"prepare: skipped {len(left_out)} link(s) or unreadable directories in the inputs (listed above)")
     if not files and not embedded:
         raise BadInput("nothing to prepare: give --input files/directories or --embedded")
-    check_out_dir(out)
+    lock = claim_out_dir(out, force, f"rank-{rank}-of-{world}")
+    try:
+        return _prepare_claimed(out, files, embedded, tokenizer, vocab_size, val_percent, docs_per_shard, skip_bad,
+                                workers, text_field, tokenizer_sample_mb, rank, world, slice_docs, seed, chat,
+                                seq_len, after_slice)
+    finally:
+        os.close(lock)
+
+
+def _prepare_claimed(out, files, embedded, tokenizer, vocab_size, val_percent, docs_per_shard, skip_bad, workers,
+                     text_field, tokenizer_sample_mb, rank, world, slice_docs, seed, chat, seq_len, after_slice):
+    """prepare's work once --out is ours and locked."""
     corpus = locate_corpus() if embedded else None
     every = [corpus, *files] if embedded else files
     mine = [(i, path) for i, path in enumerate(every) if i % world == rank]
@@ -363,6 +385,9 @@ def _chat_format(fmt: str, embedded: bool, tokenizer: pathlib.Path | None, seq_l
 
 def _common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=pathlib.Path, required=True)
+    parser.add_argument("--force", action="store_true",
+                        help="prepare into a non-empty --out that is not a corpus of ours (its mds/, wds/, parts/, "
+                             "manifest.json and tokenizer files are replaced; nothing else is touched)")
     parser.add_argument("--val-percent", type=int, default=2)
     parser.add_argument("--docs-per-shard", type=int, default=2048)
     parser.add_argument("--seed", type=int, default=0, help="seeds the order of documents among the shards")
@@ -401,6 +426,9 @@ def main(argv=None, after_slice=None) -> int:
                             help="chat: the training sequence length; a longer example (with EOS) is an error "
                                  "(or skipped under --skip-bad)")
         parser.add_argument("--skip-bad", action="store_true", help="skip unreadable inputs and count them")
+        parser.add_argument("--follow-links", action="store_true",
+                            help="follow links to directories and read links to files outside the input directories "
+                                 "(each real file still once); by default they are skipped and listed")
         parser.add_argument("--slice-docs", type=int, default=4096, help="documents per unit of work (and resume)")
         parser.add_argument("--rank", type=int, default=0, help="this machine's share of the inputs ...")
         parser.add_argument("--world", type=int, default=1, help="... of this many (then run merge)")
@@ -410,14 +438,15 @@ def main(argv=None, after_slice=None) -> int:
         parser.error(f"--vocab-size must be at least 300 (256 bytes + merges), got {args.vocab_size}")
     try:
         if merging:
-            merge_ranks(args.out, args.world, args.val_percent, args.docs_per_shard, args.seed, args.workers)
+            merge_ranks(args.out, args.world, args.val_percent, args.docs_per_shard, args.seed, args.workers,
+                        force=args.force)
         else:
             prepare(args.out, args.input, embedded=args.embedded, tokenizer=args.tokenizer,
                     vocab_size=args.vocab_size, val_percent=args.val_percent, docs_per_shard=args.docs_per_shard,
                     skip_bad=args.skip_bad, workers=args.workers, text_field=args.text_field,
                     tokenizer_sample_mb=args.tokenizer_sample_mb, rank=args.rank, world=args.world,
                     slice_docs=args.slice_docs, seed=args.seed, fmt=args.fmt, seq_len=args.seq_len,
-                    after_slice=after_slice)
+                    after_slice=after_slice, force=args.force, follow_links=args.follow_links)
     except (BadInput, FileNotFoundError) as err:
         print(f"setdiff-prepare: error: {err}", file=sys.stderr)
         return 2

@@ -8,12 +8,14 @@ Bad input is a BadInput naming the file and the line, row or byte offset.
 """
 from __future__ import annotations
 
+import fnmatch
 import glob
 import gzip
 import hashlib
 import heapq
 import io
 import json
+import os
 import pathlib
 from collections.abc import Iterator
 
@@ -30,23 +32,100 @@ def input_kind(path: pathlib.Path) -> str | None:
     return next((s for s in sorted(SUFFIXES, key=len, reverse=True) if name.endswith(s)), None)
 
 
-def list_inputs(paths: list[pathlib.Path | str]) -> list[pathlib.Path]:
-    """The input files, in a fixed order: each directory's matching files sorted, globs expanded."""
-    files = []
+def _glob_match(pattern: tuple[str, ...], parts: tuple[str, ...]) -> bool:
+    """Whether path components ``parts`` match glob components ``pattern`` as glob.glob(recursive=True)
+    does: fnmatch within a component, '**' any number of directories, a leading '.' only by a '.'."""
+    if not pattern:
+        return not parts
+    head, rest = pattern[0], pattern[1:]
+    if head == "**":
+        return any(_glob_match(rest, parts[i:]) for i in range(len(parts) + 1)
+                   if not any(p.startswith(".") for p in parts[:i]))
+    return (bool(parts) and (head.startswith(".") or not parts[0].startswith("."))
+            and fnmatch.fnmatchcase(parts[0], head) and _glob_match(rest, parts[1:]))
+
+
+class _Walk:
+    """The input files under one root, sorted, as (path, real path, is a link), without escaping the
+    root: links to a directory are not followed (a link loop can neither hang the walk nor repeat the
+    corpus) and links to files outside the root are not read, unless ``follow_links`` (each real
+    directory is still entered once). Every link left out, and every dangling one, is reported in
+    ``skipped``. ``depth``: how many directories down files may lie (None: any)."""
+
+    def __init__(self, root: pathlib.Path, follow_links: bool, skipped: list[str], depth: int | None = None):
+        self.root, self.follow, self.skipped, self.depth = root, follow_links, skipped, depth
+        self.real_root = os.path.realpath(root)
+        self.dirs = {self.real_root}
+
+    def _inside(self, real: str) -> bool:
+        return real == self.real_root or real.startswith(self.real_root.rstrip(os.sep) + os.sep)
+
+    def __call__(self, directory: pathlib.Path | None = None, level: int = 0):
+        directory = self.root if directory is None else directory
+        try:
+            entries = sorted(os.scandir(directory), key=lambda e: e.name)
+        except OSError as err:
+            self.skipped.append(f"{directory}: unreadable directory ({err.strerror or err})")
+            return
+        for entry in entries:
+            path, real, link = pathlib.Path(entry.path), os.path.realpath(entry.path), entry.is_symlink()
+            if link and not os.path.exists(real):
+                self.skipped.append(f"{path}: a dangling link")
+            elif os.path.isdir(real):
+                if self.depth is not None and level >= self.depth:
+                    continue
+                if link and not self.follow:
+                    self.skipped.append(f"{path}: a link to a directory, not followed (--follow-links)")
+                elif real in self.dirs:
+                    self.skipped.append(f"{path}: {real} again (a link loop, or a second link to it), read once")
+                else:
+                    self.dirs.add(real)
+                    yield from self(path, level + 1)
+            elif input_kind(path) and os.path.isfile(real):
+                if link and not self._inside(real) and not self.follow:
+                    self.skipped.append(f"{path}: a link to {real}, outside the input, not read (--follow-links)")
+                else:
+                    yield path, real, link
+
+
+def list_inputs(paths: list[pathlib.Path | str], follow_links: bool = False,
+                skipped: list[str] | None = None) -> list[pathlib.Path]:
+    """The input files, in a fixed order: each directory's matching files sorted, globs expanded,
+    each real file once (a file reached through a link too is read under its own name). Directories
+    and globs are walked without following links out of them (``_Walk``); what was left out is
+    appended to ``skipped``. A file named on its own is read even through a link."""
+    skipped = [] if skipped is None else skipped
+    found: list[tuple[pathlib.Path, str, bool]] = []
     for path in map(pathlib.Path, paths):
         if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if input_kind(p) and p.is_file())
+            found += _Walk(path, follow_links, skipped)()
         elif path.is_file():
             if not input_kind(path):
                 raise BadInput(f"{path}: unsupported input type (use {', '.join(SUFFIXES)})")
-            files.append(path)
+            found.append((path, os.path.realpath(path), False))
         elif glob.has_magic(str(path)):
-            matched = sorted(pathlib.Path(p) for p in glob.glob(str(path), recursive=True))
-            files += [p for p in matched if p.is_file() and input_kind(p)]
-            if not any(input_kind(p) for p in matched):
+            parts = pathlib.PurePath(path).parts
+            fixed = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+            base = pathlib.Path(*parts[:fixed]) if fixed else pathlib.Path(".")
+            pattern = tuple(parts[fixed:])
+            depth = None if "**" in pattern else len(pattern) - 1
+            walked = _Walk(base, follow_links, skipped, depth)() if base.is_dir() else []
+            matched = [f for f in walked if _glob_match(pattern, f[0].relative_to(base).parts)]
+            if not matched:
                 raise FileNotFoundError(f"no input matches {path}")
+            found += matched
         else:
             raise FileNotFoundError(f"input not found: {path}")
+    keep = {}  # real path -> the path it is read under: its own name where the walk saw it
+    for path, real, link in found:
+        if real not in keep or (keep[real][1] and not link):
+            keep[real] = (path, link)
+    files = []
+    for path, real, _ in found:
+        if keep[real][0] == path and path not in files:
+            files.append(path)
+        elif keep[real][0] != path:
+            skipped.append(f"{path}: the same file as {keep[real][0]}, read once")
     if not files:
         raise BadInput(f"no {', '.join(SUFFIXES)} files in {', '.join(map(str, paths))}")
     return files
@@ -60,13 +139,50 @@ def sha256_file(path: pathlib.Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+class ZstdFrames(io.RawIOBase):
+    """The decompressed bytes of every frame of a .zst file, in turn, checked to its end: a file that
+    stops inside a frame (cut at a block boundary, or anywhere) raises EOFError, where zstandard's
+    stream_reader would return the part it has as if it were all (gzip checks so by itself)."""
+
+    def __init__(self, path: pathlib.Path, chunk: int = 1 << 16):
+        import zstandard
+
+        self._file, self._chunk = open(path, "rb"), chunk
+        self._context = zstandard.ZstdDecompressor()
+        self._frame = None  # the decompressor of the frame being read; None between frames
+        self._input, self._output = b"", b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._output:
+            if not self._input:
+                self._input = self._file.read(self._chunk)
+                if not self._input:
+                    if self._frame is not None:
+                        raise EOFError("the file ends inside a zstd frame (truncated)")
+                    return 0
+            if self._frame is None:
+                self._frame = self._context.decompressobj()
+            self._output = self._frame.decompress(self._input)
+            self._input = b""
+            if self._frame.eof:  # the frame is whole; what follows it starts the next one
+                self._input, self._frame = self._frame.unused_data, None
+        n = min(len(buffer), len(self._output))
+        buffer[:n], self._output = self._output[:n], self._output[n:]
+        return n
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
 def _open_lines(path: pathlib.Path, kind: str):
     if kind == ".jsonl.gz":
         return gzip.open(path, "rb")
     if kind == ".jsonl.zst":
-        import zstandard
-
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
+        return io.BufferedReader(ZstdFrames(path))
     return open(path, "rb")
 
 

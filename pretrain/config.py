@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import pathlib
 import typing
 from dataclasses import dataclass, field
@@ -98,8 +99,13 @@ class TrainConfig:
     resume: str = "none"
     """'none', 'auto' (the newest complete checkpoint of this run, if any) or a checkpoint directory."""
     resume_override: bool = False
-    """Resume even if the model config, tokenizer or data fingerprint differ from the checkpoint's,
-    or without its EMA or RNG file (the EMA restarts from the weights, the RNG from the seed)."""
+    """Resume even if the model config, diffusion setup, global batch, optimizer settings (lr, betas, weight
+    decay: this run's then apply), tokenizer or data fingerprint differ from the checkpoint's, or without its
+    EMA file (the EMA restarts from the weights); with --resume auto and only unloadable checkpoints, start
+    over at step 0 (they are kept)."""
+    resume_unsharded: bool = False
+    """Resume from a checkpoint's unsharded files alone (trainer.json, model, optimizer and EMA safetensors), as
+    a change of layout does, ignoring DeepSpeed's own: for a checkpoint whose DeepSpeed files are damaged."""
     overwrite: bool = False
     """Start over in a run directory that holds checkpoints: the old run moves to <name>.old-<UTC time>."""
     init_from: str = ""
@@ -138,6 +144,14 @@ class RunConfig:
         return pathlib.Path(self.out_dir) / self.name
 
 
+def check_run_name(name: str, key: str) -> None:
+    """A run (or study family) name is one path component of its own: outputs go to <out_dir>/<name>,
+    so an empty name, '.', '..' or a name with a separator would write over or outside out_dir."""
+    if name in ("", ".", "..") or any(c in name for c in "/\\\0") or name != name.strip():
+        raise ValueError(f"config: {key}={name!r} must be one plain directory name (not empty, '.' or '..', "
+                         "without '/', '\\' or surrounding spaces): outputs go to <out_dir>/<name>")
+
+
 def validate(cfg: RunConfig) -> RunConfig:
     """Raise ValueError naming the field for anything that cannot run."""
     m, d, t, p = cfg.model, cfg.diffusion, cfg.train, cfg.parallel
@@ -146,6 +160,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         if value <= 0:
             raise ValueError(f"config: {name} must be > 0, got {value!r}")
 
+    check_run_name(cfg.name, "name")
     for name in ("num_layers", "hidden_size", "num_heads", "seq_len"):
         positive(f"model.{name}", getattr(m, name))
     for name in ("steps", "micro_batch_size", "grad_accum", "lr", "log_interval"):
@@ -284,14 +299,19 @@ def _coerce(value, typ, name: str):
                 pass
         raise ValueError(f"config: '{name}' must be an integer, got {value!r}")
     if typ is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ValueError(f"config: '{name}' must be a number, got {value!r}")
+        if number is None:
+            raise ValueError(f"config: '{name}' must be a number, got {value!r}")
+        if not math.isfinite(number):  # no setting means anything at inf or nan: train.lr=.inf trains NaNs
+            raise ValueError(f"config: '{name}' must be a finite number, got {value!r}")
+        return number
     if typ is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -327,7 +347,11 @@ def apply_override(data: dict, override: str) -> None:
         if i == len(keys) - 1:
             if dataclasses.is_dataclass(types[key]):
                 raise ValueError(f"config: override '{dotted}' names a section; give a field of it")
-            node[key] = yaml.safe_load(raw) if raw.strip() else ""
+            try:
+                node[key] = yaml.safe_load(raw) if raw.strip() else ""
+            except yaml.YAMLError as err:  # e.g. 'train.lr=[1,' or a YAML tag: one line, not a traceback
+                reason = " ".join(str(err).split())
+                raise ValueError(f"config: override {override!r}: the value is not plain YAML ({reason})") from None
         else:
             if not dataclasses.is_dataclass(types[key]):
                 raise ValueError(f"config: '{'.'.join(keys[:i + 1])}' is a field, not a section")

@@ -326,6 +326,15 @@ class Engine:
                 else:
                     adam.state[p][key].copy_(value.view_as(p))
 
+    def apply_settings(self, step: int) -> None:
+        """After loading DeepSpeed's state: this run's AdamW betas and weight decay, and the LR schedule
+        of its train.lr at ``step`` (a checkpoint's saved optimizer and scheduler carry their own)."""
+        t = self.cfg.train
+        for group in self.optimizer.param_groups:
+            group["betas"], group["weight_decay"] = (t.beta1, t.beta2), t.weight_decay
+        self.scheduler.base_lrs = [t.lr] * len(self.scheduler.base_lrs)
+        self.set_step(step)
+
     def set_step(self, step: int) -> None:
         """Point the LR schedule at ``step`` (when only the weights were carried over)."""
         self.scheduler.last_epoch = step - 1

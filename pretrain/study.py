@@ -35,7 +35,7 @@ import sys
 import yaml
 
 from pretrain.cli_errors import EXPECTED, error_line, read_json
-from pretrain.config import load_config
+from pretrain.config import check_run_name, load_config
 
 # the paper's likelihood claim, as family kinds in increasing perplexity: AR < SetDLM < BD3-LM < MDLM
 CLAIM_ORDER = ("ar", "setdlm", "bd3lm", "mdlm")
@@ -76,7 +76,10 @@ def load_study(path: pathlib.Path) -> Study:
     """The study config, every run's recipe + overrides validated, errors naming the key or family."""
     if not path.is_file():
         raise FileNotFoundError(f"--config {path} not found")
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:  # a YAML tag included: safe_load builds plain data only
+        raise ValueError(f"{path}: not plain YAML ({' '.join(str(err).split())})") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("study"), dict):
         raise ValueError(f"{path}: needs a top-level 'study' mapping")
     fields = {f.name for f in dataclasses.fields(Study)}
@@ -100,6 +103,10 @@ def load_study(path: pathlib.Path) -> Study:
 
         check(study.slurm, str(path))
     for name, family in study.families.items():
+        try:  # runs/<family>-s<seed> and eval/<family>-s<seed>.json stay inside --out
+            check_run_name(f"{name}", f"study.families.{name}")
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}".replace("config: ", "")) from None
         if not isinstance(family, dict) or family.get("kind") not in CLAIM_ORDER:
             raise ValueError(f"{path}: study.families.{name}.kind must be one of {', '.join(CLAIM_ORDER)}")
         for seed in study.seeds:

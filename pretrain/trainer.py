@@ -75,7 +75,8 @@ class Trainer:
         self.checkpoints = CheckpointManager(self.run_dir, cfg, self.layout, self.engine, self.ema, self.data,
                                              vocab_rows, free_bytes, agree=self._from_rank0,
                                              on_written=self._on_written)
-        self.resumed = None if resume_from is None else self.checkpoints.resume(resume_from)
+        self.resumed = None if resume_from is None else self.checkpoints.resume(resume_from,
+                                                                            cfg.train.resume_unsharded)
         self.step = 0 if self.resumed is None else self.resumed.step
         self._signal: int | None = None
         """The stop signal received (SIGTERM, SIGUSR1, SIGINT) while train() runs, else None."""

@@ -151,27 +151,34 @@ def _torch_zip_problem(path: pathlib.Path, size: int) -> str | None:
     return None
 
 
-def unloadable_files(directory: pathlib.Path) -> list[str]:
+UNSHARDED = ("trainer.json", "model.safetensors", OPTIMIZER_FILE, EMA_FILE, "tokenizer.json", TOKENIZER_CONFIG)
+"""The files a checkpoint continues from without DeepSpeed's own (as another layout does)."""
+
+
+def unloadable_files(directory: pathlib.Path, unsharded_only: bool = False) -> list[str]:
     """Why a checkpoint cannot be loaded, file by file (empty when every file looks whole): the
     files ``files.json`` lists are present with their sizes, and every torch archive, safetensors
     file and JSON file has readable headers. A missing EMA file is not a reason here: the resume
     stops on it (``required_state_problems``) rather than quietly going back further; nor is a
-    missing per-rank RNG file of an older checkpoint (``RANK_FILE``: nothing reads them now)."""
-    problems = []
+    missing per-rank RNG file of an older checkpoint (``RANK_FILE``: nothing reads them now).
+    ``unsharded_only``: judge only the files of ``UNSHARDED`` (trainer.json and model.safetensors
+    required), not DeepSpeed's."""
+    problems: list[tuple[str, str]] = []  # (file, what is wrong with it)
     listed = {}
     if (directory / FILES).is_file():
         try:
             listed = json.loads((directory / FILES).read_text())
         except ValueError:
-            problems.append(f"{FILES} is not valid JSON")
+            problems.append((FILES, f"{FILES} is not valid JSON"))
     for name, size in sorted(listed.items()):
         path = directory / name
         if not path.is_file():
             if not (name == EMA_FILE or RANK_FILE.match(name)):
-                problems.append(f"{name} is missing")
+                problems.append((name, f"{name} is missing"))
         elif path.stat().st_size != size:
             now = path.stat().st_size
-            problems.append(f"{name} has {now} bytes, {size} when saved" + (" (truncated)" if now < size else ""))
+            cut = " (truncated)" if now < size else ""
+            problems.append((name, f"{name} has {now} bytes, {size} when saved{cut}"))
     for path in sorted(p for p in directory.rglob("*") if p.is_file()):
         name, size = str(path.relative_to(directory)), path.stat().st_size
         if name in listed and size != listed[name]:
@@ -189,10 +196,24 @@ def unloadable_files(directory: pathlib.Path) -> list[str]:
             except (ValueError, UnicodeDecodeError):
                 problem = "not valid JSON"
         if problem:
-            problems.append(f"{name}: {problem}")
+            problems.append((name, f"{name}: {problem}"))
+    if unsharded_only:
+        missing = [(n, f"{n} is missing") for n in ("trainer.json", "model.safetensors")
+                   if not (directory / n).is_file() and n not in listed]
+        return [text for name, text in problems + missing if name in UNSHARDED]
+    if not (directory / "trainer.json").is_file() and "trainer.json" not in listed:
+        problems.append(("trainer.json", "trainer.json is missing"))
     if not any(p.suffix == ".pt" for p in directory.iterdir()):
-        problems.append("no DeepSpeed model-state file (*.pt)")
-    return problems
+        problems.append(("*.pt", "no DeepSpeed model-state file (*.pt)"))
+    return [text for _, text in problems]
+
+
+def checkpoint_dirs(root: pathlib.Path) -> list[pathlib.Path]:
+    """Every published checkpoint directory (``step_*``), complete or damaged, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and TAG.match(p.name)]
+    return sorted(found, key=lambda p: int(TAG.match(p.name).group(1)))
 
 
 def required_state_problems(directory: pathlib.Path, saved: dict, ema_now: bool) -> list[str]:
@@ -315,4 +336,26 @@ class CheckpointWriter:
 
 
 def read_trainer_state(directory: pathlib.Path) -> dict:
-    return json.loads((directory / "trainer.json").read_text())
+    """trainer.json, its fields checked: an error names the file and the field (hand edits happen)."""
+    path = directory / "trainer.json"
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"checkpoint {path}: unreadable ({err})") from None
+    expected = {"step": int, "config": dict, "layout": dict, "fingerprints": dict}
+    state = state if isinstance(state, dict) else {}
+    problems = [f"'{key}' must be {kind.__name__ if kind is int else 'an object'}, got {state.get(key)!r}"
+                for key, kind in expected.items()
+                if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool)]
+    if not problems:
+        problems += [f"'step' must be >= 0, got {state['step']}"] * (state["step"] < 0)
+        problems += [f"'config.{key}' must be an object" for key in ("model", "train")
+                     if not isinstance(state["config"].get(key), dict)]
+        problems += [f"'fingerprints.{key}' must be a string" for key in ("tokenizer", "data")
+                     if not isinstance(state["fingerprints"].get(key), str)]
+        seen = state.get("tokens_seen", 0)
+        if not isinstance(seen, int) or isinstance(seen, bool):
+            problems.append(f"'tokens_seen' must be an integer, got {seen!r}")
+    if problems:
+        raise ValueError(f"checkpoint {path}: {'; '.join(problems)}")
+    return state

@@ -23,21 +23,24 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+import pickle
 import shutil
 import sys
 
 import torch
 import torch.distributed as dist
 
-from model.config import ModelConfig
+from model.config import DiffusionConfig, ModelConfig
 from pretrain.checkpointing.files import (EMA_FILE, MOMENTS, OPTIMIZER_FILE, TOKENIZER_CONFIG, CheckpointWriter,
                                           read_trainer_state, tag_of)
 from pretrain.checkpointing.sharding import flat_names, gather_full_state, local_pieces, tensor_parallel_shards
 from pretrain.config import RunConfig, config_to_dict
 from pretrain.distributed import Layout
 from pretrain.engine import shard_shape, zero_stage_run
+from pretrain.throughput import NonFiniteError
 
 MODEL_FILE = "model.safetensors"
+OPTIMIZER_SETTINGS = ("lr", "beta1", "beta2", "weight_decay")
 TRAINER_FILE = "trainer.json"
 
 
@@ -60,8 +63,9 @@ def same_layout_record(saved: dict, now: dict) -> bool:
 
 
 def check_compatible(cfg: RunConfig, layout: Layout, saved: dict, directory: pathlib.Path, fingerprints: dict) -> None:
-    """A checkpoint (its trainer.json, ``saved``) fits this run: the same network, tokenizer,
-    corpus and global batch (the data position is the step's), unless train.resume_override."""
+    """A checkpoint (its trainer.json, ``saved``) fits this run: the same network, diffusion setup,
+    tokenizer, corpus and global batch (the data position is the step's), unless
+    train.resume_override."""
     if cfg.train.resume_override:
         return
     problems = []
@@ -73,6 +77,21 @@ def check_compatible(cfg: RunConfig, layout: Layout, saved: dict, directory: pat
     if saved_model != now_model:
         diff = {k: (v, now_model.get(k)) for k, v in saved_model.items() if now_model.get(k) != v}
         problems.append(f"model config differs (checkpoint vs now: {diff})")
+    # the training objective: mode, orders, objective and noise (an order curriculum,
+    # diffusion.order_schedule, is how orders change on purpose: a function of the step)
+    saved_diffusion = {**DiffusionConfig().to_dict(), **saved["config"].get("diffusion", {})}
+    now_diffusion = cfg.diffusion.to_dict()
+    if saved_diffusion != now_diffusion:
+        diff = {k: (v, now_diffusion.get(k)) for k, v in saved_diffusion.items() if now_diffusion.get(k) != v}
+        problems.append(f"the diffusion setup differs (checkpoint vs now: {diff}; to change orders during training, "
+                        "give the run a diffusion.order_schedule from its start)")
+    # what DeepSpeed's own optimizer and scheduler state carries: resumed as saved, they would
+    # silently keep the checkpoint's values (Megatron refuses a mismatch the same way)
+    saved_train, now_train = saved["config"].get("train", {}), config_to_dict(cfg)["train"]
+    optimizer = {k: (saved_train[k], now_train[k]) for k in OPTIMIZER_SETTINGS
+                 if k in saved_train and saved_train[k] != now_train[k]}
+    if optimizer:
+        problems.append(f"the optimizer settings differ (checkpoint vs now: {optimizer})")
     if saved["fingerprints"]["tokenizer"] != fingerprints["tokenizer"]:
         problems.append("the tokenizer differs")
     if saved["fingerprints"]["data"] != fingerprints["data"]:
@@ -120,7 +139,16 @@ class DeepSpeedState:
 
     def load(self, io: CheckpointIO) -> None:
         if io.same_layout:
-            self.engine.load(str(io.directory.parent), io.directory.name)
+            try:
+                self.engine.load(str(io.directory.parent), io.directory.name)
+            except (pickle.UnpicklingError, TypeError, KeyError, RuntimeError) as err:
+                # weights_only refused a class in it, or it holds something else than DeepSpeed wrote
+                why = "cannot be loaded safely" if isinstance(err, pickle.UnpicklingError) else "cannot be loaded"
+                first = str(err).splitlines()[0] if str(err) else ""
+                raise ValueError(f"checkpoint {io.directory}: DeepSpeed's files {why} ({type(err).__name__}: "
+                                 f"{first}); train.resume_unsharded=true continues from its unsharded files "
+                                 "instead") from None
+            self.engine.apply_settings(io.step)  # this run's lr, betas and decay (the same unless overridden)
 
 
 class Weights:
@@ -131,7 +159,13 @@ class Weights:
         self.engine = engine
 
     def save(self, io: CheckpointIO) -> None:
-        io.write_tensors(MODEL_FILE, io.manager.gather())
+        weights = io.manager.gather()  # the whole model on every rank: each one refuses alike
+        broken = [name for name, tensor in weights.items() if not torch.isfinite(tensor).all()]
+        if broken:
+            raise NonFiniteError(f"the weights are not finite at step {io.step} ({', '.join(broken[:3])}"
+                                 f"{', …' if len(broken) > 3 else ''}): checkpoint {io.directory.name} is not "
+                                 "written, the newest complete one stays (lower train.lr, or resume from it)")
+        io.write_tensors(MODEL_FILE, weights)
 
     def load(self, io: CheckpointIO) -> None:
         if io.same_layout:
@@ -243,13 +277,15 @@ class Resumed:
     step: int
     same_layout: bool
     moments_carried: bool
+    unsharded: bool = False
 
     def describe(self) -> str:
         if self.same_layout:
             return f"resumed from {self.directory} at step {self.step}"
         carried = "weights and Adam's moments carried over" if self.moments_carried else \
             "weights carried over, optimizer restarted (the checkpoint has no optimizer.safetensors)"
-        return f"resumed from {self.directory} at step {self.step} (new layout: {carried})"
+        how = "from its unsharded files, train.resume_unsharded=true" if self.unsharded else "new layout"
+        return f"resumed from {self.directory} at step {self.step} ({how}: {carried})"
 
 
 class CheckpointManager:
@@ -314,13 +350,14 @@ class CheckpointManager:
         copies = 4 + any(isinstance(part, EMAState) for part in self.parts) + (self.engine.device.type != "cpu")
         return copies * 4 * local * self.cfg.parallel.tensor * self.cfg.parallel.pipeline
 
-    def resume(self, directory: pathlib.Path) -> Resumed:
+    def resume(self, directory: pathlib.Path, unsharded: bool = False) -> Resumed:
         """All ranks: continue from ``directory`` (checked against this run first): the step and the
-        data position, the weights, the optimizer and the LR schedule, the EMA."""
+        data position, the weights, the optimizer and the LR schedule, the EMA. ``unsharded``: from
+        its unsharded files alone, as another layout does, even under the layout that wrote it."""
         saved = read_trainer_state(directory)
         check_compatible(self.cfg, self.layout, saved, directory, self.fingerprints)
-        same = same_layout_record(saved["layout"], layout_record(self.cfg, self.layout))
+        same = not unsharded and same_layout_record(saved["layout"], layout_record(self.cfg, self.layout))
         io = CheckpointIO(directory, int(saved["step"]), self.is_main, self, saved, same)
         for part in self.parts:
             part.load(io)
-        return Resumed(directory, io.step, same, self.adam.carried)
+        return Resumed(directory, io.step, same, self.adam.carried, unsharded)

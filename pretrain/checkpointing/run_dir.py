@@ -21,8 +21,9 @@ import pathlib
 import socket
 import time
 
-from pretrain.checkpointing.files import (clear_partial, complete_checkpoints, find_resume_checkpoint,
-                                          read_trainer_state, required_state_problems, unloadable_files)
+from pretrain.checkpointing.files import (checkpoint_dirs, clear_partial, complete_checkpoints,
+                                          find_resume_checkpoint, read_trainer_state, required_state_problems,
+                                          unloadable_files)
 
 LOCK_FILE = ".lock"
 
@@ -147,22 +148,57 @@ def check_fresh_start(run_dir: pathlib.Path, resume: str, overwrite: bool, say=p
     return aside
 
 
-def choose_resume(root: pathlib.Path, resume: str, say=print) -> pathlib.Path | None:
-    """The checkpoint ``train.resume`` asks for, checked loadable before DeepSpeed sees it."""
+def choose_resume(root: pathlib.Path, resume: str, say=print, override: bool = False,
+                  unsharded: bool = False) -> pathlib.Path | None:
+    """The checkpoint ``train.resume`` asks for, checked loadable before DeepSpeed sees it.
+
+    'auto' takes the newest loadable one, reporting each it skips; where checkpoints exist but none
+    loads it stops, naming each and why (a run is never restarted silently), unless ``override``
+    (train.resume_override: start over at step 0, the checkpoints kept). ``unsharded``
+    (train.resume_unsharded): judge and load only the unsharded files, as another layout does, for a
+    checkpoint whose DeepSpeed files are damaged."""
     if resume == "none":
         return None
     if resume == "auto":
-        found = find_resume_checkpoint(root, warn=say)
-        if found is None:
-            say(f"setdiff: --resume auto: no loadable checkpoint in {root}; starting fresh at step 0")
-        return found
+        if unsharded:
+            for candidate in reversed(checkpoint_dirs(root)):
+                problems = unloadable_files(candidate, unsharded_only=True)
+                if not problems:
+                    return candidate
+                say(f"setdiff: warning: skipping checkpoint {candidate}: {'; '.join(problems)}")
+        else:
+            found = find_resume_checkpoint(root, warn=say)
+            if found is not None:
+                return found
+        damaged = checkpoint_dirs(root)
+        if not damaged or override:
+            kept = f" ({len(damaged)} unloadable checkpoint(s) kept, train.resume_override=true)" if damaged else ""
+            say(f"setdiff: --resume auto: no loadable checkpoint in {root}; starting fresh at step 0{kept}")
+            return None
+        raise RunDirError(f"--resume auto: no loadable checkpoint in {root}: "
+                          + "; ".join(f"{p.name}: {', '.join(unloadable_files(p, unsharded_only=unsharded))}"
+                                      for p in damaged)
+                          + f". Nothing was changed.{_unsharded_hint(damaged, unsharded)} To start over at step 0 "
+                          "instead (the checkpoints kept), set train.resume_override=true.")
     path = pathlib.Path(resume)
-    if not (path / "trainer.json").is_file():
-        raise FileNotFoundError(f"train.resume: {path} is not a complete checkpoint (no trainer.json)")
-    problems = unloadable_files(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"train.resume: {path} is not a checkpoint directory")
+    problems = unloadable_files(path, unsharded_only=unsharded)
     if problems:
-        raise ValueError(f"train.resume: checkpoint {path} cannot be loaded: {'; '.join(problems)}")
+        raise ValueError(f"train.resume: checkpoint {path} cannot be loaded: {'; '.join(problems)}."
+                         + _unsharded_hint([path], unsharded))
     return path
+
+
+def _unsharded_hint(checkpoints: list[pathlib.Path], unsharded: bool) -> str:
+    """Where a checkpoint's unsharded files are whole (only DeepSpeed's are damaged), how to use them."""
+    if unsharded:
+        return ""
+    whole = [p for p in checkpoints if not unloadable_files(p, unsharded_only=True)]
+    if not whole:
+        return ""
+    return (f" The weights, Adam state and EMA of {whole[-1].name} are intact (only DeepSpeed's own files are "
+            "damaged): train.resume_unsharded=true continues from them, as a change of layout does.")
 
 
 def claim(run_dir: pathlib.Path, train, say=print) -> tuple[RunLock, pathlib.Path | None]:
@@ -172,7 +208,8 @@ def claim(run_dir: pathlib.Path, train, say=print) -> tuple[RunLock, pathlib.Pat
     check_fresh_start(run_dir, train.resume, train.overwrite, say=say)
     root = pathlib.Path(run_dir) / "checkpoints"
     clear_partial(root, warn=say)
-    resume_from = choose_resume(root, train.resume, say=say)
+    resume_from = choose_resume(root, train.resume, say=say, override=train.resume_override,
+                                unsharded=train.resume_unsharded)
     if resume_from is not None and not train.resume_override:
         saved = read_trainer_state(resume_from)
         missing = required_state_problems(resume_from, saved, train.ema > 0)

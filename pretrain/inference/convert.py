@@ -51,6 +51,10 @@ def read_model_dir(model_dir: pathlib.Path) -> tuple[ModelConfig, dict, dict[str
         raise ValueError(f"{model_dir / 'config.json'} lacks {', '.join(missing)}")
     # the real vocabulary; directories written before model.mask_token existed end with [MASK]'s row
     cfg.vocab_size = fields.get("vocab_size", fields["mask_token_id"])
+    mask = fields["mask_token_id"]
+    if not isinstance(mask, int) or isinstance(mask, bool) or not 0 <= mask <= cfg.vocab_size:
+        raise ValueError(f"{model_dir / 'config.json'}: setdiff.mask_token_id={mask!r} must be a token id below "
+                         f"setdiff.vocab_size={cfg.vocab_size} or {cfg.vocab_size} itself ([MASK]'s own row)")
     cfg.mask_token = -1 if fields["mask_token_id"] >= cfg.vocab_size else fields["mask_token_id"]
     cfg.attention_backend = "auto"
     model_diffusion(fields, str(model_dir / "config.json"))  # a hand-edited diffusion section is named here

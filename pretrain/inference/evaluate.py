@@ -153,8 +153,8 @@ def is_correct(completion: str, answer: str) -> bool:
     return normalize_answer(predicted) == normalize_answer(answer.rsplit("####", 1)[1])
 
 
-def read_task(path: pathlib.Path) -> list[tuple[str, str]]:
-    """(question, answer) of every line of a question/answer JSONL; a bad line is named."""
+def read_task(path: pathlib.Path) -> list[tuple[str, str, int]]:
+    """(question, answer, line number) of every line of a question/answer JSONL; a bad line is named."""
     if not path.is_file():
         raise FileNotFoundError(f"--task answers {path}: not found")
     pairs = []
@@ -168,7 +168,7 @@ def read_task(path: pathlib.Path) -> list[tuple[str, str]]:
         if not (isinstance(record, dict) and isinstance(record.get("question"), str)
                 and isinstance(record.get("answer"), str)):
             raise ValueError(f"{path}:{number}: a task line needs string fields 'question' and 'answer'")
-        pairs.append((record["question"], record["answer"]))
+        pairs.append((record["question"], record["answer"], number))
     if not pairs:
         raise ValueError(f"{path}: no question/answer lines")
     return pairs
@@ -185,7 +185,11 @@ def task_accuracy(model_dir: pathlib.Path, task: pathlib.Path, *, orders: list[s
 
     pairs = read_task(task)[:limit or None]
     model, fields, tokenizer, eos_id = load_model(model_dir, "cpu")
-    prompts = [tokenizer.encode(question).ids for question, _ in pairs]
+    prompts = [tokenizer.encode(question).ids for question, _, _ in pairs]
+    for prompt, (_, _, number) in zip(prompts, pairs):  # before any decoding, naming the line
+        if len(prompt) >= model.cfg.seq_len:
+            raise ValueError(f"{task}:{number}: the question has {len(prompt)} tokens, leaving no room for an answer "
+                             f"in the model's seq_len {model.cfg.seq_len} (shorten it, or --limit the lines read)")
     rows = []
     for order, window, tau in itertools.product(orders, windows, taus):
         cfg = decode_config(fields, model.cfg.seq_len, max(map(len, prompts)), False, order=order, window=window,

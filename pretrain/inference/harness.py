@@ -36,6 +36,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from data_pipeline.collator import SetDiffusionCollator
 from model.objectives import forward_step, sequence_nll
 from model.sampling import generate
+from pretrain.cli_errors import EXPECTED, error_line
 from pretrain.inference.convert import model_diffusion
 from pretrain.inference.sample import decode_config, load_model
 
@@ -52,11 +53,27 @@ def _number(name: str, value, kind, low):
     return number
 
 
+def _plain_lm_eval_command() -> bool:
+    """Whether this process is lm_eval's own command line (`lm_eval`, `lm-eval`, `python -m lm_eval`)."""
+    program = pathlib.Path(sys.argv[0] if sys.argv else "")
+    return program.name in ("lm_eval", "lm-eval") or program.parts[-2:] == ("lm_eval", "__main__.py")
+
+
 class SetDiffusionLM(TemplateLM):
     """A setdiff-convert directory as an lm_eval model (module docstring)."""
 
     def __init__(self, pretrained: str | None = None, **args):
         super().__init__()
+        try:
+            self._setup(pretrained, args)
+        except EXPECTED as err:
+            if not _plain_lm_eval_command():
+                raise  # a library caller (and setdiff-lm-eval) handles it
+            # lm_eval's own command line would print a traceback: one line, as setdiff-lm-eval does
+            print(error_line("lm_eval", err), file=sys.stderr)
+            raise SystemExit(2) from None
+
+    def _setup(self, pretrained: str | None, args: dict) -> None:
         unknown = sorted(set(args) - set(MODEL_ARGS))
         if unknown:
             raise ValueError(f"setdiff: unknown model arg {', '.join(unknown)} (known: {', '.join(MODEL_ARGS)})")
@@ -199,8 +216,6 @@ def main(argv=None) -> int:
     """lm_eval's command line with the ``setdiff`` model registered; an expected failure (a
     model arg, a model directory) is one line naming it, exit 2."""
     from lm_eval.__main__ import cli_evaluate
-
-    from pretrain.cli_errors import EXPECTED, error_line
 
     sys.argv = ["setdiff-lm-eval", *(sys.argv[1:] if argv is None else argv)]
     try:

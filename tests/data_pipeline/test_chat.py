@@ -114,3 +114,21 @@ def test_a_tokenizer_config_without_a_template_serves_prompt_response_records(tm
     (tmp_path / "tokenizer_config.json").write_text("{not json")
     with pytest.raises(BadInput, match="tokenizer_config.json: cannot read the tokenizer config"):
         load_chat_template(tmp_path / "tokenizer.json")
+
+
+def test_a_template_that_never_finishes_stops_the_prepare(tokenizer_dir, tmp_path, monkeypatch):
+    """Nested loops (the sandbox bounds each range(), not their product) are stopped by the render
+    time limit: an error naming the template, never counted as one bad example under skip_bad."""
+    import time
+
+    from data_pipeline import chat
+
+    monkeypatch.setattr(chat, "RENDER_SECONDS", 0.5)
+    source = tmp_path / "chat.jsonl"
+    source.write_text(json.dumps({"messages": CONVERSATIONS[0]}) + "\n")
+    endless = "{% for a in range(100000) %}{% for b in range(100000) %}{{ a }}{% endfor %}{% endfor %}"
+    template = ChatTemplate(tokenizer_dir(endless) / "tokenizer_config.json")
+    start = time.monotonic()
+    with pytest.raises(chat.TemplateTimeout, match=r"tokenizer_config.json did not finish rendering one conversation"):
+        list(iter_examples(source, template, True, {}))
+    assert time.monotonic() - start < 5

@@ -137,3 +137,15 @@ def test_remote_mds_downloads_into_the_cache(prepared, tmp_path):
     expected = {f"{r['raw']['xxh64']}-{r['raw']['bytes']}.mds" for r in manifest["splits"]["train"]["mds_shards"]}
     assert {f.name for f in (cache / "raw").iterdir()} == expected
     assert sorted(f.name for f in cache.iterdir()) == ["raw", "source.json"]
+
+
+def test_a_slice_that_takes_long_prints_progress(tmp_path, capsys, monkeypatch):
+    """Waiting on a slice (here: the workers still starting) prints a line every PROGRESS_SECONDS."""
+    from data_pipeline import prepare as module
+
+    monkeypatch.setattr(module, "PROGRESS_SECONDS", 0.001)
+    source = tmp_path / "in"
+    source.mkdir()
+    (source / "a.txt").write_text("one long document " * 2000)
+    module.prepare(tmp_path / "out", [source], vocab_size=300, workers=1, val_percent=0)
+    assert "prepare: rank 0: still tokenizing (0 slices of 4096 documents done" in capsys.readouterr().out

@@ -204,3 +204,22 @@ def test_tokenizer_sample_is_bounded_and_spread(texts, tmp_path):
     assert sum(map(len, sample)) <= 0.02 * 2**20 and len(sample) >= 10
     where = sorted(texts.index(t) for t in sample)
     assert where[0] < len(texts) / 4 and where[-1] > 3 * len(texts) / 4  # not the first megabytes
+
+
+def test_a_zstd_file_is_read_across_its_frames_and_to_its_end(tmp_path):
+    """Every frame of a .jsonl.zst is read (zstd --long and parallel compressors write several); one
+    cut inside a frame, or just short of its end, is an error naming it, not a shorter corpus."""
+    import zstandard
+
+    texts = [f"document {i} " * 40 for i in range(400)]
+    compressor = zstandard.ZstdCompressor(write_checksum=True)
+    frames = [compressor.compress(jsonl(texts[:150])), compressor.compress(jsonl(texts[150:]))]
+    whole = tmp_path / "whole.jsonl.zst"
+    whole.write_bytes(b"".join(frames))
+    assert list(iter_documents(whole)) == texts
+    for cut in (len(frames[0]) + len(frames[1]) // 2, len(frames[0]) + len(frames[1]) - 1, len(frames[0]) // 3):
+        damaged = tmp_path / f"cut{cut}.jsonl.zst"
+        damaged.write_bytes(b"".join(frames)[:cut])
+        with pytest.raises(BadInput, match=rf"cut{cut}.jsonl.zst: cannot decompress after byte \d+ "
+                                           r"\(the file ends inside a zstd frame \(truncated\)\)"):
+            list(iter_documents(damaged))

@@ -177,6 +177,9 @@ MODEL_DIR_CASES = {
                             "{m}/config.json: not valid JSON"),
     "config.json without a field": (lambda d: edit_json(d / "config.json", lambda c: c.pop("num_hidden_layers")),
                                     "{m}/config.json lacks num_hidden_layers"),
+    "mask_token_id past the vocabulary": (lambda d: edit_json(d / "config.json",
+                                                              lambda c: c["setdiff"].update(mask_token_id=10**6)),
+                                          "{m}/config.json: setdiff.mask_token_id=1000000 must be a token id below"),
     "damaged tokenizer.json": (lambda d: (d / "tokenizer.json").write_text("not json"),
                                "{m}/tokenizer.json: not a tokenizers tokenizer.json"),
     "invalid generation_config.json": (lambda d: (d / "generation_config.json").write_text("{"),
@@ -234,3 +237,11 @@ def test_a_value_no_run_can_use_is_named_by_its_flag(trained, tiny_corpus, progr
     proc = cli(module, trained[1], *args)
     assert_one_line_error(proc, program, named)
     assert proc.stdout == ""
+
+
+def test_a_task_question_longer_than_the_model_is_named_before_decoding(trained, tmp_path):
+    task = tmp_path / "task.jsonl"
+    task.write_text(json.dumps({"question": "1 + 1 = ?", "answer": "#### 2"}) + "\n"
+                    + json.dumps({"question": "and then " * 400, "answer": "#### 3"}) + "\n")
+    proc = cli("pretrain.inference.evaluate", trained[1], "--task", "answers", task)
+    assert_one_line_error(proc, "setdiff-eval", f"{task}:2: the question has", "seq_len")

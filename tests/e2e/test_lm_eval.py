@@ -140,3 +140,18 @@ def test_bad_model_args_are_named(ar_model, tmp_path):
                    "--include_path", str(tmp_path / "tasks"))
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == \
         f"setdiff-lm-eval: error: model directory {tmp_path / 'nowhere'} does not exist", proc.stderr[-2000:]
+
+
+def test_lm_eval_itself_names_a_bad_model_arg_in_one_line(ar_model, tmp_path):
+    """Plain `lm_eval --model setdiff` (not the wrapper): a missing directory or an unknown model
+    arg is one line and exit 2, not lm_eval's traceback."""
+    write_tasks(tmp_path / "tasks")
+    env = fresh_env(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    for args, named in ((f"pretrained={tmp_path / 'nowhere'}", f"model directory {tmp_path / 'nowhere'} does not exist"),
+                        (f"pretrained={ar_model},temprature=0.5", "unknown model arg temprature")):
+        proc = subprocess.run([lm_eval_command(), "--model", "setdiff", "--model_args", args, "--tasks", "tiny_mc",
+                               "--include_path", str(tmp_path / "tasks")], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+        assert len(errors) == 1 and errors[0].startswith("lm_eval: error: ") and named in errors[0], proc.stderr
