@@ -150,13 +150,14 @@ class ZstdFrames(io.RawIOBase):
         self._file, self._chunk = open(path, "rb"), chunk
         self._context = zstandard.ZstdDecompressor()
         self._frame = None  # the decompressor of the frame being read; None between frames
-        self._input, self._output = b"", b""
+        self._input, self._output, self._given = b"", b"", 0  # _given: bytes of _output handed out
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer) -> int:
-        while not self._output:
+        while self._given == len(self._output):
+            self._output, self._given = b"", 0
             if not self._input:
                 self._input = self._file.read(self._chunk)
                 if not self._input:
@@ -169,8 +170,9 @@ class ZstdFrames(io.RawIOBase):
             self._input = b""
             if self._frame.eof:  # the frame is whole; what follows it starts the next one
                 self._input, self._frame = self._frame.unused_data, None
-        n = min(len(buffer), len(self._output))
-        buffer[:n], self._output = self._output[:n], self._output[n:]
+        n = min(len(buffer), len(self._output) - self._given)
+        buffer[:n] = self._output[self._given:self._given + n]
+        self._given += n
         return n
 
     def close(self) -> None:
@@ -182,7 +184,7 @@ def _open_lines(path: pathlib.Path, kind: str):
     if kind == ".jsonl.gz":
         return gzip.open(path, "rb")
     if kind == ".jsonl.zst":
-        return io.BufferedReader(ZstdFrames(path))
+        return io.BufferedReader(ZstdFrames(path), buffer_size=1 << 20)
     return open(path, "rb")
 
 
