@@ -3,6 +3,7 @@ the marker existed) and locks while it works, so that it never replaces what it 
 two prepares never race on the same files."""
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -61,3 +62,13 @@ def claim_out_dir(out: pathlib.Path, force: bool, role: str) -> int:
         raise BadInput(f"--out {out} is being prepared by another setdiff-prepare ({role}; lock {lock}): wait for "
                        "it to finish, or prepare into another directory") from None
     return fd
+
+
+@contextlib.contextmanager
+def owned_out_dir(out: pathlib.Path, force: bool, role: str):
+    """claim_out_dir for the duration of a with-block."""
+    fd = claim_out_dir(out, force, role)
+    try:
+        yield
+    finally:
+        os.close(fd)

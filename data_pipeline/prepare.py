@@ -51,7 +51,7 @@ from data_pipeline.chat import ChatFormat, iter_examples, load_chat_template
 from data_pipeline.embedded_corpus import EOS, locate_corpus, read_articles
 from data_pipeline.manifest import (FORMAT_VERSION, TOKENIZER_CONFIG, eos_token, missing_or_truncated,
                                    validate_manifest)
-from data_pipeline.out_dir import claim_out_dir
+from data_pipeline.out_dir import owned_out_dir
 from data_pipeline.readers import BadInput, iter_documents, list_inputs, sha256_file, tokenizer_sample
 from data_pipeline.shard_writer import (_start_encoder, encode_slice, merge, rank_done_file, read_rank_records,
                                         world_dir, write_json_atomic)
@@ -235,54 +235,46 @@ def tokenize_rank(out: pathlib.Path, sources, rank: int, world: int, fingerprint
 def merge_ranks(out: pathlib.Path, world: int, val_percent: int, docs_per_shard: int, seed: int,
                 workers: int, force: bool = False) -> dict:
     """Pass 2: index the parts of all ranks into shards and one manifest (or find it up to date)."""
-    lock = claim_out_dir(out, force, "merge")
-    try:
-        return _merge_claimed(out, world, val_percent, docs_per_shard, seed, workers)
-    finally:
-        os.close(lock)
-
-
-def _merge_claimed(out: pathlib.Path, world: int, val_percent: int, docs_per_shard: int, seed: int,
-                   workers: int) -> dict:
-    records = read_rank_records(out, world)
-    fingerprint = merge_fingerprint([r["fingerprint"] for r in records], val_percent, docs_per_shard, seed)
-    old, damage = up_to_date(out, fingerprint)
-    if old is not None:
-        print(f"prepare: {out} is up to date ({old['splits']['train']['tokens']:,} train tokens)")
-        return old
-    if damage:
-        print(f"prepare: {out} is incomplete, damaged or from another version ({damage}); rebuilding it")
-    if len({r["tokenizer_sha256"] for r in records}) != 1:
-        raise BadInput(f"merge: the ranks in {world_dir(out, world)} used different tokenizers; "
-                       f"prepare every rank with the same --tokenizer")
-    (out / "manifest.json").unlink(missing_ok=True)  # until the new shards are complete, there is no corpus here
-    source = world_dir(out, world) / records[0]["dir"]
-    shutil.copyfile(source / "tokenizer.json", out / "tokenizer.json")
-    (out / TOKENIZER_CONFIG).unlink(missing_ok=True)
-    has_config = (source / TOKENIZER_CONFIG).is_file()
-    if has_config:  # the EOS name and chat template travel with the tokenizer
-        shutil.copyfile(source / TOKENIZER_CONFIG, out / TOKENIZER_CONFIG)
-    tok = load_tokenizer(out / "tokenizer.json")
-    head = {"fingerprint": fingerprint, "eos_id": tok.token_to_id(eos_token(out / "tokenizer.json")),
-            "vocab_size": tok.get_vocab_size(), "tokenizer_sha256": sha256_file(out / "tokenizer.json"),
-            **({"tokenizer_config": True} if has_config else {})}
-    start = time.perf_counter()
-    manifest = merge(out, world, head, val_percent, docs_per_shard, seed, workers)
-    print(f"prepare: wrote the shards in {time.perf_counter() - start:.1f} s")
-    train, val = manifest["splits"]["train"], manifest["splits"]["val"]
-    if not val["documents"]:
-        print(f"prepare: warning: the val split of {out} is empty (--val-percent {val_percent} of "
-              f"{train['documents']} documents); training needs validation documents", file=sys.stderr)
-    skipped = manifest["skipped"]
-    print(f"prepare: wrote {out}: {train['documents']:,} train / {val['documents']:,} val documents, "
-          f"{train['tokens']:,} train tokens, vocabulary {manifest['vocab_size']}"
-          + (f"; skipped {len(skipped['files'])} files, {skipped['empty_documents']} empty documents"
-             if skipped["files"] or skipped["empty_documents"] else "")
-          + (f"; skipped {skipped['bad_examples']} bad and {skipped['long_examples']} too long examples"
-             if skipped.get("bad_examples") or skipped.get("long_examples") else ""))
-    for reason in skipped["files"]:
-        print(f"prepare: skipped {reason}")
-    return manifest
+    with owned_out_dir(out, force, "merge"):
+        records = read_rank_records(out, world)
+        fingerprint = merge_fingerprint([r["fingerprint"] for r in records], val_percent, docs_per_shard, seed)
+        old, damage = up_to_date(out, fingerprint)
+        if old is not None:
+            print(f"prepare: {out} is up to date ({old['splits']['train']['tokens']:,} train tokens)")
+            return old
+        if damage:
+            print(f"prepare: {out} is incomplete, damaged or from another version ({damage}); rebuilding it")
+        if len({r["tokenizer_sha256"] for r in records}) != 1:
+            raise BadInput(f"merge: the ranks in {world_dir(out, world)} used different tokenizers; "
+                           f"prepare every rank with the same --tokenizer")
+        (out / "manifest.json").unlink(missing_ok=True)  # until the new shards are complete, there is no corpus here
+        source = world_dir(out, world) / records[0]["dir"]
+        shutil.copyfile(source / "tokenizer.json", out / "tokenizer.json")
+        (out / TOKENIZER_CONFIG).unlink(missing_ok=True)
+        has_config = (source / TOKENIZER_CONFIG).is_file()
+        if has_config:  # the EOS name and chat template travel with the tokenizer
+            shutil.copyfile(source / TOKENIZER_CONFIG, out / TOKENIZER_CONFIG)
+        tok = load_tokenizer(out / "tokenizer.json")
+        head = {"fingerprint": fingerprint, "eos_id": tok.token_to_id(eos_token(out / "tokenizer.json")),
+                "vocab_size": tok.get_vocab_size(), "tokenizer_sha256": sha256_file(out / "tokenizer.json"),
+                **({"tokenizer_config": True} if has_config else {})}
+        start = time.perf_counter()
+        manifest = merge(out, world, head, val_percent, docs_per_shard, seed, workers)
+        print(f"prepare: wrote the shards in {time.perf_counter() - start:.1f} s")
+        train, val = manifest["splits"]["train"], manifest["splits"]["val"]
+        if not val["documents"]:
+            print(f"prepare: warning: the val split of {out} is empty (--val-percent {val_percent} of "
+                  f"{train['documents']} documents); training needs validation documents", file=sys.stderr)
+        skipped = manifest["skipped"]
+        print(f"prepare: wrote {out}: {train['documents']:,} train / {val['documents']:,} val documents, "
+              f"{train['tokens']:,} train tokens, vocabulary {manifest['vocab_size']}"
+              + (f"; skipped {len(skipped['files'])} files, {skipped['empty_documents']} empty documents"
+                 if skipped["files"] or skipped["empty_documents"] else "")
+              + (f"; skipped {skipped['bad_examples']} bad and {skipped['long_examples']} too long examples"
+                 if skipped.get("bad_examples") or skipped.get("long_examples") else ""))
+        for reason in skipped["files"]:
+            print(f"prepare: skipped {reason}")
+        return manifest
 
 
 def prepare(out: pathlib.Path, inputs: list[pathlib.Path], *, embedded: bool = False,
@@ -311,58 +303,47 @@ def prepare(out: pathlib.Path, inputs: list[pathlib.Path], *, embedded: bool = F
         print(f"prepare: skipped {len(left_out)} link(s) or unreadable directories in the inputs (listed above)")
     if not files and not embedded:
         raise BadInput("nothing to prepare: give --input files/directories or --embedded")
-    lock = claim_out_dir(out, force, f"rank-{rank}-of-{world}")
-    try:
-        return _prepare_claimed(out, files, embedded, tokenizer, vocab_size, val_percent, docs_per_shard, skip_bad,
-                                workers, text_field, tokenizer_sample_mb, rank, world, slice_docs, seed, chat,
-                                seq_len, after_slice)
-    finally:
-        os.close(lock)
+    with owned_out_dir(out, force, f"rank-{rank}-of-{world}"):
+        corpus = locate_corpus() if embedded else None
+        every = [corpus, *files] if embedded else files
+        mine = [(i, path) for i, path in enumerate(every) if i % world == rank]
+        settings = {"format": FORMAT_VERSION, "text_field": text_field, "skip_bad": skip_bad, "slice_docs": slice_docs,
+                    "rank": rank, "world": world, "inputs": [[i, str(p), sha256_file(p)] for i, p in mine],
+                    "tokenizer": sha256_file(tokenizer) if tokenizer else
+                    {"vocab_size": vocab_size, "sample_mb": tokenizer_sample_mb}}  # sampled from "inputs": world 1
+        config = tokenizer.with_name(TOKENIZER_CONFIG) if tokenizer else None
+        config = config if config is not None and config.is_file() else None
+        if config is not None:
+            load_tokenizer(tokenizer)  # its EOS named by the config is there (BadInput before any work)
+            if eos_token(tokenizer) != EOS:  # (other corpora keep the fingerprints they had)
+                settings["eos"] = eos_token(tokenizer)
+        if chat is not None:
+            settings.update(examples="chat", seq_len=seq_len, chat_template=sha256_file(config) if config else None)
+        fingerprint = _digest(settings)
+        if world == 1:
+            old, _ = up_to_date(out, merge_fingerprint([fingerprint], val_percent, docs_per_shard, seed))
+            if old is not None:
+                print(f"prepare: {out} is up to date ({old['splits']['train']['tokens']:,} train tokens)")
+                return old
 
+        def make_tokenizer(_sources):
+            if tokenizer:
+                return load_tokenizer(tokenizer)
+            sample = ([t for _, t in read_articles(corpus)] if embedded else []) + tokenizer_sample(
+                files, text_field, tokenizer_sample_mb, skip_bad)
+            if not sample:
+                raise BadInput("no documents with text in the inputs")
+            return train_tokenizer(sample, vocab_size)
 
-def _prepare_claimed(out, files, embedded, tokenizer, vocab_size, val_percent, docs_per_shard, skip_bad, workers,
-                     text_field, tokenizer_sample_mb, rank, world, slice_docs, seed, chat, seq_len, after_slice):
-    """prepare's work once --out is ours and locked."""
-    corpus = locate_corpus() if embedded else None
-    every = [corpus, *files] if embedded else files
-    mine = [(i, path) for i, path in enumerate(every) if i % world == rank]
-    settings = {"format": FORMAT_VERSION, "text_field": text_field, "skip_bad": skip_bad, "slice_docs": slice_docs,
-                "rank": rank, "world": world, "inputs": [[i, str(p), sha256_file(p)] for i, p in mine],
-                "tokenizer": sha256_file(tokenizer) if tokenizer else
-                {"vocab_size": vocab_size, "sample_mb": tokenizer_sample_mb}}  # sampled from "inputs": world 1
-    config = tokenizer.with_name(TOKENIZER_CONFIG) if tokenizer else None
-    config = config if config is not None and config.is_file() else None
-    if config is not None:
-        load_tokenizer(tokenizer)  # its EOS named by the config is there (BadInput before any work)
-        if eos_token(tokenizer) != EOS:  # (other corpora keep the fingerprints they had)
-            settings["eos"] = eos_token(tokenizer)
-    if chat is not None:
-        settings.update(examples="chat", seq_len=seq_len, chat_template=sha256_file(config) if config else None)
-    fingerprint = _digest(settings)
-    if world == 1:
-        old, _ = up_to_date(out, merge_fingerprint([fingerprint], val_percent, docs_per_shard, seed))
-        if old is not None:
-            print(f"prepare: {out} is up to date ({old['splits']['train']['tokens']:,} train tokens)")
-            return old
-
-    def make_tokenizer(_sources):
-        if tokenizer:
-            return load_tokenizer(tokenizer)
-        sample = ([t for _, t in read_articles(corpus)] if embedded else []) + tokenizer_sample(
-            files, text_field, tokenizer_sample_mb, skip_bad)
-        if not sample:
-            raise BadInput("no documents with text in the inputs")
-        return train_tokenizer(sample, vocab_size)
-
-    start = time.perf_counter()
-    tokenize_rank(out, mine, rank, world, fingerprint, make_tokenizer, text_field, corpus, slice_docs,
-                  skip_bad, workers, chat, after_slice, config)
-    print(f"prepare: rank {rank} of {world}: tokenized in {time.perf_counter() - start:.1f} s")
-    if world > 1:
-        print(f"prepare: rank {rank} of {world} done; once every rank is: setdiff-prepare merge --out {out} "
-              f"--world {world}")
-        return None
-    return merge_ranks(out, 1, val_percent, docs_per_shard, seed, workers)
+        start = time.perf_counter()
+        tokenize_rank(out, mine, rank, world, fingerprint, make_tokenizer, text_field, corpus, slice_docs,
+                      skip_bad, workers, chat, after_slice, config)
+        print(f"prepare: rank {rank} of {world}: tokenized in {time.perf_counter() - start:.1f} s")
+        if world > 1:
+            print(f"prepare: rank {rank} of {world} done; once every rank is: setdiff-prepare merge --out {out} "
+                  f"--world {world}")
+            return None
+        return merge_ranks(out, 1, val_percent, docs_per_shard, seed, workers)
 
 
 def _chat_format(fmt: str, embedded: bool, tokenizer: pathlib.Path | None, seq_len: int) -> ChatFormat | None:

@@ -65,3 +65,14 @@ def both_logits(ours, hf, mask_id: int, seq_len: int, max_token: int):
         theirs = hf(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                     attention_mask=mask_4d).logits[:, seq_len:]
     return mine, theirs
+
+
+def file_digests(directory) -> dict[str, str]:
+    """Every file below ``directory`` (hidden ones included) -> sha256 of its bytes: what "nothing
+    changed" is checked against."""
+    import hashlib
+    import pathlib
+
+    directory = pathlib.Path(directory)
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}

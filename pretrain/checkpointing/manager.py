@@ -62,6 +62,11 @@ def same_layout_record(saved: dict, now: dict) -> bool:
     return {**saved, "zero_stage_run": saved.get("zero_stage_run", saved.get("zero_stage"))} == now
 
 
+def _changed(saved: dict, now: dict) -> dict:
+    """{key: (checkpoint's value, this run's)} for every key of ``saved`` whose value differs."""
+    return {k: (v, now.get(k)) for k, v in saved.items() if now.get(k) != v}
+
+
 def check_compatible(cfg: RunConfig, layout: Layout, saved: dict, directory: pathlib.Path, fingerprints: dict) -> None:
     """A checkpoint (its trainer.json, ``saved``) fits this run: the same network, diffusion setup,
     tokenizer, corpus and global batch (the data position is the step's), unless
@@ -74,22 +79,19 @@ def check_compatible(cfg: RunConfig, layout: Layout, saved: dict, directory: pat
     saved_model = {k: v for k, v in {**dataclasses.asdict(ModelConfig()), **saved["config"]["model"]}.items()
                    if k != "dropout"}
     now_model = {k: v for k, v in config_to_dict(cfg)["model"].items() if k != "dropout"}
-    if saved_model != now_model:
-        diff = {k: (v, now_model.get(k)) for k, v in saved_model.items() if now_model.get(k) != v}
-        problems.append(f"model config differs (checkpoint vs now: {diff})")
+    if _changed(saved_model, now_model):
+        problems.append(f"model config differs (checkpoint vs now: {_changed(saved_model, now_model)})")
     # the training objective: mode, orders, objective and noise (an order curriculum,
     # diffusion.order_schedule, is how orders change on purpose: a function of the step)
     saved_diffusion = {**DiffusionConfig().to_dict(), **saved["config"].get("diffusion", {})}
     now_diffusion = cfg.diffusion.to_dict()
-    if saved_diffusion != now_diffusion:
-        diff = {k: (v, now_diffusion.get(k)) for k, v in saved_diffusion.items() if now_diffusion.get(k) != v}
-        problems.append(f"the diffusion setup differs (checkpoint vs now: {diff}; to change orders during training, "
-                        "give the run a diffusion.order_schedule from its start)")
+    if _changed(saved_diffusion, now_diffusion):
+        problems.append(f"the diffusion setup differs (checkpoint vs now: {_changed(saved_diffusion, now_diffusion)}; "
+                        "to change orders during training, give the run a diffusion.order_schedule from its start)")
     # what DeepSpeed's own optimizer and scheduler state carries: resumed as saved, they would
     # silently keep the checkpoint's values (Megatron refuses a mismatch the same way)
-    saved_train, now_train = saved["config"].get("train", {}), config_to_dict(cfg)["train"]
-    optimizer = {k: (saved_train[k], now_train[k]) for k in OPTIMIZER_SETTINGS
-                 if k in saved_train and saved_train[k] != now_train[k]}
+    now_train = config_to_dict(cfg)["train"]
+    optimizer = _changed({k: v for k, v in saved["config"]["train"].items() if k in OPTIMIZER_SETTINGS}, now_train)
     if optimizer:
         problems.append(f"the optimizer settings differ (checkpoint vs now: {optimizer})")
     if saved["fingerprints"]["tokenizer"] != fingerprints["tokenizer"]:

@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from helpers import file_digests as digest
 from helpers import fresh_env, signal_after_step, tiny_run
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -168,13 +169,6 @@ def test_other_tokenizer_or_corpus_is_refused(tiny_corpus, tmp_path):
     run(tiny_corpus, tmp_path, "train.stop_at_step=2")
     proc = run(other, tmp_path, "--resume", "auto", expect=2)
     assert "the tokenizer differs" in proc.stderr and "the data fingerprint differs" in proc.stderr
-
-
-def digest(directory: pathlib.Path) -> dict[str, str]:
-    import hashlib
-
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 def test_a_second_trainer_on_a_run_stops_and_the_first_finishes_untouched(tiny_corpus, tmp_path, straight):

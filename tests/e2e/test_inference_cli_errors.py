@@ -13,6 +13,7 @@ import sys
 import pytest
 
 from helpers import fresh_env
+from helpers import file_digests as tree
 from test_convert import train_checkpoint
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -31,12 +32,6 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, program: str, *name
     assert len(lines) == 1 and lines[0].startswith(f"{program}: error: "), proc.stderr[-3000:]
     for text in named:
         assert text in lines[0], (text, lines[0])
-
-
-def tree(path: pathlib.Path) -> dict[str, str]:
-    """Every file below ``path`` (hidden ones included) -> sha256 of its bytes."""
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 def truncate(path: pathlib.Path) -> None:

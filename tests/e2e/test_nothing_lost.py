@@ -2,21 +2,16 @@
 code and one error line (no traceback), and every file that existed before is unchanged."""
 from __future__ import annotations
 
-import hashlib
 import pathlib
 import subprocess
 import sys
 
 import pytest
 
+from helpers import file_digests as digest
 from helpers import fresh_env, tiny_run
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-
-
-def digest(directory: pathlib.Path) -> dict[str, str]:
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 def pretrain(corpus, out_dir, *extra, expect: int):
