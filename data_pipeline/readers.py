@@ -19,6 +19,8 @@ import os
 import pathlib
 from collections.abc import Iterator
 
+from data_pipeline.long_docs import utf8_blake2b
+
 SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
 PARQUET_BATCH_ROWS = 1024
 
@@ -188,30 +190,44 @@ def _open_lines(path: pathlib.Path, kind: str):
     return open(path, "rb")
 
 
-def jsonl_lines(path: pathlib.Path, kind: str) -> Iterator[tuple[int, int, bytes]]:
-    """(line number, byte offset, raw line) of every non-blank line of a (compressed) JSONL file."""
-    broken = (OSError, EOFError)  # gzip/zstd: truncated, or not compressed at all
-    if kind == ".jsonl.zst":
-        import zstandard
+class jsonl_lines:
+    """(line number, byte offset, raw line) of every non-blank line of a (compressed) JSONL file.
+    An iterator object rather than a generator: a suspended generator frame would keep the line
+    it last handed out alive (a second copy of a very long document while its text is in use)."""
 
-        broken += (zstandard.ZstdError,)
-    offset, seen_text = 0, False
-    with _open_lines(path, kind) as lines:
-        numbered = enumerate(lines, 1)
+    def __init__(self, path: pathlib.Path, kind: str):
+        self.path, self.offset, self.seen_text = path, 0, False
+        self.broken = (OSError, EOFError)  # gzip/zstd: truncated, or not compressed at all
+        if kind == ".jsonl.zst":
+            import zstandard
+
+            self.broken += (zstandard.ZstdError,)
+        self.lines = _open_lines(path, kind)
+        self.numbered = enumerate(self.lines, 1)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[int, int, bytes]:
         while True:
             try:
-                number, raw = next(numbered)
+                number, raw = next(self.numbered)
             except StopIteration:
-                break
-            except broken as err:
-                raise BadInput(f"{path}: cannot decompress after byte {offset} ({err})") from None
-            start, offset = offset, offset + len(raw)
-            if not raw.strip():
-                continue
-            seen_text = True
-            yield number, start, raw
-    if not seen_text:
-        raise BadInput(f"{path}: empty file")
+                self.lines.close()
+                if not self.seen_text:
+                    raise BadInput(f"{self.path}: empty file") from None
+                raise
+            except self.broken as err:
+                self.lines.close()
+                raise BadInput(f"{self.path}: cannot decompress after byte {self.offset} ({err})") from None
+            start, self.offset = self.offset, self.offset + len(raw)
+            if raw and not raw.isspace():  # not raw.strip(): no copy of a long line
+                self.seen_text = True
+                return number, start, raw
+
+    def __del__(self):
+        if hasattr(self, "lines"):
+            self.lines.close()
 
 
 def json_record(path: pathlib.Path, number: int, start: int, raw: bytes):
@@ -229,9 +245,12 @@ def json_record(path: pathlib.Path, number: int, start: int, raw: bytes):
 def _jsonl_documents(path: pathlib.Path, kind: str, text_field: str) -> Iterator[str]:
     for number, start, raw in jsonl_lines(path, kind):
         record = json_record(path, number, start, raw)
+        del raw  # the text is held once while it is in use, not also as its line
         if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
             raise BadInput(f"{path}:{number}: a JSONL record needs a string field '{text_field}'")
-        yield record[text_field]
+        text = record.pop(text_field)
+        del record
+        yield text
 
 
 def _parquet_documents(path: pathlib.Path, text_field: str) -> Iterator[str | None]:
@@ -260,16 +279,18 @@ def iter_documents(path: pathlib.Path, text_field: str = "text") -> Iterator[str
     kind = input_kind(path)
     if kind == ".txt":
         raw = path.read_bytes()  # one document
-        if not raw.strip():
-            raise BadInput(f"{path}: empty file")
         try:
-            yield raw.decode("utf-8").strip()
+            text = raw.decode("utf-8")
         except UnicodeDecodeError as err:
             raise BadInput(f"{path}: invalid UTF-8 at byte {err.start}") from None
+        del raw  # a long document is held once, not twice
+        if not text or text.isspace():
+            raise BadInput(f"{path}: empty file")
+        yield text.strip()
         return
     docs = _parquet_documents(path, text_field) if kind == ".parquet" else _jsonl_documents(path, kind, text_field)
     for text in docs:
-        yield text if text.strip() else None
+        yield None if not text or text.isspace() else text  # isspace: no stripped copy of a long text
 
 
 def _skipping(docs: Iterator[str | None], skip_bad: bool) -> Iterator[str | None]:
@@ -282,7 +303,7 @@ def _skipping(docs: Iterator[str | None], skip_bad: bool) -> Iterator[str | None
 
 def content_hash(text: str) -> int:
     """64-bit hash of a document's text: decides its split and its place among the shards."""
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
+    return int.from_bytes(utf8_blake2b(text, digest_size=8), "little")
 
 
 def tokenizer_sample(files: list[pathlib.Path], text_field: str, budget_mb: float, skip_bad: bool) -> list[str]:

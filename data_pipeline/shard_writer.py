@@ -31,6 +31,7 @@ import numpy as np
 
 from data_pipeline import mds_format
 from data_pipeline.manifest import FORMAT_VERSION, SPLITS, validate_manifest
+from data_pipeline.long_docs import PIECE_CHARS, encode_pieces
 from data_pipeline.readers import BadInput, content_hash
 from data_pipeline.shard_plan import RECORD, NpyWriter, ShardPlan, plan_shards
 
@@ -64,12 +65,43 @@ def _start_encoder(tokenizer_path: str) -> None:
     _worker["tokenizer"] = Tokenizer.from_file(tokenizer_path)
 
 
-def _encode(tok, texts: list[str], special: bool = True) -> list[np.ndarray]:
-    pieces = []
+def _document_ids(tok, texts: list[str], special: bool = True):
+    """Each text's ids as a list of int32 arrays: one for a short text, pieces for one longer than
+    PIECE_CHARS (data_pipeline/long_docs.py), yielded as they are encoded."""
     for start in range(0, len(texts), ENCODE_BATCH):
-        batch = tok.encode_batch(texts[start:start + ENCODE_BATCH], add_special_tokens=special)
-        pieces += [np.asarray(e.ids, dtype=np.int32) for e in batch]
-    return pieces
+        batch = texts[start:start + ENCODE_BATCH]
+        short = iter(tok.encode_batch([t for t in batch if len(t) <= PIECE_CHARS], add_special_tokens=special))
+        for text in batch:
+            yield (encode_pieces(tok, text, special) if len(text) > PIECE_CHARS
+                   else [np.asarray(next(short).ids, dtype=np.int32)])
+
+
+def _encode(tok, texts: list[str], special: bool = True) -> list[np.ndarray]:
+    return [np.concatenate(list(pieces)) for pieces in _document_ids(tok, texts, special)]
+
+
+def write_int32_npy(path: pathlib.Path, documents) -> list[int]:
+    """Write the documents (each an iterable of int32 arrays) as one int32 .npy, a piece at a time;
+    returns each document's length. The header is written for the widest shape first and rewritten
+    with the real one at the end: both pad to the same length."""
+    def header(count: int) -> bytes:
+        out = io.BytesIO()
+        np.lib.format.write_array_header_1_0(out, {"descr": "<i4", "fortran_order": False, "shape": (count,)})
+        return out.getvalue()
+
+    lengths = []
+    with open(path, "wb") as f:
+        f.write(header(2**62))
+        for pieces in documents:
+            lengths.append(0)
+            for piece in pieces:
+                f.write(piece.astype("<i4", copy=False).data)
+                lengths[-1] += piece.size
+        real = header(sum(lengths))
+        assert len(real) == len(header(2**62))
+        f.seek(0)
+        f.write(real)
+    return lengths
 
 
 def _encode_examples(tok, examples) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -104,15 +136,16 @@ def encode_slice(rank_dir: str, index: int, texts: list, sources: list[int], max
         hashes = [content_hash(texts[i].prompt + "\x00" + texts[i].response) for i in keep]
         sources = [sources[i] for i in keep]
     else:
-        pieces, long = _encode(tok, texts), []
+        long = []
         hashes = [content_hash(t) for t in texts]
-    offsets = np.zeros(len(pieces) + 1, dtype=np.int64)
-    np.cumsum([p.size for p in pieces], out=offsets[1:])
     final = pathlib.Path(rank_dir) / f"slice-{index:06d}"
     tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    np.save(tmp / "tokens.npy", np.concatenate(pieces) if pieces else np.zeros(0, np.int32))
+    # text documents stream from the tokenizer to the file: a long one is never whole in memory as ids
+    lengths = write_int32_npy(tmp / "tokens.npy", ([p] for p in pieces) if chat else _document_ids(tok, texts))
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
     if chat:
         np.save(tmp / "context.npy", np.concatenate(flags) if flags else np.zeros(0, np.uint8))
         np.save(tmp / "long_examples.npy", np.asarray(len(long)))  # skipped, counted again on resume

@@ -3,8 +3,10 @@
     setdiff-bench prepare [--size-mb 500] [--workers 2] [--corpus FILE_OR_DIR] [--json OUT]
 
 Without --corpus it generates a .jsonl.zst corpus of --size-mb of text: documents of 3-40
-sentences drawn from the embedded Wikipedia corpus. It trains one BPE (--vocab-size) on a
-small sample, then measures, with the same number of processes:
+sentences drawn from the embedded Wikipedia corpus; with --one-document, all of it one JSONL
+line (one very long document; the raw rate is then taken on its text cut into 4 KB documents).
+It trains one BPE (--vocab-size) on a small sample, then measures, with the same number of
+processes:
 
 - raw: ``Tokenizer.encode_batch`` (256 documents a call, TOKENIZERS_PARALLELISM=false) in
   --workers processes, each encoding its share of the first --raw-mb of documents held in
@@ -33,8 +35,9 @@ import numpy as np
 ENCODE_BATCH = 256
 
 
-def generate_corpus(path: pathlib.Path, size_mb: float, seed: int = 0) -> int:
-    """Write ``size_mb`` of text as JSONL compressed with zstd; returns the document count."""
+def generate_corpus(path: pathlib.Path, size_mb: float, seed: int = 0, one_document: bool = False) -> int:
+    """Write ``size_mb`` of text as JSONL compressed with zstd; returns the document count.
+    ``one_document``: all the text in one record (one line)."""
     import zstandard
 
     from data_pipeline.embedded_corpus import locate_corpus, read_articles
@@ -43,6 +46,8 @@ def generate_corpus(path: pathlib.Path, size_mb: float, seed: int = 0) -> int:
     rng = np.random.default_rng(seed)
     budget, written, count = int(size_mb * 2**20), 0, 0
     with open(path, "wb") as raw, zstandard.ZstdCompressor(level=3).stream_writer(raw) as sink:
+        if one_document:
+            sink.write(b'{"text": "')
         while written < budget:
             lengths = rng.integers(3, 40, 1024)
             picks = rng.integers(0, len(sentences), int(lengths.sum()))
@@ -52,21 +57,40 @@ def generate_corpus(path: pathlib.Path, size_mb: float, seed: int = 0) -> int:
                 start += n
                 lines.append(json.dumps({"text": text}, ensure_ascii=False))
                 written += len(text)
-            block = ("\n".join(lines) + "\n").encode()
+            if one_document:  # the records' JSON strings, without their quotes, joined by a space
+                block = (" ".join(line[len('{"text": "'):-2] for line in lines) + " ").encode()
+            else:
+                block = ("\n".join(lines) + "\n").encode()
             sink.write(block)
             count += len(lines)
-    return count
+        if one_document:
+            sink.write(b'"}\n')
+    return 1 if one_document else count
 
 
-def read_texts(corpus: pathlib.Path, limit_mb: float) -> list[str]:
+def _cut(text: str, chars: int):
+    """``text`` in pieces of about ``chars`` characters, each ending before a space."""
+    start = 0
+    while len(text) - start > chars:
+        end = text.find(" ", start + chars)
+        if end < 0:
+            break
+        yield text[start:end]
+        start = end + 1
+    yield text[start:]
+
+
+def read_texts(corpus: pathlib.Path, limit_mb: float, cut_chars: int = 0) -> list[str]:
+    """The first ``limit_mb`` of the corpus's documents; ``cut_chars``: cut into documents of
+    about that many characters."""
     from data_pipeline.readers import iter_documents, list_inputs
 
     texts, size = [], 0
     for path in list_inputs([corpus]):
         for text in iter_documents(path):
-            if text:
-                texts.append(text)
-                size += len(text)
+            for piece in (_cut(text, cut_chars) if cut_chars else [text]) if text else []:
+                texts.append(piece)
+                size += len(piece)
                 if size >= limit_mb * 2**20:
                     return texts
     return texts
@@ -133,16 +157,16 @@ def bench_prepare(args) -> dict:
 
     work = pathlib.Path(args.work_dir or tempfile.mkdtemp(prefix="setdiff-bench-prepare-"))
     work.mkdir(parents=True, exist_ok=True)
-    corpus = pathlib.Path(args.corpus) if args.corpus else work / f"corpus-{args.size_mb:g}mb.jsonl.zst"
+    corpus = pathlib.Path(args.corpus) if args.corpus else work / f"corpus-{args.size_mb:g}mb{'-one' if args.one_document else ''}.jsonl.zst"
     if not args.corpus and not corpus.is_file():
         start = time.perf_counter()
-        generate_corpus(corpus.with_suffix(".tmp"), args.size_mb)
+        generate_corpus(corpus.with_suffix(".tmp"), args.size_mb, one_document=args.one_document)
         os.replace(corpus.with_suffix(".tmp"), corpus)
         print(f"generated {corpus} ({corpus.stat().st_size / 2**20:.0f} MB zstd) in {time.perf_counter() - start:.0f} s")
     tokenizer = work / "tokenizer.json"
     if not tokenizer.is_file():
-        train_tokenizer(read_texts(corpus, 8), args.vocab_size).save(str(tokenizer))
-    texts = read_texts(corpus, args.raw_mb)
+        train_tokenizer(read_texts(corpus, 8, cut_chars=4096 if args.one_document else 0), args.vocab_size).save(str(tokenizer))
+    texts = read_texts(corpus, args.raw_mb, cut_chars=4096 if args.one_document else 0)
     before = raw_rate(tokenizer, texts, args.workers)
     out = work / "prepared"
     command = [sys.executable, "-m", "data_pipeline.prepare", "--input", str(corpus), "--tokenizer", str(tokenizer),
@@ -184,6 +208,7 @@ def add_parser(sub) -> None:
     parser.add_argument("--corpus", help="a prepared input (file, directory) instead of a generated one")
     parser.add_argument("--size-mb", type=float, default=500, help="text to generate (without --corpus)")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--one-document", action="store_true", help="generate the text as one very long document")
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--raw-mb", type=float, default=64, help="text the raw encode rate is measured on")
     parser.add_argument("--seed", type=int, default=0)
