@@ -29,13 +29,17 @@ OUT_PREFIX.png plots generative perplexity and mean unigram entropy against toke
 one line per model (and window). Tokens per forward and tokens/s count generated tokens only,
 never the prompt.
 
-With --task answers FILE.jsonl (lines {"question": ..., "answer": ...}), every question is the
-prompt of a greedy KV-cached decode (stopping at EOS) for each setting of --order, --window and
---tau given (several values of each make a table: every combination is a row), and the row reports
-exact-match accuracy with tokens per forward and tokens/s, counting generated tokens only, never
+With --task answers FILE.jsonl, every line's prompt is that of a greedy KV-cached decode; a line is
+{"question": ..., "answer": ...}, or a chat example as setdiff-prepare --format chat reads it
+({"prompt", "response"}, or {"messages"} rendered with the model's chat template from its
+tokenizer_config.json), optionally with "answer" (setdiff-task's lines), its prompt tokenized
+exactly as training stored the example's context. The decode runs (stopping at EOS) for each
+setting of --order, --window and --tau given (several values of each make a table: every
+combination is a row), and the row reports exact-match accuracy with tokens per forward and tokens/s, counting generated tokens only, never
 the prompt. Matching (commas and spaces dropped): a GSM8K answer ("... #### 42") by its final
 number against the completion's text after "####", else the completion's last number; any other
-answer against the whole completion.
+answer against the whole completion. A numeric "answer" beside a worked response is matched as a
+GSM8K final number; a chat example without "answer" is matched against its whole response.
 """
 from __future__ import annotations
 
@@ -153,11 +157,32 @@ def is_correct(completion: str, answer: str) -> bool:
     return normalize_answer(predicted) == normalize_answer(answer.rsplit("####", 1)[1])
 
 
-def read_task(path: pathlib.Path) -> list[tuple[str, str, int]]:
-    """(question, answer, line number) of every line of a question/answer JSONL; a bad line is named."""
+@dataclasses.dataclass
+class TaskItem:
+    """One line of a task file: the prompt as training rendered it, and what a completion must match."""
+
+    prompt: str
+    templated: bool
+    """Rendered by the chat template, which writes its own special tokens (the tokenizer adds none)."""
+    answer: str
+    """The target of is_correct."""
+    line: int
+
+    def prompt_ids(self, tokenizer) -> list[int]:
+        """The prompt's ids exactly as setdiff-prepare --format chat stored the example's context."""
+        return tokenizer.encode(self.prompt, add_special_tokens=not self.templated).ids
+
+
+def read_task(path: pathlib.Path, template=None) -> list[TaskItem]:
+    """Every line of a task JSONL: {"question", "answer"}, or a chat example as setdiff-prepare
+    --format chat reads it ({"prompt", "response"} or {"messages"}, rendered with ``template``,
+    the model's chat template) with an optional "answer". A numeric "answer" is matched as GSM8K's
+    final number; without one the response (or last message) is the answer. A bad line is named."""
+    from data_pipeline.chat import example_of
+
     if not path.is_file():
         raise FileNotFoundError(f"--task answers {path}: not found")
-    pairs = []
+    items = []
     for number, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
@@ -165,13 +190,28 @@ def read_task(path: pathlib.Path) -> list[tuple[str, str, int]]:
             record = json.loads(line)
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-        if not (isinstance(record, dict) and isinstance(record.get("question"), str)
-                and isinstance(record.get("answer"), str)):
-            raise ValueError(f"{path}:{number}: a task line needs string fields 'question' and 'answer'")
-        pairs.append((record["question"], record["answer"], number))
-    if not pairs:
-        raise ValueError(f"{path}: no question/answer lines")
-    return pairs
+        if isinstance(record, dict) and "question" in record and "prompt" not in record and "messages" not in record:
+            if not (isinstance(record["question"], str) and isinstance(record.get("answer"), str)):
+                raise ValueError(f"{path}:{number}: a task line needs string fields 'question' and 'answer'")
+            items.append(TaskItem(record["question"], False, record["answer"], number))
+            continue
+        if not isinstance(record, dict) or not ({"prompt", "messages"} & set(record)):
+            raise ValueError(f"{path}:{number}: a task line needs 'question' and 'answer', 'prompt' and 'response' "
+                             "(and 'answer'), or 'messages'")
+        example = example_of(record, f"{path}:{number}", template, number)
+        answer = record.get("answer")
+        if answer is None:
+            answer = example.response.strip()
+        elif isinstance(answer, (int, float)) and not isinstance(answer, bool):
+            answer = f"#### {answer}"
+        elif isinstance(answer, str):
+            answer = f"#### {answer}" if NUMBER.fullmatch(normalize_answer(answer)) else answer
+        else:
+            raise ValueError(f"{path}:{number}: 'answer' must be a string or a number, not {type(answer).__name__}")
+        items.append(TaskItem(example.prompt, example.templated, answer, number))
+    if not items:
+        raise ValueError(f"{path}: no task lines (question/answer, prompt/response or messages)")
+    return items
 
 
 @torch.no_grad()
@@ -183,12 +223,14 @@ def task_accuracy(model_dir: pathlib.Path, task: pathlib.Path, *, orders: list[s
     from model.sampling import DecodeStats, generate
     from pretrain.inference.sample import decode_config, decoding_window, load_model
 
-    pairs = read_task(task)[:limit or None]
+    from data_pipeline.chat import load_chat_template
+
+    items = read_task(task, load_chat_template(model_dir / "tokenizer.json"))[:limit or None]
     model, fields, tokenizer, eos_id = load_model(model_dir, "cpu")
-    prompts = [tokenizer.encode(question).ids for question, _, _ in pairs]
-    for prompt, (_, _, number) in zip(prompts, pairs):  # before any decoding, naming the line
+    prompts = [item.prompt_ids(tokenizer) for item in items]
+    for prompt, item in zip(prompts, items):  # before any decoding, naming the line
         if len(prompt) >= model.cfg.seq_len:
-            raise ValueError(f"{task}:{number}: the question has {len(prompt)} tokens, leaving no room for an answer "
+            raise ValueError(f"{task}:{item.line}: the question has {len(prompt)} tokens, leaving no room for an answer "
                              f"in the model's seq_len {model.cfg.seq_len} (shorten it, or --limit the lines read)")
     rows = []
     for order, window, tau in itertools.product(orders, windows, taus):
@@ -203,13 +245,13 @@ def task_accuracy(model_dir: pathlib.Path, task: pathlib.Path, *, orders: list[s
                                 total.row_tokens + stats.row_tokens, total.seconds + stats.seconds)
             for offset, row in enumerate(result.generated):
                 completion = tokenizer.decode([t for t in row if t != eos_id])
-                correct += is_correct(completion, pairs[start + offset][1])
+                correct += is_correct(completion, items[start + offset].answer)
                 first = first if first is not None else completion
-        rows.append({"order": cfg.order, "window": decoding_window(cfg), "tau": tau, "accuracy": correct / len(pairs),
-                     "correct": correct, "examples": len(pairs), "tokens_per_forward": total.tokens_per_forward,
+        rows.append({"order": cfg.order, "window": decoding_window(cfg), "tau": tau, "accuracy": correct / len(items),
+                     "correct": correct, "examples": len(items), "tokens_per_forward": total.tokens_per_forward,
                      "tokens_per_s": total.tokens_per_s, "forwards": total.forwards, "seconds": total.seconds,
                      "example_completion": first})
-    return {"task": str(task), "examples": len(pairs), "rows": rows}
+    return {"task": str(task), "examples": len(items), "rows": rows}
 
 
 def check_flags(args) -> None:
