@@ -286,7 +286,8 @@ def iter_documents(path: pathlib.Path, text_field: str = "text") -> Iterator[str
         del raw  # a long document is held once, not twice
         if not text or text.isspace():
             raise BadInput(f"{path}: empty file")
-        yield text.strip()
+        text = text.strip()  # rebound: the frame holds the stripped text only, not both
+        yield text
         return
     docs = _parquet_documents(path, text_field) if kind == ".parquet" else _jsonl_documents(path, kind, text_field)
     for text in docs:

@@ -157,16 +157,18 @@ def bench_prepare(args) -> dict:
 
     work = pathlib.Path(args.work_dir or tempfile.mkdtemp(prefix="setdiff-bench-prepare-"))
     work.mkdir(parents=True, exist_ok=True)
-    corpus = pathlib.Path(args.corpus) if args.corpus else work / f"corpus-{args.size_mb:g}mb{'-one' if args.one_document else ''}.jsonl.zst"
+    one = "-one" if args.one_document else ""
+    corpus = pathlib.Path(args.corpus) if args.corpus else work / f"corpus-{args.size_mb:g}mb{one}.jsonl.zst"
     if not args.corpus and not corpus.is_file():
         start = time.perf_counter()
         generate_corpus(corpus.with_suffix(".tmp"), args.size_mb, one_document=args.one_document)
         os.replace(corpus.with_suffix(".tmp"), corpus)
         print(f"generated {corpus} ({corpus.stat().st_size / 2**20:.0f} MB zstd) in {time.perf_counter() - start:.0f} s")
     tokenizer = work / "tokenizer.json"
+    cut = 4096 if args.one_document else 0  # one document: its text cut into 4 KB documents
     if not tokenizer.is_file():
-        train_tokenizer(read_texts(corpus, 8, cut_chars=4096 if args.one_document else 0), args.vocab_size).save(str(tokenizer))
-    texts = read_texts(corpus, args.raw_mb, cut_chars=4096 if args.one_document else 0)
+        train_tokenizer(read_texts(corpus, 8, cut_chars=cut), args.vocab_size).save(str(tokenizer))
+    texts = read_texts(corpus, args.raw_mb, cut_chars=cut)
     before = raw_rate(tokenizer, texts, args.workers)
     out = work / "prepared"
     command = [sys.executable, "-m", "data_pipeline.prepare", "--input", str(corpus), "--tokenizer", str(tokenizer),

@@ -35,8 +35,8 @@ With --task answers FILE.jsonl, every line's prompt is that of a greedy KV-cache
 tokenizer_config.json), optionally with "answer" (setdiff-task's lines), its prompt tokenized
 exactly as training stored the example's context. The decode runs (stopping at EOS) for each
 setting of --order, --window and --tau given (several values of each make a table: every
-combination is a row), and the row reports exact-match accuracy with tokens per forward and tokens/s, counting generated tokens only, never
-the prompt. Matching (commas and spaces dropped): a GSM8K answer ("... #### 42") by its final
+combination is a row), and the row reports exact-match accuracy with tokens per forward and
+tokens/s, counting generated tokens only, never the prompt. Matching (commas and spaces dropped): a GSM8K answer ("... #### 42") by its final
 number against the completion's text after "####", else the completion's last number; any other
 answer against the whole completion. A numeric "answer" beside a worked response is matched as a
 GSM8K final number; a chat example without "answer" is matched against its whole response.
