@@ -15,7 +15,9 @@ the next candidate. This holds the global result to the tokenizer's own whenever
 a boundary depends on at most ``SEAM_CONTEXT`` characters around it, which is true of BPE,
 WordPiece and Unigram behind a pre-tokenizer (a pre-token longer than that would be needed to
 break it). A tokenizer with truncation or padding set, or a post-processor whose special
-tokens cannot be read off a probe, gets one whole ``encode`` as before.
+tokens cannot be read off a probe, gets one whole ``encode`` as before, and so does the rest of
+a text that has no clean cut left (no whitespace: a pre-token as long as that could be cut only
+where the tokenizer's own segmentation of it is known, which no local check can tell).
 """
 from __future__ import annotations
 
