@@ -69,7 +69,12 @@ def test_a_miniature_study_reports_its_runs_and_resumes(tiny_corpus, tmp_path):
                   if r["model"].endswith(k)] for k in ("setdlm-s0", "bd3lm-s0")}
     beaten = sum(any(t >= tb and p <= pb and (t, p) != (tb, pb) for t, p in points["setdlm-s0"])
                  for tb, pb in points["bd3lm-s0"])
-    assert f"SetDLM points dominate {beaten} of 2 BD3-LM points" in report
+    fastest = max(t for pts in points.values() for t, _ in pts)
+    if fastest < 1.5:  # a speed claim needs some setting at 1.5 tokens per forward or more
+        assert f"not tested: no setting of SetDLM or BD3-LM decoded 1.5 or more tokens per forward " \
+               f"(the fastest: {fastest:.2f})" in report
+    else:
+        assert f"SetDLM points dominate {beaten} of 2 BD3-LM points" in report
     infill = {name: json.loads((out / "eval" / f"{name}.infill.json").read_text()) for name in ("setdlm-s0", "bd3lm-s0")}
     for name, spans in infill.items():
         assert [r["span"] for r in spans] == [2, 6] and all(r["sequences"] == 3 for r in spans)
