@@ -147,7 +147,7 @@ class TiledBackend(AttentionBackend):
         if bool((clean_rank[:, 1:] < clean_rank[:, :-1]).any()):
             raise ValueError("tiled attention needs tokens in set order (nondecreasing set rank)")
         halves = (0, clean_len)[: 1 + two_copy]
-        rows = rows or [(h, h + clean_len) for h in halves]
+        rows = [(h, h + clean_len) for h in halves] if rows is None else rows
         cuts = sorted({*halves, T, *(x for r in rows for x in r)})  # no fine tile spans a half or a row range
         bounds = [(a + i, min(a + i + self.sub_tile, b)) for a, b in zip(cuts, cuts[1:])
                   for i in range(0, b - a, self.sub_tile)]

@@ -37,12 +37,12 @@ def chunk_ranges(half: int, halves: int, size: int) -> list[list[tuple[int, int]
 
 def positions(ranges: list[tuple[int, int]], device=None) -> torch.Tensor:
     """The sequence positions of ``ranges``, concatenated: the rank's tokens in its local order."""
-    return torch.cat([torch.arange(a, b, device=device) for a, b in ranges])
+    return torch.cat([torch.arange(a, b, device=device) for a, b in ranges] or [torch.zeros(0, dtype=torch.long)])
 
 
 def take(t: torch.Tensor, ranges: list[tuple[int, int]], dim: int) -> torch.Tensor:
     """The rank's tokens of a whole-sequence tensor (tokens along ``dim``), in local order."""
-    return torch.cat([t.narrow(dim, a, b - a) for a, b in ranges], dim=dim)
+    return torch.cat([t.narrow(dim, a, b - a) for a, b in ranges] or [t.narrow(dim, 0, 0)], dim=dim)
 
 
 class GatherTokens(torch.autograd.Function):

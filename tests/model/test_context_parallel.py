@@ -22,6 +22,16 @@ def test_every_token_is_held_once_in_sequence_order(half, halves, size):
     assert torch.equal(torch.sort(torch.cat([take(x, r, 1) for r in held], 1)).values, x)
 
 
+def test_a_rank_with_no_tokens_plans_no_queries():
+    """Two tokens a half over four ranks: some ranks hold nothing, and their plan has no rows."""
+    from model.attention import TiledBackend
+
+    held = chunk_ranges(2, 2, 4)
+    assert [] in held and positions([]).numel() == 0 and take(torch.ones(1, 4), [], 1).shape == (1, 0)
+    meta = two_copy_meta(torch.tensor([[0, 1]]), torch.zeros(1, 2, dtype=torch.long))
+    assert TiledBackend(1).prepare(meta, rows=[]) == []
+
+
 @pytest.mark.parametrize("family", ["staggered:8", "ar", "block:4"])
 @pytest.mark.parametrize("size", [2, 4])
 def test_head_tail_chunks_balance_the_allowed_pairs(family, size):
