@@ -77,7 +77,11 @@ def _document_ids(tok, texts: list[str], special: bool = True):
 
 
 def _encode(tok, texts: list[str], special: bool = True) -> list[np.ndarray]:
-    return [np.concatenate(list(pieces)) for pieces in _document_ids(tok, texts, special)]
+    out = []
+    for pieces in _document_ids(tok, texts, special):
+        pieces = list(pieces)
+        out.append(pieces[0] if len(pieces) == 1 else np.concatenate(pieces))  # a short text: no copy
+    return out
 
 
 def write_int32_npy(path: pathlib.Path, documents) -> list[int]:
