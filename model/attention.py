@@ -86,6 +86,8 @@ class TiledPlan(list):
     def __init__(self, parts: list[RowPart]):
         super().__init__(parts)
         self._biases: dict[torch.dtype, list] = {}
+        # [B, 1, rows] per masked part: rows its mask lets attend some key (the others get LSE -inf)
+        self.reached = [None if p.mask_B1QK is None else p.mask_B1QK.any(-1) for p in parts]
 
     def biases(self, dtype) -> list[torch.Tensor | None]:
         if dtype not in self._biases:
@@ -284,12 +286,12 @@ class MergedAttention(torch.autograd.Function):
         biases = plan.biases(q.dtype)
         lse = torch.full((B, H, T), float("-inf"), dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
         results = []
-        for part, bias in zip(plan, biases):
+        for part, bias, reached in zip(plan, biases, plan.reached):
             a, b = part.start, part.stop
             out, part_lse = _flash_cpu(q[:, :, a:b], _keys(k, part.ranges), _keys(v, part.ranges), 0.0, False,
                                        attn_mask=bias)
-            if bias is not None:
-                part_lse = part_lse.masked_fill(~part.mask_B1QK.any(-1), float("-inf"))
+            if reached is not None:
+                part_lse = part_lse.masked_fill(~reached, float("-inf"))
             lse[:, :, a:b] = torch.logaddexp(lse[:, :, a:b], part_lse)
             results.append((out, part_lse))
         out = torch.zeros_like(q)
